@@ -1,0 +1,8 @@
+"""kybdr-agent: backup and disaster recovery for PostgreSQL hosts."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("kybdr-agent")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0+unknown"

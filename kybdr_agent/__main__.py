@@ -1,0 +1,3 @@
+from kybdr_agent.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,171 @@
+"""pg_dump, pg_restore and the database connection: how they are found, started and judged.
+
+Credentials reach the children only through their environment (``PG*`` variables built from the DSN and
+``database.password_file``), never argv, which every local user can read in ``ps``. The database name goes
+through ``PGDATABASE`` too, so a name that looks like a conninfo string can never be parsed as one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import anyio
+import asyncpg
+
+from kybdr_agent.asyncutil import TailBuffer
+from kybdr_agent.conninfo import libpq_env, parse_dsn
+from kybdr_agent.errors import ConfigError, DumpError
+
+PG_LIB_ROOT: Final = Path("/usr/lib/postgresql")
+PIPE_LIMIT: Final = 4 << 20
+_SCRUBBED_ENV: Final = ("PGPASSWORD", "PGDATABASE")
+
+
+@dataclass(frozen=True)
+class Connection:
+    """How to reach the server: libpq environment for the children, keyword arguments for asyncpg."""
+
+    env: dict[str, str] = field(repr=False)
+    bin_dir: Path | None = None
+    connect_timeout: float = 15.0
+
+    @classmethod
+    def from_settings(
+        cls, dsn: str | None, password_file: Path | None, bin_dir: Path | None, connect_timeout: float
+    ) -> Connection:
+        env = {k: v for k, v in os.environ.items() if k.startswith("PG") and k not in _SCRUBBED_ENV}
+        if dsn:
+            env.update(libpq_env(parse_dsn(dsn)))
+            env.pop("PGDATABASE", None)
+        if password_file is not None:
+            try:
+                env["PGPASSWORD"] = password_file.read_text(encoding="utf-8").rstrip("\r\n")
+            except OSError as exc:
+                raise ConfigError(f"cannot read database.password_file {password_file}: {exc.strerror}") from None
+        elif "PGPASSWORD" in os.environ and not dsn:
+            env["PGPASSWORD"] = os.environ["PGPASSWORD"]
+        return cls(env=env, bin_dir=bin_dir, connect_timeout=connect_timeout)
+
+    def child_env(self, database: str) -> dict[str, str]:
+        base = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        return {**base, **self.env, "PGDATABASE": database}
+
+    def asyncpg_kwargs(self, database: str) -> dict[str, Any]:
+        env = self.env
+        kwargs: dict[str, Any] = {"database": database, "timeout": self.connect_timeout}
+        if "PGHOST" in env:
+            kwargs["host"] = env["PGHOST"]
+        if "PGPORT" in env:
+            kwargs["port"] = int(env["PGPORT"])
+        if "PGUSER" in env:
+            kwargs["user"] = env["PGUSER"]
+        if "PGPASSWORD" in env:
+            kwargs["password"] = env["PGPASSWORD"]
+        if "PGPASSFILE" in env:
+            kwargs["passfile"] = env["PGPASSFILE"]
+        if "PGSSLMODE" in env:
+            kwargs["ssl"] = env["PGSSLMODE"]
+        if "PGAPPNAME" in env:
+            kwargs["server_settings"] = {"application_name": env["PGAPPNAME"]}
+        return kwargs
+
+    def describe(self) -> str:
+        host = self.env.get("PGHOST", "the default socket")
+        port = self.env.get("PGPORT", "5432")
+        user = self.env.get("PGUSER", "the OS user")
+        return f"{host}:{port} as {user}"
+
+    def binary(self, name: str, server_major: int | None = None) -> str:
+        """pg_dump must be at least the server's major version, so prefer that version's binaries."""
+        candidates: list[Path] = []
+        if self.bin_dir is not None:
+            candidates.append(self.bin_dir / name)
+        elif server_major is not None:
+            candidates.append(PG_LIB_ROOT / str(server_major) / "bin" / name)
+        for candidate in candidates:
+            if os.access(candidate, os.X_OK):
+                return str(candidate)
+        if self.bin_dir is not None:
+            raise DumpError(f"{name} not found in database.pg_bin_dir {self.bin_dir}")
+        found = shutil.which(name)
+        if found is None:
+            raise DumpError(f"{name} not found (install postgresql-client or set database.pg_bin_dir)")
+        return found
+
+    @asynccontextmanager
+    async def connect(self, database: str) -> AsyncIterator[asyncpg.Connection]:
+        try:
+            conn = await asyncpg.connect(**self.asyncpg_kwargs(database))
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise DumpError(
+                f"cannot connect to database {database!r} on {self.describe()}: {_pg_message(exc)}"
+            ) from None
+        try:
+            yield conn
+        finally:
+            await conn.close(timeout=10)
+
+
+def _pg_message(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+async def tool_version(binary: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        binary, "--version", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
+    )
+    out, _ = await proc.communicate()
+    return out.decode().strip()
+
+
+async def drain_into(stream: asyncio.StreamReader | None, tail: TailBuffer) -> None:
+    if stream is None:
+        return
+    while chunk := await stream.read(64 * 1024):
+        tail.feed(chunk)
+
+
+def failure_message(what: str, returncode: int, stderr: TailBuffer) -> str:
+    detail = stderr.text() or "(no output on stderr)"
+    how = f"was killed by signal {-returncode}" if returncode < 0 else f"exited with status {returncode}"
+    return f"{what} {how}: {detail}"
+
+
+@asynccontextmanager
+async def child_process(
+    argv: list[str], *, env: dict[str, str], stdin: int | None = None, stdout: int | None = None
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """Start a child; whatever happens in the block, it is not left running (terminate, then kill)."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=stdin, stdout=stdout, stderr=asyncio.subprocess.PIPE, env=env, limit=PIPE_LIMIT
+    )
+    try:
+        yield proc
+    finally:
+        with anyio.CancelScope(shield=True):
+            await stop_process(proc)
+
+
+async def stop_process(proc: asyncio.subprocess.Process, grace: float = 10.0) -> None:
+    if proc.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.terminate()
+    with anyio.move_on_after(grace):
+        await proc.wait()
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()

@@ -1,0 +1,248 @@
+"""The backup data path: pg_dump → compress → seal frames → SHA-256 → repository, then the manifest.
+
+Three stages joined by bounded memory streams, so a slow store slows ``pg_dump`` instead of growing memory:
+
+    reader  (event loop)   pg_dump's stdout in 1 MiB chunks
+    encoder (worker thread) compression, frame sealing and both SHA-256s, one call per chunk
+    writer  (event loop)   the store's upload (which itself keeps a bounded number of parts in flight)
+
+The event loop only moves bytes; the CPU work runs in a worker thread, where zstd, zlib and hashlib
+release the GIL, so reading the pipe, compressing and uploading overlap (shared/research/perf-anchors.md:
+compressing in the reading thread costs 1.5× the shell pipeline).
+
+A backup exists if and only if its manifest does: the manifest is written after the data object is
+complete and verified, and any failure before that — pg_dump's exit status, a store error, cancellation —
+leaves the upload aborted and no manifest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Final
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from kybdr_agent import __version__
+from kybdr_agent.asyncutil import TailBuffer, task_group
+from kybdr_agent.backup import compress, manifest
+from kybdr_agent.backup.keys import KeyRing, new_data_key
+from kybdr_agent.backup.pgdump import Connection, child_process, drain_into, failure_message, tool_version
+from kybdr_agent.backup.streamfmt import Cipher, Compression, StreamHeader, StreamSealer
+from kybdr_agent.errors import DumpError, KybdrError
+from kybdr_agent.storage.base import BlobStore, UploadResult
+
+READ_CHUNK: Final = 1 << 20
+QUEUE_DEPTH: Final = 4
+NONCE_PREFIX_BYTES: Final = 7
+_NO_KEY_ID: Final = bytes(16)
+
+
+@dataclass(frozen=True)
+class BackupOptions:
+    compression: Compression = Compression.ZSTD
+    compression_level: int | None = None
+    compression_threads: int = 0
+    keyring: KeyRing | None = None
+    frame_size: int = 1 << 20
+    labels: tuple[str, ...] = ()
+    description: str | None = None
+
+
+@dataclass
+class _Encoder:
+    """compress → seal → hash, as one sans-I/O step so a single worker-thread hop does all the CPU work."""
+
+    compressor: compress.Transform
+    sealer: StreamSealer
+    dump_hash: hashlib._Hash = field(default_factory=hashlib.sha256)
+    stored_hash: hashlib._Hash = field(default_factory=hashlib.sha256)
+    dump_bytes: int = 0
+    compressed_bytes: int = 0
+
+    def update(self, chunk: bytes) -> bytes:
+        self.dump_hash.update(chunk)
+        self.dump_bytes += len(chunk)
+        packed = self.compressor.update(chunk)
+        self.compressed_bytes += len(packed)
+        sealed = self.sealer.update(packed) if packed else b""
+        self.stored_hash.update(sealed)
+        return sealed
+
+    def finalize(self) -> bytes:
+        packed = self.compressor.finalize()
+        self.compressed_bytes += len(packed)
+        sealed = self.sealer.update(packed) + self.sealer.finalize()
+        self.stored_hash.update(sealed)
+        return sealed
+
+
+async def run_backup(
+    database: str,
+    *,
+    connection: Connection,
+    store: BlobStore,
+    options: BackupOptions,
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> manifest.Manifest:
+    started_at = now()
+    started = time.monotonic()
+    backup_id = manifest.new_backup_id(started_at)
+    data_key_path = manifest.data_key_path(database, backup_id)
+
+    header, data_key, encryption = _seal_plan(options, backup_id)
+    encoder = _Encoder(
+        compressor=compress.compressor(options.compression, options.compression_level, options.compression_threads),
+        sealer=StreamSealer(header, data_key),
+    )
+    result = UploadResult()
+
+    async with connection.connect(database) as conn:
+        server_version = str(await conn.fetchval("show server_version"))
+        server_major = conn.get_server_version().major
+        db_size = int(await conn.fetchval("select pg_database_size(current_database())"))
+        pg_dump = connection.binary("pg_dump", server_major)
+        pg_dump_version = await tool_version(pg_dump)
+        # Export a snapshot and hold it while pg_dump runs: the dump and any facts we record about it
+        # describe exactly the same moment.
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            snapshot = str(await conn.fetchval("select pg_export_snapshot()"))
+            argv = [pg_dump, "--format=custom", "--compress=0", "--no-password", f"--snapshot={snapshot}"]
+            async with store.open_upload(data_key_path, size_hint=db_size, result=result) as sink:
+                await _stream_dump(argv, connection.child_env(database), encoder, sink.write)
+
+    finished_at = now()
+    return manifest.Manifest(
+        id=backup_id,
+        database=database,
+        agent_version=__version__,
+        server_version=server_version,
+        pg_dump_version=pg_dump_version,
+        started_at=started_at,
+        finished_at=finished_at,
+        duration_seconds=round(time.monotonic() - started, 3),
+        dump_bytes=encoder.dump_bytes,
+        compressed_bytes=encoder.compressed_bytes,
+        stored_bytes=result.size,
+        sha256=encoder.stored_hash.hexdigest(),
+        dump_sha256=encoder.dump_hash.hexdigest(),
+        compression=options.compression.name.lower(),
+        compression_level=options.compression_level if options.compression is not Compression.NONE else None,
+        frame_size=header.frame_size,
+        frames=encoder.sealer.frames_sealed,
+        stream_header=header.encode().hex(),
+        encryption=encryption,
+        storage=store.kind,
+        object_key=data_key_path,
+        parts=result.parts,
+        checksum_algorithm=result.checksum_algorithm,
+        database_size_bytes=db_size,
+        snapshot=snapshot,
+        labels=list(options.labels),
+        description=options.description,
+    )
+
+
+def _seal_plan(options: BackupOptions, backup_id: str) -> tuple[StreamHeader, bytes | None, manifest.Encryption]:
+    prefix = os.urandom(NONCE_PREFIX_BYTES)
+    if options.keyring is None:
+        header = StreamHeader(options.compression, Cipher.NONE, options.frame_size, _NO_KEY_ID, prefix)
+        return header, None, manifest.Encryption(cipher="none")
+    master = options.keyring.current
+    data_key = new_data_key()
+    header = StreamHeader(options.compression, Cipher.AES_256_GCM, options.frame_size, master.key_id, prefix)
+    encryption = manifest.Encryption(
+        cipher="aes-256-gcm",
+        key_id=master.key_id.hex(),
+        wrap="aes-256-gcm",
+        wrapped_data_key=master.wrap(data_key, backup_id),
+    )
+    return header, data_key, encryption
+
+
+async def _stream_dump(
+    argv: list[str],
+    env: dict[str, str],
+    encoder: _Encoder,
+    write: Callable[[bytes], Awaitable[None]],
+) -> None:
+    """Run pg_dump through the encoder into ``write``; raise unless pg_dump exits 0 and every byte is stored."""
+    stderr = TailBuffer()
+    async with child_process(argv, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE) as proc:
+        assert proc.stdout is not None
+        stdout = proc.stdout
+        raw_send, raw_recv = anyio.create_memory_object_stream[bytes](QUEUE_DEPTH)
+        out_send, out_recv = anyio.create_memory_object_stream[bytes](QUEUE_DEPTH)
+        async with task_group() as tg:
+            tg.start_soon(drain_into, proc.stderr, stderr)
+            tg.start_soon(_read_stage, stdout, raw_send)
+            tg.start_soon(_encode_stage, encoder, raw_recv, out_send)
+            tg.start_soon(_write_stage, out_recv, write)
+        returncode = await proc.wait()
+        if returncode != 0:
+            raise DumpError(failure_message("pg_dump", returncode, stderr))
+
+
+async def _read_stage(stdout: asyncio.StreamReader, send: MemoryObjectSendStream[bytes]) -> None:
+    async with send:
+        pending = bytearray()
+        while chunk := await stdout.read(READ_CHUNK):
+            pending += chunk
+            if len(pending) >= READ_CHUNK:
+                await send.send(bytes(pending))
+                pending.clear()
+        if pending:
+            await send.send(bytes(pending))
+
+
+async def _encode_stage(
+    encoder: _Encoder, recv: MemoryObjectReceiveStream[bytes], send: MemoryObjectSendStream[bytes]
+) -> None:
+    async with recv, send:
+        async for chunk in recv:
+            sealed = await anyio.to_thread.run_sync(encoder.update, chunk)
+            if sealed:
+                await send.send(sealed)
+        await send.send(await anyio.to_thread.run_sync(encoder.finalize))
+
+
+async def _write_stage(recv: MemoryObjectReceiveStream[bytes], write: Callable[[bytes], Awaitable[None]]) -> None:
+    async with recv:
+        async for data in recv:
+            await write(data)
+
+
+async def _check_stored(store: BlobStore, made: manifest.Manifest) -> None:
+    info = await store.stat(made.object_key)
+    if info is None or info.size != made.stored_bytes:
+        raise KybdrError(
+            f"the stored object {made.object_key} has {info.size if info else 'no'} bytes, expected "
+            f"{made.stored_bytes}; the backup was not recorded"
+        )
+
+
+async def backup_and_record(
+    database: str,
+    *,
+    connection: Connection,
+    store: BlobStore,
+    options: BackupOptions,
+) -> manifest.Manifest:
+    """A backup made visible: data first, then the manifest — the one write that makes it exist."""
+    made = await run_backup(database, connection=connection, store=store, options=options)
+    try:
+        await _check_stored(store, made)
+        await store.put_bytes(manifest.manifest_key_path(database, made.id), made.to_json())
+    except BaseException:
+        # No manifest means no backup: do not leave its data behind to look like one.
+        with anyio.move_on_after(60, shield=True):
+            await store.delete(manifest.manifest_key_path(database, made.id))
+            await store.delete(made.object_key)
+        raise
+    return made

@@ -1,0 +1,348 @@
+"""The ``kybdr-agent`` command line.
+
+Results go to stdout (a table for people, ``--json`` for scripts); logs and errors go to stderr. Exit
+status: 0 success, 1 the operation failed, 2 bad usage, 78 bad configuration, 130 interrupted. Every
+failure an operator can cause prints one paragraph saying what happened and what to do — no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+import anyio
+
+from kybdr_agent import __version__, wiring
+from kybdr_agent.backup import catalog
+from kybdr_agent.backup.keys import generate_master_key_file
+from kybdr_agent.backup.manifest import InvalidBackupId, Manifest, check_backup_id
+from kybdr_agent.backup.pipeline import backup_and_record
+from kybdr_agent.backup.restore import restore_backup
+from kybdr_agent.backup.verify import validate_backup
+from kybdr_agent.config import DEFAULT_CONFIG_PATH, AgentSettings, load_settings
+from kybdr_agent.errors import ConfigError, KybdrError
+from kybdr_agent.telemetry import configure_logging, get_logger
+
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1
+EXIT_USAGE: Final = 2
+EXIT_CONFIG: Final = 78
+EXIT_INTERRUPTED: Final = 130
+
+log = get_logger("kybdr_agent.cli")
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; the operation was cancelled and cleaned up."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kybdr-agent", description="Backup and disaster recovery for PostgreSQL hosts."
+    )
+    parser.add_argument("--version", action="version", version=f"kybdr-agent {__version__}")
+    parser.add_argument(
+        "--config", type=Path, default=None, help=f"TOML configuration file (default {DEFAULT_CONFIG_PATH})"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("backup", help="dump databases into the repository now")
+    p.add_argument("--database", action="append", help="database to back up (repeatable; default: database.databases)")
+    p.add_argument("--description", help="free text stored in the manifest")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = sub.add_parser("list", help="list completed backups")
+    p.add_argument("--database", help="only this database's backups")
+    p.add_argument("--json", action="store_true", help="print an array of manifests")
+
+    p = sub.add_parser("show", help="show one backup's manifest")
+    p.add_argument("backup_id", metavar="ID")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("restore", help="restore a backup into a new database")
+    p.add_argument("backup_id", metavar="ID")
+    p.add_argument("--target-database", required=True, help="database to create (must not exist or be empty)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty target once the restore succeeded")
+    p.add_argument("--no-owner", action="store_true", help="do not restore ownership and privileges")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("validate", help="check a backup's integrity")
+    p.add_argument("backup_id", metavar="ID")
+    p.add_argument("--level", choices=("quick", "full"), default="quick")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("config", help="configuration tools")
+    config_sub = p.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
+    c = config_sub.add_parser("check", help="validate the configuration and print it, secrets masked")
+    c.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("keygen", help="write a new random master key file (mode 0600)")
+    p.add_argument("path", type=Path)
+
+    p = sub.add_parser(
+        "demo",
+        help="the whole path on a throwaway PostgreSQL and a local repository: backup, validate, restore",
+    )
+    p.add_argument("--workdir", type=Path, default=Path(".kybdr/demo"), help="where the demo keeps its files")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    configure_logging(verbose=args.verbose)
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:
+        print(f"kybdr-agent: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except Interrupted:
+        print(
+            "kybdr-agent: interrupted; the operation was cancelled and nothing half-done was kept",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    except InvalidBackupId as exc:
+        print(f"kybdr-agent: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KybdrError as exc:
+        print(f"kybdr-agent: {args.command} failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "keygen":
+        try:
+            key = generate_master_key_file(args.path)
+        except OSError as exc:
+            raise KybdrError(f"cannot create {args.path}: {exc.strerror}") from None
+        print(f"wrote {args.path} (key id {key.key_id.hex()})")
+        return EXIT_OK
+    if args.command == "demo":
+        from kybdr_agent.demo import run_demo
+
+        workdir = args.workdir.resolve()
+        return _run(lambda: run_demo(workdir))
+    if args.command in ("show", "restore", "validate"):
+        check_backup_id(args.backup_id)
+    settings = load_settings(args.config)
+    if args.command == "config":
+        return _config_check(settings, args)
+    commands: dict[str, Callable[[AgentSettings, argparse.Namespace], Awaitable[int]]] = {
+        "backup": _backup,
+        "list": _list,
+        "show": _show,
+        "restore": _restore,
+        "validate": _validate,
+    }
+    command = commands[args.command]
+    return _run(lambda: command(settings, args))
+
+
+def _run(entry: Callable[[], Awaitable[int]]) -> int:
+    """Run one command; SIGINT/SIGTERM cancel it, and its cleanup (abort upload, drop scratch db) runs."""
+
+    async def guarded() -> int:
+        outcome: list[int] = []
+        interrupted = False
+        async with anyio.create_task_group() as tg:
+
+            async def watch_signals() -> None:
+                nonlocal interrupted
+                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for _ in signals:
+                        interrupted = True
+                        tg.cancel_scope.cancel()
+                        return
+
+            async def work() -> None:
+                outcome.append(await entry())
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(watch_signals)
+            tg.start_soon(work)
+        if interrupted or not outcome:
+            raise Interrupted
+        return outcome[0]
+
+    try:
+        return anyio.run(guarded)
+    except BaseExceptionGroup as group:
+        from kybdr_agent.asyncutil import primary_error
+
+        raise primary_error(group) from None
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=str))
+
+
+def _human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
+    return "\n".join(lines)
+
+
+def _summary(m: Manifest) -> dict[str, Any]:
+    return {**m.model_dump(mode="json"), "part_count": m.part_count}
+
+
+def _config_check(settings: AgentSettings, args: argparse.Namespace) -> int:
+    wiring.keyring(settings)  # the key files must load, not just be named
+    wiring.connection(settings)  # and the password file must be readable
+    if args.json:
+        _print_json(settings.masked())
+    else:
+        for section, values in settings.masked().items():
+            print(f"[{section}]")
+            for key, value in values.items():
+                print(f"{key} = {json.dumps(value)}")
+            print()
+        print("configuration is valid")
+    return EXIT_OK
+
+
+async def _backup(settings: AgentSettings, args: argparse.Namespace) -> int:
+    databases: list[str] = args.database or list(settings.database.databases)
+    if not databases:
+        raise ConfigError("no database to back up: pass --database NAME or set database.databases")
+    options = wiring.backup_options(settings, description=args.description)
+    conn = wiring.connection(settings)
+    made: list[Manifest] = []
+    async with wiring.open_store(settings.repository) as store:
+        for database in databases:
+            log.info("backup.start", database=database, repository=store.describe())
+            m = await backup_and_record(database, connection=conn, store=store, options=options)
+            log.info(
+                "backup.done",
+                database=database,
+                id=m.id,
+                stored_bytes=m.stored_bytes,
+                seconds=m.duration_seconds,
+            )
+            made.append(m)
+    if args.json:
+        items = [_summary(m) for m in made]
+        _print_json(items[0] if len(items) == 1 else items)
+    else:
+        for m in made:
+            print(m.id)
+    return EXIT_OK
+
+
+async def _list(settings: AgentSettings, args: argparse.Namespace) -> int:
+    async with wiring.open_store(settings.repository) as store:
+        found = await catalog.read_catalog(store, args.database)
+    for key, problem in found.unreadable:
+        print(f"kybdr-agent: warning: {key} is not a valid manifest ({problem}); not listed", file=sys.stderr)
+    if args.json:
+        _print_json([_summary(m) for m in found.backups])
+        return EXIT_OK
+    if not found.backups:
+        print("no backups")
+        return EXIT_OK
+    rows = [
+        [
+            m.id,
+            m.database,
+            m.status,
+            f"{m.finished_at:%Y-%m-%d %H:%M:%S}Z",
+            _human_bytes(m.stored_bytes),
+            m.compression,
+            m.encryption.cipher,
+        ]
+        for m in found.backups
+    ]
+    print(_table(rows, ["ID", "DATABASE", "STATUS", "FINISHED", "STORED", "COMPRESSION", "CIPHER"]))
+    return EXIT_OK
+
+
+async def _show(settings: AgentSettings, args: argparse.Namespace) -> int:
+    async with wiring.open_store(settings.repository) as store:
+        m = await catalog.find_backup(store, args.backup_id)
+    if args.json:
+        _print_json(_summary(m))
+        return EXIT_OK
+    ratio = m.dump_bytes / m.stored_bytes if m.stored_bytes else 0
+    rows = [
+        ["id", m.id],
+        ["database", m.database],
+        ["status", m.status],
+        ["started", str(m.started_at)],
+        ["finished", str(m.finished_at)],
+        ["duration", f"{m.duration_seconds:.1f} s"],
+        ["server", m.server_version],
+        ["pg_dump", m.pg_dump_version],
+        ["dump size", _human_bytes(m.dump_bytes)],
+        ["stored size", f"{_human_bytes(m.stored_bytes)} ({ratio:.2f}x)"],
+        ["compression", m.compression],
+        ["cipher", m.encryption.cipher],
+        ["key id", m.encryption.key_id or "-"],
+        ["sha256", m.sha256],
+        ["object", m.object_key],
+        ["parts", str(m.part_count or "-")],
+        ["description", m.description or "-"],
+    ]
+    print(_table(rows, ["FIELD", "VALUE"]))
+    return EXIT_OK
+
+
+async def _restore(settings: AgentSettings, args: argparse.Namespace) -> int:
+    conn = wiring.connection(settings)
+    keys = wiring.keyring(settings)
+    async with wiring.open_store(settings.repository) as store:
+        m = await catalog.find_backup(store, args.backup_id)
+        log.info("restore.start", id=m.id, target=args.target_database)
+        result = await restore_backup(
+            m,
+            store=store,
+            keyring=keys,
+            connection=conn,
+            maintenance_database=settings.database.maintenance_database,
+            target=args.target_database,
+            force=args.force,
+            no_owner=args.no_owner,
+        )
+    if args.json:
+        _print_json(result.__dict__)
+    else:
+        replaced = " (replaced the existing database)" if result.replaced_existing else ""
+        print(
+            f"restored {result.backup_id} into {result.target_database}{replaced} "
+            f"in {result.seconds:.1f} s ({_human_bytes(result.dump_bytes)} of dump)"
+        )
+    return EXIT_OK
+
+
+async def _validate(settings: AgentSettings, args: argparse.Namespace) -> int:
+    conn = wiring.connection(settings)
+    keys = wiring.keyring(settings)
+    async with wiring.open_store(settings.repository) as store:
+        m = await catalog.find_backup(store, args.backup_id)
+        result = await validate_backup(m, store=store, keyring=keys, connection=conn, level=args.level)
+    if args.json:
+        _print_json(result.__dict__)
+    else:
+        for check in result.checks:
+            print(f"ok    {check}")
+        if result.ok:
+            print(f"backup {m.id} is valid ({args.level}, {result.seconds:.1f} s)")
+        else:
+            print(f"FAIL  {result.error}")
+    if not result.ok:
+        print(f"kybdr-agent: validate failed: {result.error}", file=sys.stderr)
+    return EXIT_OK if result.ok else EXIT_FAILED

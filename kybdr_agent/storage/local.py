@@ -1,0 +1,231 @@
+"""A repository in a local folder: the development default, the tests' workhorse, and NFS-style mounts.
+
+Every object is written to a temp file in its final directory, fsynced, renamed into place and the
+directory fsynced, so a crash or a kill at any moment leaves either the old state or the complete object —
+never a file that looks complete but is not. Blocking file calls run in worker threads.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Final
+
+import anyio
+
+from kybdr_agent.errors import NotFound, StoreError
+from kybdr_agent.storage.base import BlobWriter, IncompleteUpload, ObjectInfo, UploadResult
+
+TEMP_MARKER: Final = ".kybdr-tmp-"
+
+
+class _FileWriter:
+    def __init__(self, fh: IO[bytes], result: UploadResult) -> None:
+        self._fh = fh
+        self._result = result
+
+    async def write(self, data: bytes) -> None:
+        try:
+            await anyio.to_thread.run_sync(self._fh.write, data)
+        except OSError as exc:
+            raise StoreError(f"writing {self._fh.name} failed: {exc.strerror}") from exc
+        self._result.size += len(data)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalStore:
+    kind = "file"
+
+    def __init__(self, root: Path) -> None:
+        self._root = root.resolve()
+
+    def describe(self) -> str:
+        return f"file://{self._root}"
+
+    def _path(self, key: str) -> Path:
+        parts = key.split("/")
+        if not key or any(p in ("", ".", "..") for p in parts):
+            raise StoreError(f"refusing unsafe object key {key!r}")
+        return self._root.joinpath(*parts)
+
+    def _temp_for(self, path: Path) -> Path:
+        return path.with_name(f"{TEMP_MARKER}{path.name}.{secrets.token_hex(6)}")
+
+    @asynccontextmanager
+    async def open_upload(self, key: str, *, size_hint: int | None, result: UploadResult) -> AsyncIterator[BlobWriter]:
+        path = self._path(key)
+        temp = self._temp_for(path)
+        try:
+            await anyio.to_thread.run_sync(lambda: path.parent.mkdir(parents=True, exist_ok=True))
+            fh = await anyio.to_thread.run_sync(lambda: open(temp, "xb", buffering=0))  # noqa: SIM115
+        except OSError as exc:
+            raise StoreError(f"cannot create {temp}: {exc.strerror}") from exc
+        committed = False
+        try:
+            yield _FileWriter(fh, result)
+            try:
+                await anyio.to_thread.run_sync(self._commit, fh, temp, path)
+            except OSError as exc:
+                raise StoreError(f"writing {path} failed: {exc.strerror}") from exc
+            committed = True
+        finally:
+            if not committed:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(self._discard, fh, temp)
+
+    @staticmethod
+    def _commit(fh: IO[bytes], temp: Path, path: Path) -> None:
+        fh.flush()
+        os.fsync(fh.fileno())
+        fh.close()
+        os.replace(temp, path)
+        _fsync_dir(path.parent)
+
+    @staticmethod
+    def _discard(fh: IO[bytes], temp: Path) -> None:
+        fh.close()
+        temp.unlink(missing_ok=True)
+
+    async def put_bytes(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        temp = self._temp_for(path)
+
+        def write() -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with open(temp, "xb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(temp, path)
+                _fsync_dir(path.parent)
+            finally:
+                temp.unlink(missing_ok=True)
+
+        try:
+            await anyio.to_thread.run_sync(write)
+        except OSError as exc:
+            raise StoreError(f"writing {path} failed: {exc.strerror}") from exc
+
+    async def get_bytes(self, key: str, *, max_size: int) -> bytes:
+        path = self._path(key)
+
+        def read() -> bytes:
+            with open(path, "rb") as fh:
+                data = fh.read(max_size + 1)
+            if len(data) > max_size:
+                raise StoreError(f"{path} is larger than {max_size} bytes")
+            return data
+
+        try:
+            return await anyio.to_thread.run_sync(read)
+        except FileNotFoundError:
+            raise NotFound(f"{path} does not exist") from None
+        except OSError as exc:
+            raise StoreError(f"reading {path} failed: {exc.strerror}") from exc
+
+    async def read(self, key: str, *, start: int = 0, chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
+        path = self._path(key)
+        try:
+            fh = await anyio.to_thread.run_sync(lambda: open(path, "rb"))  # noqa: SIM115
+        except FileNotFoundError:
+            raise NotFound(f"{path} does not exist") from None
+        except OSError as exc:
+            raise StoreError(f"reading {path} failed: {exc.strerror}") from exc
+        try:
+            if start:
+                fh.seek(start)
+            while chunk := await anyio.to_thread.run_sync(fh.read, chunk_size):
+                yield chunk
+        except OSError as exc:
+            raise StoreError(f"reading {path} failed: {exc.strerror}") from exc
+        finally:
+            fh.close()
+
+    async def stat(self, key: str) -> ObjectInfo | None:
+        path = self._path(key)
+        try:
+            st = await anyio.to_thread.run_sync(path.stat)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreError(f"cannot stat {path}: {exc.strerror}") from exc
+        return ObjectInfo(key=key, size=st.st_size, modified=datetime.fromtimestamp(st.st_mtime, UTC))
+
+    async def list_objects(self, prefix: str) -> AsyncIterator[ObjectInfo]:
+        def walk() -> list[ObjectInfo]:
+            found: list[ObjectInfo] = []
+            if not self._root.exists():
+                return found
+            for dirpath, dirnames, filenames in os.walk(self._root):
+                dirnames.sort()
+                for name in sorted(filenames):
+                    if name.startswith(TEMP_MARKER):
+                        continue
+                    full = Path(dirpath, name)
+                    rel = full.relative_to(self._root).as_posix()
+                    if rel.startswith(prefix):
+                        st = full.stat()
+                        found.append(ObjectInfo(rel, st.st_size, datetime.fromtimestamp(st.st_mtime, UTC)))
+            return found
+
+        try:
+            items = await anyio.to_thread.run_sync(walk)
+        except OSError as exc:
+            raise StoreError(f"listing {self._root} failed: {exc.strerror}") from exc
+        for item in items:
+            yield item
+
+    async def delete(self, key: str) -> None:
+        path = self._path(key)
+
+        def remove() -> None:
+            path.unlink(missing_ok=True)
+            parent = path.parent
+            while parent != self._root:
+                try:
+                    parent.rmdir()
+                except OSError as exc:
+                    if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                        break
+                    raise
+                parent = parent.parent
+
+        try:
+            await anyio.to_thread.run_sync(remove)
+        except OSError as exc:
+            raise StoreError(f"deleting {path} failed: {exc.strerror}") from exc
+
+    async def incomplete_uploads(self, prefix: str) -> list[IncompleteUpload]:
+        """Temp files a killed agent left behind (the folder equivalent of open multipart uploads)."""
+
+        def walk() -> list[IncompleteUpload]:
+            found: list[IncompleteUpload] = []
+            if not self._root.exists():
+                return found
+            for dirpath, _dirs, filenames in os.walk(self._root):
+                for name in filenames:
+                    if name.startswith(TEMP_MARKER):
+                        full = Path(dirpath, name)
+                        rel = full.relative_to(self._root).as_posix()
+                        if rel.startswith(prefix):
+                            mtime = datetime.fromtimestamp(full.stat().st_mtime, UTC)
+                            found.append(IncompleteUpload(key=rel, upload_id=name, initiated=mtime))
+            return found
+
+        return await anyio.to_thread.run_sync(walk)
+
+    async def aclose(self) -> None:
+        return None

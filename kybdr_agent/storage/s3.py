@@ -1,0 +1,380 @@
+"""An S3 (or S3-compatible) repository on aiobotocore.
+
+Uploads are multipart with bounded concurrency and a bounded buffer, so memory is about
+(concurrency + 2) × part size whatever the dump's size. Each part carries its own SHA-256 where the store
+supports additional checksums; ``checksums = "when_required"`` sends none beyond what the API demands, for
+compatible stores that reject botocore's default CRCs. Retries, backoff and a stall deadline per request
+are ours (botocore's own retries are off, so the two never multiply). Any failure or cancellation aborts the
+multipart upload, shielded and time-bounded, so no orphaned parts accrue storage charges.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import random
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Final, Literal
+
+import aiohttp
+import anyio
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import BotoCoreError, ClientError
+
+from kybdr_agent.backup.manifest import PartRun
+from kybdr_agent.errors import NotFound, StoreError
+from kybdr_agent.storage.base import BlobWriter, IncompleteUpload, ObjectInfo, UploadResult
+from kybdr_agent.storage.parts import S3_MAX_PARTS, initial_part_size, part_size_for
+from kybdr_agent.storage.retry import AttemptTimeout, RetryPolicy, call_with_retries
+
+ABORT_DEADLINE: Final = 60.0
+_JITTER: Final = random.Random()  # noqa: S311 - backoff jitter needs no cryptographic randomness
+_RETRYABLE_CODES: Final = frozenset(
+    {
+        "InternalError",
+        "ServiceUnavailable",
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestTimeout",
+        "RequestTimeTooSkewed",
+        "503",
+        "500",
+        "502",
+        "504",
+    }
+)
+
+
+def is_retryable(exc: BaseException) -> bool:
+    if isinstance(exc, ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        return code in _RETRYABLE_CODES or status >= 500 or status == 429
+    return isinstance(exc, BotoCoreError | aiohttp.ClientError | OSError | AttemptTimeout)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        return f"{err.get('Code', 'error')}: {err.get('Message', '')}".rstrip(": ")
+    return f"{type(exc).__name__}: {exc}"
+
+
+@dataclass(frozen=True, slots=True)
+class S3Options:
+    bucket: str
+    prefix: str
+    region: str | None = None
+    endpoint_url: str | None = None
+    addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    checksums: Literal["sha256", "when_required"] = "sha256"
+    part_size: int | None = None
+    min_part_size: int = 16 << 20
+    max_parts: int = S3_MAX_PARTS
+    upload_concurrency: int = 2
+    connect_timeout: float = 10.0
+    request_timeout: float = 120.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+
+class _MultipartUpload:
+    """One multipart upload in flight: buffers bytes into parts and keeps at most N part uploads running."""
+
+    def __init__(self, store: S3Store, key: str, upload_id: str, base_part_size: int, result: UploadResult):
+        self._store = store
+        self._key = key
+        self._upload_id = upload_id
+        self._base = base_part_size
+        self._result = result
+        self._buffer = bytearray()
+        self._next_part = 1
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._completed: dict[int, dict[str, Any]] = {}
+        self._sizes: list[int] = []
+
+    def _current_part_size(self) -> int:
+        return part_size_for(
+            min(self._next_part, self._store.options.max_parts), self._base, self._store.options.max_parts
+        )
+
+    async def write(self, data: bytes) -> None:
+        self._buffer += data
+        self._result.size += len(data)
+        while len(self._buffer) >= (size := self._current_part_size()):
+            part = bytes(self._buffer[:size])
+            del self._buffer[:size]
+            await self._submit(part)
+
+    async def _submit(self, part: bytes) -> None:
+        opts = self._store.options
+        if self._next_part > opts.max_parts:
+            raise StoreError(
+                f"the dump outgrew {opts.max_parts} parts of up to {self._current_part_size()} bytes; "
+                "raise repository.part_size_mib or repository.max_parts"
+            )
+        while len(self._inflight) >= opts.upload_concurrency:
+            await self._reap(asyncio.FIRST_COMPLETED)
+        number = self._next_part
+        self._next_part += 1
+        self._sizes.append(len(part))
+        self._inflight.add(asyncio.create_task(self._upload_part(number, part)))
+
+    async def _reap(self, when: str) -> None:
+        done, _ = await asyncio.wait(self._inflight, return_when=when)
+        self._inflight -= done
+        for task in done:
+            task.result()
+
+    async def _upload_part(self, number: int, body: bytes) -> None:
+        kwargs: dict[str, Any] = {}
+        if self._store.options.checksums == "sha256":
+            digest = await anyio.to_thread.run_sync(lambda: hashlib.sha256(body).digest())
+            kwargs["ChecksumSHA256"] = base64.b64encode(digest).decode()
+        response = await self._store.call(
+            f"uploading part {number} of {self._key}",
+            "upload_part",
+            Bucket=self._store.options.bucket,
+            Key=self._store.full_key(self._key),
+            UploadId=self._upload_id,
+            PartNumber=number,
+            Body=body,
+            **kwargs,
+        )
+        entry: dict[str, Any] = {"PartNumber": number, "ETag": response["ETag"]}
+        if "ChecksumSHA256" in kwargs:
+            entry["ChecksumSHA256"] = response.get("ChecksumSHA256", kwargs["ChecksumSHA256"])
+        self._completed[number] = entry
+
+    async def finish(self) -> None:
+        if self._buffer or self._next_part == 1:
+            part = bytes(self._buffer)
+            self._buffer.clear()
+            await self._submit(part)
+        while self._inflight:
+            await self._reap(asyncio.ALL_COMPLETED)
+        parts = [self._completed[n] for n in sorted(self._completed)]
+        await self._store.call(
+            f"completing the upload of {self._key}",
+            "complete_multipart_upload",
+            Bucket=self._store.options.bucket,
+            Key=self._store.full_key(self._key),
+            UploadId=self._upload_id,
+            MultipartUpload={"Parts": parts},
+        )
+        self._result.parts = _runs(self._sizes)
+        self._result.checksum_algorithm = "SHA256" if self._store.options.checksums == "sha256" else None
+
+    async def abort(self) -> None:
+        for task in self._inflight:
+            task.cancel()
+        if self._inflight:
+            await asyncio.wait(self._inflight)
+        self._inflight.clear()
+        await self._store.call(
+            f"aborting the upload of {self._key}",
+            "abort_multipart_upload",
+            Bucket=self._store.options.bucket,
+            Key=self._store.full_key(self._key),
+            UploadId=self._upload_id,
+        )
+
+
+def _runs(sizes: list[int]) -> list[PartRun]:
+    runs: list[PartRun] = []
+    for size in sizes:
+        if runs and runs[-1].size == size:
+            runs[-1] = PartRun(size=size, count=runs[-1].count + 1)
+        else:
+            runs.append(PartRun(size=size, count=1))
+    return runs
+
+
+class S3Store:
+    kind = "s3"
+
+    def __init__(self, options: S3Options) -> None:
+        self.options = options
+        self._exit = AsyncExitStack()
+        self._client: Any = None
+
+    @classmethod
+    async def open(cls, options: S3Options) -> S3Store:
+        store = cls(options)
+        config = AioConfig(
+            connect_timeout=options.connect_timeout,
+            read_timeout=options.request_timeout,
+            retries={"total_max_attempts": 1},
+            s3={"addressing_style": options.addressing_style},
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            max_pool_connections=max(10, options.upload_concurrency * 2),
+        )
+        session = get_session()
+        store._client = await store._exit.enter_async_context(
+            session.create_client("s3", region_name=options.region, endpoint_url=options.endpoint_url, config=config)
+        )
+        return store
+
+    def describe(self) -> str:
+        where = f"s3://{self.options.bucket}/{self.options.prefix}".rstrip("/")
+        return f"{where} at {self.options.endpoint_url}" if self.options.endpoint_url else where
+
+    def full_key(self, key: str) -> str:
+        return f"{self.options.prefix}/{key}" if self.options.prefix else key
+
+    async def call(self, what: str, method: str, **kwargs: Any) -> Any:
+        operation = getattr(self._client, method)
+        try:
+            return await call_with_retries(
+                lambda: operation(**kwargs), policy=self.options.retry, retryable=is_retryable
+            )
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in ("NoSuchKey", "404", "NotFound", "NoSuchUpload"):
+                raise NotFound(f"{what}: not found in {self.describe()}") from exc
+            raise StoreError(f"{what} in {self.describe()} failed: {_describe(exc)}") from exc
+        except (BotoCoreError, aiohttp.ClientError, OSError) as exc:
+            raise StoreError(
+                f"{what} in {self.describe()} failed after {self.options.retry.attempts} attempts: {_describe(exc)}"
+            ) from exc
+
+    @asynccontextmanager
+    async def open_upload(self, key: str, *, size_hint: int | None, result: UploadResult) -> AsyncIterator[BlobWriter]:
+        opts = self.options
+        base = opts.part_size or initial_part_size(size_hint, opts.max_parts, opts.min_part_size)
+        extra: dict[str, Any] = {"ChecksumAlgorithm": "SHA256"} if opts.checksums == "sha256" else {}
+        created = await self.call(
+            f"starting the upload of {key}",
+            "create_multipart_upload",
+            Bucket=opts.bucket,
+            Key=self.full_key(key),
+            **extra,
+        )
+        upload = _MultipartUpload(self, key, created["UploadId"], base, result)
+        try:
+            yield upload
+            await upload.finish()
+        except BaseException:
+            with anyio.move_on_after(ABORT_DEADLINE, shield=True):
+                await upload.abort()
+            raise
+
+    async def put_bytes(self, key: str, data: bytes) -> None:
+        extra: dict[str, Any] = {}
+        if self.options.checksums == "sha256":
+            extra["ChecksumSHA256"] = base64.b64encode(hashlib.sha256(data).digest()).decode()
+        await self.call(
+            f"writing {key}",
+            "put_object",
+            Bucket=self.options.bucket,
+            Key=self.full_key(key),
+            Body=data,
+            **extra,
+        )
+
+    async def get_bytes(self, key: str, *, max_size: int) -> bytes:
+        chunks: list[bytes] = []
+        total = 0
+        async for chunk in self.read(key):
+            total += len(chunk)
+            if total > max_size:
+                raise StoreError(f"{key} is larger than {max_size} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def read(self, key: str, *, start: int = 0, chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
+        """Stream with ranged GETs, resuming at the last byte received when a read fails or stalls."""
+        offset = start
+        failures = 0
+        policy = self.options.retry
+        while True:
+            extra = {"Range": f"bytes={offset}-"} if offset else {}
+            response = await self.call(
+                f"reading {key}", "get_object", Bucket=self.options.bucket, Key=self.full_key(key), **extra
+            )
+            body = response["Body"]
+            try:
+                while True:
+                    with anyio.fail_after(self.options.request_timeout):
+                        chunk = await body.read(chunk_size)
+                    if not chunk:
+                        return
+                    offset += len(chunk)
+                    failures = 0
+                    yield chunk
+            except (TimeoutError, BotoCoreError, aiohttp.ClientError, OSError) as exc:
+                failures += 1
+                if failures >= policy.attempts:
+                    raise StoreError(
+                        f"reading {key} from {self.describe()} failed at byte {offset}: {_describe(exc)}"
+                    ) from exc
+                await anyio.sleep(policy.delay(failures, _JITTER))
+            finally:
+                body.close()
+
+    async def stat(self, key: str) -> ObjectInfo | None:
+        try:
+            head = await self.call(
+                f"looking up {key}", "head_object", Bucket=self.options.bucket, Key=self.full_key(key)
+            )
+        except NotFound:
+            return None
+        return ObjectInfo(key=key, size=int(head["ContentLength"]), modified=head["LastModified"])
+
+    async def list_objects(self, prefix: str) -> AsyncIterator[ObjectInfo]:
+        token: str | None = None
+        strip = len(self.full_key(""))
+        while True:
+            extra = {"ContinuationToken": token} if token else {}
+            page = await self.call(
+                f"listing {prefix or '/'}",
+                "list_objects_v2",
+                Bucket=self.options.bucket,
+                Prefix=self.full_key(prefix),
+                **extra,
+            )
+            for item in page.get("Contents", []):
+                yield ObjectInfo(key=item["Key"][strip:], size=int(item["Size"]), modified=item["LastModified"])
+            if not page.get("IsTruncated"):
+                return
+            token = page["NextContinuationToken"]
+
+    async def delete(self, key: str) -> None:
+        await self.call(f"deleting {key}", "delete_object", Bucket=self.options.bucket, Key=self.full_key(key))
+
+    async def incomplete_uploads(self, prefix: str) -> list[IncompleteUpload]:
+        found: list[IncompleteUpload] = []
+        strip = len(self.full_key(""))
+        markers: dict[str, str] = {}
+        while True:
+            page = await self.call(
+                "listing open multipart uploads",
+                "list_multipart_uploads",
+                Bucket=self.options.bucket,
+                Prefix=self.full_key(prefix),
+                **markers,
+            )
+            for item in page.get("Uploads", []):
+                initiated: datetime = item["Initiated"]
+                found.append(IncompleteUpload(item["Key"][strip:], item["UploadId"], initiated))
+            if not page.get("IsTruncated"):
+                return found
+            markers = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
+
+    async def abort_upload(self, upload: IncompleteUpload) -> None:
+        await self.call(
+            f"aborting the upload of {upload.key}",
+            "abort_multipart_upload",
+            Bucket=self.options.bucket,
+            Key=self.full_key(upload.key),
+            UploadId=upload.upload_id,
+        )
+
+    async def aclose(self) -> None:
+        await self._exit.aclose()

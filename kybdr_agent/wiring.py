@@ -1,0 +1,76 @@
+"""Composition: from validated settings to the concrete adapters. The only place that picks implementations."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from kybdr_agent.backup.keys import KeyMaterialError, KeyRing, load_master_key
+from kybdr_agent.backup.pgdump import Connection
+from kybdr_agent.backup.pipeline import BackupOptions
+from kybdr_agent.backup.streamfmt import Compression
+from kybdr_agent.config import AgentSettings, RepositorySettings
+from kybdr_agent.errors import ConfigError
+from kybdr_agent.storage.base import BlobStore
+from kybdr_agent.storage.local import LocalStore
+from kybdr_agent.storage.parts import MIB
+from kybdr_agent.storage.retry import RetryPolicy
+from kybdr_agent.storage.s3 import S3Options, S3Store
+
+
+@asynccontextmanager
+async def open_store(repo: RepositorySettings) -> AsyncIterator[BlobStore]:
+    store: BlobStore
+    if repo.scheme == "file":
+        store = LocalStore(repo.local_path)
+    else:
+        store = await S3Store.open(
+            S3Options(
+                bucket=repo.bucket,
+                prefix=repo.prefix,
+                region=repo.region,
+                endpoint_url=repo.endpoint_url,
+                addressing_style=repo.addressing_style,
+                checksums=repo.checksums,
+                part_size=repo.part_size_mib * MIB or None,
+                min_part_size=repo.min_part_size_mib * MIB,
+                max_parts=repo.max_parts,
+                upload_concurrency=repo.upload_concurrency,
+                connect_timeout=repo.connect_timeout_seconds,
+                request_timeout=repo.request_timeout_seconds,
+                retry=RetryPolicy(attempts=repo.max_attempts, attempt_deadline=repo.request_timeout_seconds),
+            )
+        )
+    try:
+        yield store
+    finally:
+        await store.aclose()
+
+
+def keyring(settings: AgentSettings) -> KeyRing | None:
+    """The configured key ring, or None when no key file is set (unencrypted backups only)."""
+    enc = settings.encryption
+    if enc.key_file is None:
+        return None
+    try:
+        return KeyRing(load_master_key(enc.key_file), tuple(load_master_key(p) for p in enc.old_key_files))
+    except KeyMaterialError as exc:
+        raise ConfigError(f"encryption: {exc}") from None
+
+
+def connection(settings: AgentSettings) -> Connection:
+    db = settings.database
+    return Connection.from_settings(db.dsn, db.password_file, db.pg_bin_dir, db.connect_timeout_seconds)
+
+
+def backup_options(settings: AgentSettings, *, description: str | None = None) -> BackupOptions:
+    comp = settings.compression
+    kind = Compression[comp.algorithm.upper()] if settings.backup.compression else Compression.NONE
+    return BackupOptions(
+        compression=kind,
+        compression_level=comp.level,
+        compression_threads=comp.threads,
+        keyring=keyring(settings) if settings.backup.encryption else None,
+        frame_size=settings.encryption.frame_size_kib * 1024,
+        description=description,
+    )
