@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
@@ -21,10 +22,11 @@ def primary_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The error that caused a task group to fail, not the cancellations it caused in its siblings.
 
     Task groups report every failed child; an operator needs the one that started it (the store that
-    refused a part, not the reader that was cancelled because of it)."""
+    refused a part, not the reader that was cancelled because of it). The agent runs on asyncio only
+    (aiobotocore and asyncpg need it), so asyncio's cancellation class is the one to skip."""
     leaves = list(leaf_exceptions(group))
     for leaf in leaves:
-        if not isinstance(leaf, anyio.get_cancelled_exc_class() | KeyboardInterrupt):
+        if not isinstance(leaf, asyncio.CancelledError | KeyboardInterrupt):
             return leaf
     return leaves[0]
 

@@ -114,6 +114,7 @@ def agent_config(
     repository: str,
     key_file: Path | None,
     compression: str | None = "zstd",
+    frame_size_kib: int | None = None,
     extra: str = "",
 ) -> Path:
     lines = [
@@ -129,8 +130,12 @@ def agent_config(
     ]
     if compression:
         lines += ["", "[compression]", f'algorithm = "{compression}"']
+    if key_file or frame_size_kib:
+        lines += ["", "[encryption]"]
     if key_file:
-        lines += ["", "[encryption]", f'key_file = "{key_file}"']
+        lines.append(f'key_file = "{key_file}"')
+    if frame_size_kib:
+        lines.append(f"frame_size_kib = {frame_size_kib}")
     return write_config(tmp_path / "agent.toml", "\n".join(lines) + "\n" + extra)
 
 
