@@ -72,7 +72,7 @@ data "aws_iam_policy_document" "alerts_topic" {
 
     principals {
       type        = "*" # deny applies to every principal
-      identifiers = ["*"]
+      identifiers = ["*"] # every principal, denied
     }
 
     condition {

@@ -376,12 +376,22 @@ variable "primary_health_check_fqdn" {
   description = "Host name the primary health check (and the agent, through dr.health_check_url) probes. null uses the primary load balancer's DNS name."
   type        = string
   default     = null
+
+  validation {
+    condition     = var.primary_health_check_fqdn == null || can(regex("^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\\.)+[a-z]{2,63}$", var.primary_health_check_fqdn))
+    error_message = "primary_health_check_fqdn must be null or a lowercase fully qualified host name."
+  }
 }
 
 variable "dr_health_check_fqdn" {
   description = "Host name the DR health check probes. null uses the DR load balancer's DNS name."
   type        = string
   default     = null
+
+  validation {
+    condition     = var.dr_health_check_fqdn == null || can(regex("^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\\.)+[a-z]{2,63}$", var.dr_health_check_fqdn))
+    error_message = "dr_health_check_fqdn must be null or a lowercase fully qualified host name."
+  }
 }
 
 variable "health_check_protocol" {

@@ -86,7 +86,7 @@ data "aws_iam_policy_document" "this" {
 
     principals {
       type        = "*" # deny applies to every principal
-      identifiers = ["*"]
+      identifiers = ["*"] # every principal, denied
     }
 
     condition {
@@ -108,7 +108,7 @@ data "aws_iam_policy_document" "this" {
 
     principals {
       type        = "*" # deny applies to every principal
-      identifiers = ["*"]
+      identifiers = ["*"] # every principal, denied
     }
 
     condition {
@@ -333,7 +333,7 @@ data "aws_iam_policy_document" "logs" {
 
     principals {
       type        = "*" # deny applies to every principal
-      identifiers = ["*"]
+      identifiers = ["*"] # every principal, denied
     }
 
     condition {
