@@ -99,7 +99,6 @@ class Manifest(BaseModel):
     compressed_bytes: int
     stored_bytes: int = Field(description="bytes of the data object in the repository")
     sha256: str = Field(description="SHA-256 of the stored data object")
-    dump_sha256: str = Field(description="SHA-256 of pg_dump's output, before compression")
     compression: Literal["zstd", "gzip", "none"]
     compression_level: int | None = None
     frame_size: int

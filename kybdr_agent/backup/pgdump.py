@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import shutil
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -147,6 +149,7 @@ def failure_message(what: str, returncode: int, stderr: TailBuffer) -> str:
 async def child_process(
     argv: list[str], *, env: dict[str, str], stdin: int | None = None, stdout: int | None = None
 ) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``stdin``/``stdout`` take asyncio's PIPE/DEVNULL constants or a file descriptor for the child."""
     """Start a child; whatever happens in the block, it is not left running (terminate, then kill)."""
     proc = await asyncio.create_subprocess_exec(
         *argv, stdin=stdin, stdout=stdout, stderr=asyncio.subprocess.PIPE, env=env, limit=PIPE_LIMIT
@@ -169,3 +172,58 @@ async def stop_process(proc: asyncio.subprocess.Process, grace: float = 10.0) ->
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         await proc.wait()
+
+
+PIPE_SIZE: Final = 1 << 20
+_F_SETPIPE_SZ: Final = 1031  # Linux fcntl; not exported by the fcntl module on every Python
+
+
+class PipeReader:
+    """Blocking reads of a child's stdout, meant to run in a worker thread.
+
+    Reading pg_dump's pipe off the event loop lets the loop stay idle and the read overlap with
+    compression in another thread (both release the GIL). The pipe is enlarged to 1 MiB so pg_dump can
+    keep writing while a chunk is being handed over. The descriptor is closed by whoever finishes last:
+    ``close()`` from the owner, or the reading thread if a read was in progress at that moment.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._lock = threading.Lock()
+        self._busy = False
+        self._closed = False
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_SIZE)
+
+    def read(self, size: int) -> bytes:
+        """Up to ``size`` bytes; fewer only at end of stream. Empty bytes means EOF."""
+        with self._lock:
+            if self._closed:
+                return b""
+            self._busy = True
+        try:
+            pieces: list[bytes] = []
+            total = 0
+            while total < size:
+                piece = os.read(self._fd, size - total)
+                if not piece:
+                    break
+                pieces.append(piece)
+                total += len(piece)
+            return b"".join(pieces)
+        finally:
+            with self._lock:
+                self._busy = False
+                if self._close_requested():
+                    os.close(self._fd)
+
+    def _close_requested(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if not self._busy:
+                os.close(self._fd)

@@ -33,7 +33,14 @@ from kybdr_agent import __version__
 from kybdr_agent.asyncutil import TailBuffer, task_group
 from kybdr_agent.backup import compress, manifest
 from kybdr_agent.backup.keys import KeyRing, new_data_key
-from kybdr_agent.backup.pgdump import Connection, child_process, drain_into, failure_message, tool_version
+from kybdr_agent.backup.pgdump import (
+    Connection,
+    PipeReader,
+    child_process,
+    drain_into,
+    failure_message,
+    tool_version,
+)
 from kybdr_agent.backup.streamfmt import Cipher, Compression, StreamHeader, StreamSealer
 from kybdr_agent.errors import DumpError, KybdrError
 from kybdr_agent.storage.base import BlobStore, UploadResult
@@ -61,13 +68,11 @@ class _Encoder:
 
     compressor: compress.Transform
     sealer: StreamSealer
-    dump_hash: hashlib._Hash = field(default_factory=hashlib.sha256)
     stored_hash: hashlib._Hash = field(default_factory=hashlib.sha256)
     dump_bytes: int = 0
     compressed_bytes: int = 0
 
     def update(self, chunk: bytes) -> bytes:
-        self.dump_hash.update(chunk)
         self.dump_bytes += len(chunk)
         packed = self.compressor.update(chunk)
         self.compressed_bytes += len(packed)
@@ -131,7 +136,6 @@ async def run_backup(
         compressed_bytes=encoder.compressed_bytes,
         stored_bytes=result.size,
         sha256=encoder.stored_hash.hexdigest(),
-        dump_sha256=encoder.dump_hash.hexdigest(),
         compression=options.compression.name.lower(),
         compression_level=options.compression_level if options.compression is not Compression.NONE else None,
         frame_size=header.frame_size,
@@ -174,31 +178,34 @@ async def _stream_dump(
 ) -> None:
     """Run pg_dump through the encoder into ``write``; raise unless pg_dump exits 0 and every byte is stored."""
     stderr = TailBuffer()
-    async with child_process(argv, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE) as proc:
-        assert proc.stdout is not None
-        stdout = proc.stdout
-        raw_send, raw_recv = anyio.create_memory_object_stream[bytes](QUEUE_DEPTH)
-        out_send, out_recv = anyio.create_memory_object_stream[bytes](QUEUE_DEPTH)
-        async with task_group() as tg:
-            tg.start_soon(drain_into, proc.stderr, stderr)
-            tg.start_soon(_read_stage, stdout, raw_send)
-            tg.start_soon(_encode_stage, encoder, raw_recv, out_send)
-            tg.start_soon(_write_stage, out_recv, write)
-        returncode = await proc.wait()
-        if returncode != 0:
-            raise DumpError(failure_message("pg_dump", returncode, stderr))
+    read_fd, write_fd = os.pipe()
+    reader = PipeReader(read_fd)
+    try:
+        async with child_process(argv, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=write_fd) as proc:
+            os.close(write_fd)
+            write_fd = -1
+            raw_send, raw_recv = anyio.create_memory_object_stream[bytes](QUEUE_DEPTH)
+            out_send, out_recv = anyio.create_memory_object_stream[bytes](QUEUE_DEPTH)
+            async with task_group() as tg:
+                tg.start_soon(drain_into, proc.stderr, stderr)
+                tg.start_soon(_read_stage, reader, raw_send)
+                tg.start_soon(_encode_stage, encoder, raw_recv, out_send)
+                tg.start_soon(_write_stage, out_recv, write)
+            returncode = await proc.wait()
+            if returncode != 0:
+                raise DumpError(failure_message("pg_dump", returncode, stderr))
+    finally:
+        if write_fd >= 0:
+            os.close(write_fd)
+        reader.close()
 
 
-async def _read_stage(stdout: asyncio.StreamReader, send: MemoryObjectSendStream[bytes]) -> None:
+async def _read_stage(reader: PipeReader, send: MemoryObjectSendStream[bytes]) -> None:
     async with send:
-        pending = bytearray()
-        while chunk := await stdout.read(READ_CHUNK):
-            pending += chunk
-            if len(pending) >= READ_CHUNK:
-                await send.send(bytes(pending))
-                pending.clear()
-        if pending:
-            await send.send(bytes(pending))
+        # abandon_on_cancel: a cancelled backup must not wait for a read that only pg_dump's death
+        # (in child_process's cleanup, after this task group) can end; the reader closes its own pipe.
+        while chunk := await anyio.to_thread.run_sync(reader.read, READ_CHUNK, abandon_on_cancel=True):
+            await send.send(chunk)
 
 
 async def _encode_stage(

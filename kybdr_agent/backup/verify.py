@@ -124,7 +124,7 @@ async def _full(
             if listening:
                 stdin.close()
             returncode = await proc.wait()
-    result.checks.append("SHA-256 of the object, every frame's tag, and the decoded dump's SHA-256 verified")
+    result.checks.append("SHA-256 of the object, every frame's tag, and the decompressed size verified")
     if returncode != 0:
         raise DumpError(failure_message("pg_restore --list", returncode, stderr))
     if toc_lines == 0:
