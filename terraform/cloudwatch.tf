@@ -104,7 +104,8 @@ resource "aws_cloudwatch_metric_alarm" "backup_storage" {
   dynamic "metric_query" {
     for_each = local.storage_types
     content {
-      id = "m${metric_query.key}"
+      id          = "m${metric_query.key}"
+      return_data = false
       metric {
         namespace   = "AWS/S3"
         metric_name = "BucketSizeBytes"
@@ -152,14 +153,13 @@ locals {
           }
         },
       ],
-      # One alarm-status widget per region that has backup alarms (a widget shows its own region's alarms).
+      # One alarm-status widget per region that has backup alarms.
       [for region, arns in local.backup_alarm_arns : {
         type   = "alarm"
         width  = 12
         height = 3
         properties = {
           title  = "Backup alarms (${region})"
-          region = region
           alarms = arns
         }
       } if length(arns) > 0],
@@ -189,7 +189,7 @@ locals {
             view   = "timeSeries"
             period = 300
             metrics = [
-              [{ id = "age", label = "", expression = "SELECT MAX(BackupAgeSeconds) FROM ${local.ns} GROUP BY Database" }],
+              [{ id = "age", expression = "SELECT MAX(BackupAgeSeconds) FROM ${local.ns} GROUP BY Database" }],
             ]
             annotations = { horizontal = [{ label = "alarm", value = var.backup_max_age_seconds }] }
           }
@@ -204,7 +204,7 @@ locals {
             view   = "timeSeries"
             period = 3600
             metrics = [
-              [{ id = "bytes", label = "", expression = "SELECT MAX(BackupStoredBytes) FROM ${local.ns} GROUP BY Database" }],
+              [{ id = "bytes", expression = "SELECT MAX(BackupStoredBytes) FROM ${local.ns} GROUP BY Database" }],
             ]
           }
         },
@@ -243,7 +243,6 @@ locals {
         height = 3
         properties = {
           title  = "DR alarms (${region})"
-          region = region
           alarms = arns
         }
       }],
@@ -338,7 +337,7 @@ locals {
             view   = "timeSeries"
             period = 3600
             metrics = [
-              [{ id = "duration", label = "", expression = "SELECT MAX(BackupDurationSeconds) FROM ${local.ns} GROUP BY Database" }],
+              [{ id = "duration", expression = "SELECT MAX(BackupDurationSeconds) FROM ${local.ns} GROUP BY Database" }],
             ]
             annotations = { horizontal = [{ label = "target", value = var.backup_duration_target_seconds }] }
           }
@@ -353,7 +352,7 @@ locals {
             view   = "timeSeries"
             period = 3600
             metrics = [
-              [{ id = "drill", label = "", expression = "SELECT MAX(RestoreDrillSeconds) FROM ${local.ns} GROUP BY Database" }],
+              [{ id = "drill", expression = "SELECT MAX(RestoreDrillSeconds) FROM ${local.ns} GROUP BY Database" }],
             ]
             annotations = { horizontal = [{ label = "RTO target", value = var.restore_rto_seconds }] }
           }

@@ -784,7 +784,7 @@ def test_example_tfvars_set_every_required_variable_and_pass_validation(environm
     assert checked >= 15, "the validation checker recognised too few conditions to mean anything"
 
     # The preconditions that relate two variables.
-    merged = {n: v.get("default") for n, v in variables.items()} | values
+    merged: dict[str, Any] = {n: v.get("default") for n, v in variables.items()} | values
     assert merged["primary_region"] != merged["dr_region"]
     assert merged["transition_to_glacier_days"] >= merged["transition_to_ia_days"] + 30
     for arn in merged["rds_instance_arns"]:
