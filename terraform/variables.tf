@@ -321,7 +321,7 @@ variable "route53_zone_id" {
 }
 
 variable "route53_domain" {
-  description = "Fully qualified name of the record the agent switches on failover and failback (agent config: dr.route53_domain), for example db.example.com. Terraform creates it pointing at the primary load balancer and then leaves its target to the agent. The agent may change only this record (and the test record)."
+  description = "Fully qualified name of the record the agent switches on failover and failback (agent config: dr.route53_domain), for example api.example.com: the service name whose traffic must follow the database. Terraform creates it pointing at the primary load balancer and then leaves its target to the agent. The agent may change only this record (and the test record)."
   type        = string
 
   validation {

@@ -32,10 +32,11 @@ object_lock_retention_days = 35
 replication_time_control = true
 replicate_delete_markers = false
 
-# Route53 and the seed's load balancers.
+# Route53 and the seed's load balancers. The agent moves api.kyb.example.com once the database has
+# failed over; Route53 alone moves static.kyb.example.com (a stateless front end) by its health checks.
 route53_zone_id           = "Z0123456789ABCDEFGHIJ"
-route53_domain            = "db.kyb.example.com"
-failover_domain           = "api.kyb.example.com"
+route53_domain            = "api.kyb.example.com"
+failover_domain           = "static.kyb.example.com"
 primary_load_balancer_arn = "arn:aws:elasticloadbalancing:us-west-2:123456789012:loadbalancer/app/kyb-api-primary/0123456789abcdef"
 dr_load_balancer_arn      = "arn:aws:elasticloadbalancing:us-east-1:123456789012:loadbalancer/app/kyb-api-dr/fedcba9876543210"
 primary_health_check_fqdn = "api-primary.kyb.example.com"

@@ -32,7 +32,7 @@ replication_time_control = false
 replicate_delete_markers = true
 
 route53_zone_id           = "Z9876543210ZYXWVUTSRQ"
-route53_domain            = "db.staging.kyb.example.com"
+route53_domain            = "api.staging.kyb.example.com"
 failover_domain           = null
 primary_load_balancer_arn = "arn:aws:elasticloadbalancing:us-west-2:123456789012:loadbalancer/app/kyb-api-staging/0123456789abcdef"
 dr_load_balancer_arn      = "arn:aws:elasticloadbalancing:us-east-2:123456789012:loadbalancer/app/kyb-api-staging-dr/fedcba9876543210"

@@ -31,6 +31,13 @@ resource "aws_s3_bucket" "this" {
     RegionRole = var.region_role
     Purpose    = "kybdr-agent backups"
   }
+
+  lifecycle {
+    precondition {
+      condition     = length(local.log_bucket_name) <= 63
+      error_message = "Bucket name ${var.bucket_name} is too long: its access-log bucket <name>-logs must fit S3's 63 characters. Shorten project/environment or set the bucket name variables."
+    }
+  }
 }
 
 resource "aws_s3_bucket_ownership_controls" "this" {
