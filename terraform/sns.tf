@@ -71,7 +71,7 @@ data "aws_iam_policy_document" "alerts_topic" {
     resources = [each.value]
 
     principals {
-      type        = "*" # deny applies to every principal
+      type        = "*"   # deny applies to every principal
       identifiers = ["*"] # every principal, denied
     }
 

@@ -130,8 +130,8 @@ variable "glacier_storage_class" {
     before the agent can read them; manifests stay readable either way because only objects larger
     than transition_min_object_size_bytes are transitioned.
   EOT
-  type        = string
-  default     = "GLACIER_IR"
+  type    = string
+  default = "GLACIER_IR"
 
   validation {
     condition     = contains(["GLACIER_IR", "GLACIER", "DEEP_ARCHIVE"], var.glacier_storage_class)
@@ -206,8 +206,8 @@ variable "object_lock_mode" {
     delete a version before then. Object Lock can only be enabled when a bucket is created, so
     switching it on later replaces the buckets. With COMPLIANCE the AWS Backup vaults are also locked.
   EOT
-  type        = string
-  default     = null
+  type    = string
+  default = null
 
   validation {
     condition     = var.object_lock_mode == null ? true : contains(["GOVERNANCE", "COMPLIANCE"], var.object_lock_mode)
@@ -244,8 +244,8 @@ variable "replicate_delete_markers" {
     lifecycle expiry is the backstop. true: DR mirrors the primary's deletes. Permanent deletes of a
     specific version are never replicated by S3, whatever this says.
   EOT
-  type        = bool
-  default     = false
+  type    = bool
+  default = false
 }
 
 # --------------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ dr_load_balancer_arn      = "arn:aws:elasticloadbalancing:us-east-1:123456789012
 primary_health_check_fqdn = "api-primary.kyb.example.com"
 dr_health_check_fqdn      = "api-dr.kyb.example.com"
 health_check_path         = "/health"
+
 health_check_request_interval  = 10
 health_check_failure_threshold = 3
 

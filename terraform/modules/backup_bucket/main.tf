@@ -92,7 +92,7 @@ data "aws_iam_policy_document" "this" {
     ]
 
     principals {
-      type        = "*" # deny applies to every principal
+      type        = "*"   # deny applies to every principal
       identifiers = ["*"] # every principal, denied
     }
 
@@ -114,7 +114,7 @@ data "aws_iam_policy_document" "this" {
     ]
 
     principals {
-      type        = "*" # deny applies to every principal
+      type        = "*"   # deny applies to every principal
       identifiers = ["*"] # every principal, denied
     }
 
@@ -339,7 +339,7 @@ data "aws_iam_policy_document" "logs" {
     ]
 
     principals {
-      type        = "*" # deny applies to every principal
+      type        = "*"   # deny applies to every principal
       identifiers = ["*"] # every principal, denied
     }
 
