@@ -49,7 +49,7 @@ select g, 1 + g % 100000, timestamptz '2024-01-01' + g * interval '13 seconds', 
        md5(g::text) || ' transfer ' || (g % 977),
        jsonb_build_object('channel', (array['web', 'api', 'branch', 'atm'])[1 + g % 4], 'risk', g % 101,
                           'ref', md5((g * 31)::text))
-from generate_series(1, {ledger_rows}) g;
+from generate_series(1::bigint, {ledger_rows}) g;
 vacuum analyze;
 """
 

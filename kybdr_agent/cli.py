@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -127,7 +128,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         from kybdr_agent.demo import run_demo
 
         workdir = args.workdir.resolve()
-        return _run(lambda: run_demo(workdir))
+        configured = (
+            args.config is not None
+            or DEFAULT_CONFIG_PATH.exists()
+            or any(name.startswith("KYBDR_DATABASE__") for name in os.environ)
+        )
+        demo_settings = load_settings(args.config) if configured else None
+        return _run(lambda: run_demo(workdir, demo_settings))
     if args.command in ("show", "restore", "validate"):
         check_backup_id(args.backup_id)
     settings = load_settings(args.config)

@@ -1,6 +1,9 @@
 """The embedded default: the whole data path in one command, on a throwaway cluster and a local folder.
 
-``kybdr-agent demo`` starts a PostgreSQL 15 cluster with sample data (mixed column types, a large object),
+With a configured database (``database.databases`` or a DSN naming one), the same path runs on it and on
+the configured repository instead, restoring into a scratch database that is compared and dropped.
+
+Otherwise ``kybdr-agent demo`` starts a PostgreSQL 15 cluster with sample data (mixed column types, a large object),
 makes a key, backs the database up into ``<workdir>/repo`` (zstd + AES-256-GCM), validates the backup fully,
 restores it into a new database and compares the two table by table. It uses exactly the code paths of
 ``backup``, ``validate`` and ``restore``; only the cluster and the settings are made up on the spot.
@@ -8,6 +11,7 @@ restores it into a new database and compares the two table by table. It uses exa
 
 from __future__ import annotations
 
+import secrets
 import time
 from pathlib import Path
 from typing import Final
@@ -15,12 +19,13 @@ from typing import Final
 import anyio
 
 from kybdr_agent import wiring
-from kybdr_agent.backup import catalog
+from kybdr_agent.backup import catalog, facts
 from kybdr_agent.backup.keys import generate_master_key_file
 from kybdr_agent.backup.pipeline import backup_and_record
 from kybdr_agent.backup.restore import restore_backup
 from kybdr_agent.backup.verify import validate_backup
 from kybdr_agent.config import AgentSettings, BackupSettings, DatabaseSettings, EncryptionSettings, RepositorySettings
+from kybdr_agent.conninfo import parse_dsn
 from kybdr_agent.errors import KybdrError
 from kybdr_agent.pgcluster import Cluster, start_cluster
 
@@ -59,8 +64,21 @@ def _say(message: str) -> None:
     print(message, flush=True)
 
 
-async def run_demo(workdir: Path) -> int:
-    """``workdir`` must be absolute (the CLI resolves it)."""
+def configured_databases(settings: AgentSettings | None) -> list[str]:
+    """The databases a configuration names (``database.databases``, else the DSN's dbname), if any."""
+    if settings is None:
+        return []
+    if settings.database.databases:
+        return list(settings.database.databases)
+    dbname = parse_dsn(settings.database.dsn or "").get("dbname")
+    return [dbname] if dbname else []
+
+
+async def run_demo(workdir: Path, settings: AgentSettings | None = None) -> int:
+    """``workdir`` must be absolute (the CLI resolves it). With a configured database, run on it instead."""
+    if configured_databases(settings):
+        assert settings is not None
+        return await _drill_configured(settings)
     repo = workdir / "repo"
     key_file = workdir / "master.key"
     await anyio.Path(workdir).mkdir(parents=True, exist_ok=True)
@@ -75,6 +93,45 @@ async def run_demo(workdir: Path) -> int:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(cluster.stop)
         _say("stopped and removed the throwaway cluster")
+
+
+async def _drill_configured(settings: AgentSettings) -> int:
+    """The same path on the configured database and repository; the restore goes to a scratch database
+    that is compared with the row counts taken in the dump's snapshot, then dropped."""
+    conn = wiring.connection(settings)
+    keys = wiring.keyring(settings)
+    async with wiring.open_store(settings.repository) as store:
+        for database in configured_databases(settings):
+            made = await backup_and_record(
+                database, connection=conn, store=store, options=wiring.backup_options(settings)
+            )
+            _say(f"backup {made.id} of {database}: {made.dump_bytes:,} bytes dumped, {made.stored_bytes:,} stored")
+            check = await validate_backup(made, store=store, keyring=keys, connection=conn, level="full")
+            if not check.ok:
+                raise KybdrError(f"validation failed: {check.error}")
+            _say(f"validated (full): {'; '.join(check.checks)}")
+            scratch = f"kybdr_demo_{secrets.token_hex(4)}"
+            restored = await restore_backup(
+                made,
+                store=store,
+                keyring=keys,
+                connection=conn,
+                maintenance_database=settings.database.maintenance_database,
+                target=scratch,
+            )
+            try:
+                async with conn.connect(scratch) as copy:
+                    counts = await facts.row_counts(copy, only=set(made.row_counts))
+            finally:
+                async with conn.connect(settings.database.maintenance_database) as admin:
+                    await admin.execute(f'drop database if exists "{scratch}" with (force)')
+            if counts != made.row_counts:
+                raise KybdrError(f"restored row counts differ from the snapshot's: {counts} != {made.row_counts}")
+            _say(
+                f"restored into scratch database {scratch} in {restored.seconds:.1f} s; row counts of "
+                f"{len(counts)} table(s) match the dump's snapshot; scratch database dropped"
+            )
+    return 0
 
 
 async def _demo_on(cluster: Cluster, repo: Path, key_file: Path) -> int:

@@ -31,7 +31,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from kybdr_agent import __version__
 from kybdr_agent.asyncutil import TailBuffer, task_group
-from kybdr_agent.backup import compress, manifest
+from kybdr_agent.backup import compress, facts, manifest
 from kybdr_agent.backup.keys import KeyRing, new_data_key
 from kybdr_agent.backup.pgdump import (
     Connection,
@@ -60,6 +60,8 @@ class BackupOptions:
     frame_size: int = 1 << 20
     labels: tuple[str, ...] = ()
     description: str | None = None
+    count_max_table_bytes: int = facts.DEFAULT_MAX_TABLE_BYTES
+    count_max_total_bytes: int = facts.DEFAULT_MAX_TOTAL_BYTES
 
 
 @dataclass
@@ -119,7 +121,23 @@ async def run_backup(
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             snapshot = str(await conn.fetchval("select pg_export_snapshot()"))
             argv = [pg_dump, "--format=custom", "--compress=0", "--no-password", f"--snapshot={snapshot}"]
-            async with store.open_upload(data_key_path, size_hint=db_size, result=result) as sink:
+            counts: dict[str, int] = {}
+
+            async def count_rows() -> None:
+                counts.update(
+                    await facts.row_counts(
+                        conn,
+                        max_table_bytes=options.count_max_table_bytes,
+                        max_total_bytes=options.count_max_total_bytes,
+                    )
+                )
+
+            async with (
+                store.open_upload(data_key_path, size_hint=db_size, result=result) as sink,
+                task_group() as tg,
+            ):
+                if options.count_max_total_bytes > 0:
+                    tg.start_soon(count_rows)
                 await _stream_dump(argv, connection.child_env(database), encoder, sink.write)
 
     finished_at = now()
@@ -148,6 +166,7 @@ async def run_backup(
         checksum_algorithm=result.checksum_algorithm,
         database_size_bytes=db_size,
         snapshot=snapshot,
+        row_counts=counts,
         labels=list(options.labels),
         description=options.description,
     )
