@@ -197,3 +197,25 @@ def test_gzip_crc_mismatch_is_corrupt() -> None:
     stream[-5] ^= 0xFF  # inside the CRC32 trailer
     with pytest.raises(CorruptCompressedData):
         feed_all(Compression.GZIP, bytes(stream), [])
+
+
+@pytest.mark.parametrize("kind", REAL_CODECS)
+@given(data=st.binary(min_size=1, max_size=2000), st_data=st.data())
+@PROPS
+def test_a_bit_flip_never_decodes_to_different_data(kind: Compression, data: bytes, st_data: st.DataObject) -> None:
+    """docs/format.md: zstd frames carry an XXH64 content checksum and gzip a CRC32, so damage is caught by
+    the codec itself; a flip may only go unnoticed where it cannot change the output (e.g. gzip's MTIME)."""
+    stream = bytearray(compress(kind, data))
+    index = st_data.draw(st.integers(0, len(stream) - 1), label="byte")
+    stream[index] ^= 1 << st_data.draw(st.integers(0, 7), label="bit")
+    try:
+        out = feed_all(kind, bytes(stream), [])
+    except CorruptCompressedData:
+        return
+    assert out == data
+
+
+def test_zstd_frames_carry_a_content_checksum() -> None:
+    frame = compress(Compression.ZSTD, b"checksummed " * 100)
+    params = zstandard.get_frame_parameters(frame)
+    assert params.has_checksum

@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kybdr_agent.backup import streamfmt
 from kybdr_agent.backup.streamfmt import (
     DATA_KEY_SIZE,
     DEFAULT_FRAME_SIZE,
@@ -19,6 +20,7 @@ from kybdr_agent.backup.streamfmt import (
     KEY_ID_SIZE,
     MAGIC,
     MAX_FRAME_SIZE,
+    MAX_FRAMES,
     MIN_FRAME_SIZE,
     NONCE_PREFIX_SIZE,
     TAG_SIZE,
@@ -44,7 +46,7 @@ CIPHER_AT = 10
 RESERVED_AT = 11
 FRAME_SIZE_AT = 12
 
-SLOW = settings(deadline=None, max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+SLOW = settings(deadline=None, max_examples=400, suppress_health_check=[HealthCheck.too_slow])
 FAST = settings(deadline=None, max_examples=100)
 
 ciphers = st.sampled_from([Cipher.AES_256_GCM, Cipher.NONE])
@@ -348,6 +350,14 @@ def test_opener_exposes_header_only_once_read() -> None:
 def test_none_cipher_stream_opens_even_if_a_key_is_given() -> None:
     header = make_header(Cipher.NONE)
     assert open_stream(seal(b"xyz" * 10, header, None), KEY) == (b"xyz" * 10, None)
+
+
+def test_frame_counter_limit() -> None:
+    """At most 2**32 frames: the counter is 4 bytes of the nonce and must never wrap."""
+    assert streamfmt._nonce(PREFIX, 0, False) == PREFIX + b"\x00\x00\x00\x00\x00"
+    assert streamfmt._nonce(PREFIX, MAX_FRAMES - 1, True) == PREFIX + b"\xff\xff\xff\xff\x01"
+    with pytest.raises(StreamFormatError, match="maximum number of frames"):
+        streamfmt._nonce(PREFIX, MAX_FRAMES, False)
 
 
 # ------------------------------------------------------------------------------------------- misuse
