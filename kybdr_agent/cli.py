@@ -8,6 +8,9 @@ failure an operator can cause prints one paragraph saying what happened and what
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import ctypes.util
 import json
 import os
 import signal
@@ -34,6 +37,7 @@ EXIT_FAILED: Final = 1
 EXIT_USAGE: Final = 2
 EXIT_CONFIG: Final = 78
 EXIT_INTERRUPTED: Final = 130
+_M_MMAP_THRESHOLD: Final = -3  # glibc <malloc.h>
 
 log = get_logger("kybdr_agent.cli")
 
@@ -94,7 +98,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _return_big_buffers_to_the_os() -> None:
+    """Pin glibc's mmap threshold at 1 MiB.
+
+    By default glibc raises the threshold each time a large block is freed, after which the pipeline's
+    1–16 MiB buffers come from per-thread heaps that are never given back: peak RSS grew by ~20 MiB that
+    way (benchmarks/backup_bench.py). A fixed threshold keeps every big buffer an mmap that ``free()``
+    returns at once. A no-op where libc has no ``mallopt``.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _return_big_buffers_to_the_os()
     args = _parser().parse_args(argv)
     configure_logging(verbose=args.verbose)
     try:

@@ -91,7 +91,7 @@ class RepositorySettings(_Section):
         "sha256", description="per-part SHA-256, or only what the API requires (for picky compatible stores)"
     )
     part_size_mib: int = Field(0, ge=0, le=5120, description="0 = size parts from the database's size")
-    min_part_size_mib: int = Field(16, ge=5, le=5120)
+    min_part_size_mib: int = Field(8, ge=5, le=5120)
     max_parts: int = Field(10_000, ge=4, le=10_000, description="1000 for stores with that limit")
     upload_concurrency: int = Field(2, ge=1, le=32)
     connect_timeout_seconds: float = Field(10.0, gt=0, le=300)
@@ -202,9 +202,6 @@ class AgentSettings(BaseSettings):
         return data
 
 
-_SECRET_FIELDS: Final = frozenset({"dsn", "password"})
-
-
 def load_settings(path: Path | None) -> AgentSettings:
     """Load and validate; every problem becomes one ``ConfigError`` naming the field and what is wrong.
 
@@ -222,6 +219,8 @@ def load_settings(path: Path | None) -> AgentSettings:
             raise ConfigError(f"{toml_file}: not valid TOML: {exc}") from None
         except OSError as exc:
             raise ConfigError(f"cannot read config file {toml_file}: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{toml_file}: not UTF-8 text (byte {exc.start}): a TOML file must be UTF-8") from None
     runtime = type(
         "AgentSettingsFromFile",
         (AgentSettings,),
@@ -241,10 +240,11 @@ def _describe_errors(source: Path | None, exc: ValidationError) -> str:
         loc = ".".join(str(part) for part in err["loc"]) or "(top level)"
         message = err["msg"].removeprefix("Value error, ")
         shown = ""
-        if err["type"] not in ("missing", "extra_forbidden") and not (_SECRET_FIELDS & {str(p) for p in err["loc"]}):
-            value = err.get("input")
-            if isinstance(value, str | int | float | bool):
-                shown = f" (got {value!r})"
+        value = err.get("input")
+        # Only numbers and booleans are echoed: a string could be a DSN with a password in it, whatever
+        # field it landed in, and the message already says what a valid value looks like.
+        if err["type"] not in ("missing", "extra_forbidden") and isinstance(value, int | float | bool):
+            shown = f" (got {value!r})"
         if err["type"] == "extra_forbidden":
             message = "unknown setting (check the spelling against config/agent.example.toml)"
         lines.append(f"  {loc}: {message}{shown}")

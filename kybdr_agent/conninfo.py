@@ -8,8 +8,9 @@ variable libpq documents for it, so the child processes connect exactly as ``pg_
 
 from __future__ import annotations
 
+import re
 from typing import Final
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import unquote
 
 # libpq parameter -> environment variable (PostgreSQL docs, "34.15. Environment Variables")
 PARAM_ENV: Final = {
@@ -39,34 +40,61 @@ class ConninfoError(ValueError):
     """The DSN cannot be parsed; the message never repeats the DSN (it may hold a password)."""
 
 
+_SPACE: Final = frozenset(" \t\n\r\f\v")  # C isspace() in the C locale, as libpq uses
+_KEY: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
 def parse_dsn(dsn: str) -> dict[str, str]:
-    dsn = dsn.strip()
-    if not dsn:
+    """Parse a DSN as libpq does. Errors never quote the DSN: it may hold a password."""
+    body = dsn.lstrip("".join(_SPACE))
+    if not body.strip("".join(_SPACE)):
         return {}
-    if dsn.startswith(("postgresql://", "postgres://")):
-        return _parse_uri(dsn)
-    return _parse_keyvalue(dsn)
+    for scheme in ("postgresql://", "postgres://"):
+        if body.startswith(scheme):
+            return _parse_uri(body[len(scheme) :].rstrip("".join(_SPACE)))
+    return _parse_keyvalue(body)
 
 
-def _parse_uri(dsn: str) -> dict[str, str]:
-    parts = urlsplit(dsn)
+def _parse_uri(rest: str) -> dict[str, str]:
+    """``[user[:password]@][host[:port][,...]][/dbname][?key=value&...]``, percent-decoded ('+' is literal)."""
+    rest, _, query = rest.partition("?")
+    authority, _, path = rest.partition("/")
     params: dict[str, str] = {}
-    if parts.username:
-        params["user"] = unquote(parts.username)
-    if parts.password:
-        params["password"] = unquote(parts.password)
-    netloc_host = parts.netloc.rpartition("@")[2]
-    host, _, port = netloc_host.partition(":") if not netloc_host.startswith("[") else (netloc_host, "", "")
-    if host:
-        params["host"] = unquote(host)
-    if port:
-        if not port.isdigit():
+    userspec, at, hostspec = authority.rpartition("@")
+    if at:
+        user, colon, password = userspec.partition(":")
+        if user:
+            params["user"] = unquote(user)
+        if colon:
+            params["password"] = unquote(password)
+    hosts: list[str] = []
+    ports: list[str] = []
+    for item in hostspec.split(",") if hostspec else []:
+        if item.startswith("["):
+            close = item.find("]")
+            if close < 0:
+                raise ConninfoError("the DSN has an IPv6 host without its closing ']'")
+            host, after = item[1:close], item[close + 1 :]
+            if after and not after.startswith(":"):
+                raise ConninfoError("the DSN has characters after an IPv6 host")
+            port = after[1:]
+        else:
+            host, _, port = item.partition(":")
+        if port and not port.isdigit():
             raise ConninfoError("the DSN's port is not a number")
-        params["port"] = port
-    if parts.path and parts.path != "/":
-        params["dbname"] = unquote(parts.path.lstrip("/"))
-    for key, value in parse_qsl(parts.query, keep_blank_values=True):
-        params[key] = value
+        hosts.append(unquote(host))
+        ports.append(port)
+    if any(hosts):
+        params["host"] = ",".join(hosts)
+    if any(ports):
+        params["port"] = ",".join(ports)
+    if path:
+        params["dbname"] = unquote(path)
+    for pair in query.split("&") if query else []:
+        key, eq, value = pair.partition("=")
+        if not eq:
+            raise ConninfoError("the DSN has a query parameter without '='")
+        params[unquote(key)] = unquote(value)
     _check_keys(params)
     return params
 
@@ -75,16 +103,20 @@ def _parse_keyvalue(dsn: str) -> dict[str, str]:
     params: dict[str, str] = {}
     i, n = 0, len(dsn)
     while i < n:
-        while i < n and dsn[i].isspace():
+        while i < n and dsn[i] in _SPACE:
             i += 1
         if i >= n:
             break
-        eq = dsn.find("=", i)
-        if eq < 0:
-            raise ConninfoError("the DSN is not key=value pairs (a key has no '=')")
-        key = dsn[i:eq].strip()
-        i = eq + 1
-        while i < n and dsn[i].isspace():
+        start = i
+        while i < n and dsn[i] != "=" and dsn[i] not in _SPACE:
+            i += 1
+        key = dsn[start:i]
+        while i < n and dsn[i] in _SPACE:
+            i += 1
+        if i >= n or dsn[i] != "=" or not _KEY.fullmatch(key):
+            raise ConninfoError("the DSN is not key=value pairs (a parameter has no '=' after its name)")
+        i += 1
+        while i < n and dsn[i] in _SPACE:
             i += 1
         value_chars: list[str] = []
         if i < n and dsn[i] == "'":
@@ -98,7 +130,7 @@ def _parse_keyvalue(dsn: str) -> dict[str, str]:
                 raise ConninfoError("the DSN has an unterminated quoted value")
             i += 1
         else:
-            while i < n and not dsn[i].isspace():
+            while i < n and dsn[i] not in _SPACE:
                 if dsn[i] == "\\" and i + 1 < n:
                     i += 1
                 value_chars.append(dsn[i])
@@ -122,7 +154,7 @@ def mask_dsn(dsn: str) -> str:
     """The DSN with any password replaced, for ``config check`` and logs."""
     try:
         params = parse_dsn(dsn)
-    except ConninfoError:
+    except ValueError:
         return "<unparseable DSN hidden>"
     if "password" not in params:
         return dsn

@@ -13,6 +13,7 @@ import binascii
 import hashlib
 import hmac
 import os
+import re
 import secrets
 import stat
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from kybdr_agent.backup.streamfmt import DATA_KEY_SIZE, KEY_ID_SIZE
 MASTER_KEY_SIZE: Final = 32
 WRAP_ALGORITHM: Final = "aes-256-gcm"
 _WRAP_NONCE_SIZE: Final = 12
+_WRAP_TAG_SIZE: Final = 16
+_HEX_KEY: Final = re.compile(rb"[0-9a-fA-F]{64}")
 _WRAP_AAD_PREFIX: Final = b"kybdr-data-key-v1:"
 
 
@@ -59,6 +62,8 @@ class MasterKey:
             raw = base64.b64decode(wrapped, validate=True)
         except (binascii.Error, ValueError) as exc:
             raise KeyMaterialError("the manifest's wrapped data key is not valid base64") from exc
+        if len(raw) != _WRAP_NONCE_SIZE + DATA_KEY_SIZE + _WRAP_TAG_SIZE:
+            raise KeyMaterialError("the manifest's wrapped data key has the wrong length")
         nonce, sealed = raw[:_WRAP_NONCE_SIZE], raw[_WRAP_NONCE_SIZE:]
         try:
             key = AESGCM(self.material).decrypt(nonce, sealed, _WRAP_AAD_PREFIX + backup_id.encode())
@@ -76,11 +81,8 @@ def parse_key_material(raw: bytes) -> bytes:
     if len(raw) == MASTER_KEY_SIZE:
         return raw
     text = raw.strip()
-    if len(text) == 2 * MASTER_KEY_SIZE:
-        try:
-            return bytes.fromhex(text.decode("ascii"))
-        except (UnicodeDecodeError, ValueError):
-            pass
+    if _HEX_KEY.fullmatch(text):
+        return bytes.fromhex(text.decode("ascii"))
     try:
         decoded = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):

@@ -31,7 +31,8 @@ class InvalidBackupId(ValueError):
 
 def new_backup_id(now: datetime) -> str:
     """Sortable and safe: ``20261124T215226Z-3f9a1c2b``."""
-    return f"{now.astimezone(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(4)}"
+    utc = now.astimezone(UTC)
+    return f"{utc.year:04d}{utc:%m%dT%H%M%S}Z-{secrets.token_hex(4)}"
 
 
 def check_backup_id(value: str) -> str:

@@ -12,9 +12,9 @@ the last flag, and bytes appended after it have no frame to belong to — all th
 The header is associated data of every frame, so flipping a header field (codec, key id, frame size) is
 detected too.
 
-When encryption is off the same framing is kept, with a keyed BLAKE2b tag over the same associated data and
-position in place of GCM's tag: corruption, reordering and truncation are still caught frame by frame,
-though without secrecy (anyone can recompute an unkeyed tag, so this protects against accidents, not
+When encryption is off the same framing is kept, with an (unkeyed, personalised) BLAKE2b tag over the same
+associated data and position in place of GCM's tag: corruption, reordering and truncation are still caught
+frame by frame, though without secrecy (anyone can recompute an unkeyed tag, so this protects against accidents, not
 attackers; the manifest's SHA-256 covers the whole object as well).
 """
 

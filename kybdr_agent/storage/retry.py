@@ -27,6 +27,12 @@ class RetryPolicy:
     max_delay: float = DEFAULT_MAX_DELAY
     attempt_deadline: float = 120.0
 
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError("a retry policy needs at least one attempt")
+        if self.attempt_deadline <= 0:
+            raise ValueError("the attempt deadline must be positive")
+
     def delay(self, attempt: int, rng: random.Random) -> float:
         """Full jitter (AWS architecture blog): uniform in [0, min(max, base·2^attempt)]."""
         return rng.uniform(0, min(self.max_delay, self.base_delay * (2**attempt)))

@@ -75,7 +75,7 @@ class S3Options:
     addressing_style: Literal["auto", "path", "virtual"] = "auto"
     checksums: Literal["sha256", "when_required"] = "sha256"
     part_size: int | None = None
-    min_part_size: int = 16 << 20
+    min_part_size: int = 8 << 20
     max_parts: int = S3_MAX_PARTS
     upload_concurrency: int = 2
     connect_timeout: float = 10.0
