@@ -301,26 +301,32 @@ def next_run(spec: CronSpec, after: datetime, tz: tzinfo) -> datetime:
     _check_aware("after", after)
     # Every wall time earlier than after's own maps to an instant at or before ``after`` (the map is
     # non-decreasing and fold=0 is the earlier reading), so the walk can start at after's wall time.
-    start = after.astimezone(tz).replace(tzinfo=None, fold=0, microsecond=0)
-    for wall in _walls(spec, start, 1):
-        instant = _local_to_utc(wall, tz)
-        if instant > after:
-            return instant
+    try:
+        start = after.astimezone(tz).replace(tzinfo=None, fold=0, microsecond=0)
+        for wall in _walls(spec, start, 1):
+            instant = _local_to_utc(wall, tz)
+            if instant > after:
+                return instant
+    except OverflowError:
+        pass  # ran into datetime's year 1 or 9999: as unsatisfiable as a spec can get
     raise _unsatisfiable(spec, "after", after)
 
 
 def previous_run(spec: CronSpec, at: datetime, tz: tzinfo) -> datetime:
     """The latest slot at or before ``at``, as an aware UTC datetime; the mirror image of ``next_run``."""
     _check_aware("at", at)
-    local = at.astimezone(tz)
-    # In the second pass of a repeated hour, wall times up to the fold's width later than ``at``'s
-    # still ran (at their first occurrence), before ``at``: start the backward walk there.
-    fold_width = 0 * max(timedelta(0), _offset(local.replace(fold=0)) - _offset(local))
-    start = (local.replace(tzinfo=None, fold=0) + fold_width).replace(microsecond=0)
-    for wall in _walls(spec, start, -1):
-        instant = _local_to_utc(wall, tz)
-        if instant <= at:
-            return instant
+    try:
+        local = at.astimezone(tz)
+        # In the second pass of a repeated hour, wall times up to the fold's width later than ``at``'s
+        # still ran (at their first occurrence), before ``at``: start the backward walk there.
+        fold_width = max(timedelta(0), _offset(local.replace(fold=0)) - _offset(local))
+        start = (local.replace(tzinfo=None, fold=0) + fold_width).replace(microsecond=0)
+        for wall in _walls(spec, start, -1):
+            instant = _local_to_utc(wall, tz)
+            if instant <= at:
+                return instant
+    except OverflowError:
+        pass
     raise _unsatisfiable(spec, "before", at)
 
 

@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kybdr_agent.backup.schedule import (
+    FIELD_NAMES,
     MACROS,
     CronSpec,
     ScheduleError,
@@ -46,12 +47,15 @@ ALL_MONTHS = tuple(range(1, 13))
 ALL_WEEKDAYS = tuple(range(7))
 
 
-def utc(*args: int) -> datetime:
-    return datetime(*args, tzinfo=UTC)  # type: ignore[misc]
+def utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0, micro: int = 0) -> datetime:
+    return datetime(year, month, day, hour, minute, second, micro, tzinfo=UTC)
 
 
-def local(tz: ZoneInfo, *args: int, fold: int = 0) -> datetime:
-    return datetime(*args, tzinfo=tz, fold=fold)  # type: ignore[misc]
+def local(
+    tz: ZoneInfo, year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0, *, fold: int = 0
+) -> datetime:
+    """A local wall time; ``fold=1`` picks the second pass of a repeated hour."""
+    return datetime(year, month, day, hour, minute, second, tzinfo=tz, fold=fold)
 
 
 # ------------------------------------------------------------------------------------------ brute force
@@ -187,13 +191,20 @@ TRANSITIONS = (
     local(SYDNEY, 2026, 4, 5, 2),
     local(SYDNEY, 2026, 10, 4, 2),
 )
-near_transitions = st.builds(
-    lambda moment, shift: moment.astimezone(UTC) + shift,
-    st.sampled_from(TRANSITIONS),
-    st.timedeltas(-timedelta(hours=26), timedelta(hours=4)),
+anywhere = st.tuples(
+    st.datetimes(min_value=datetime(2020, 1, 1), max_value=datetime(2035, 12, 31), timezones=st.just(UTC)),
+    zones,
 )
-anywhere = st.datetimes(min_value=datetime(2020, 1, 1), max_value=datetime(2035, 12, 31), timezones=st.just(UTC))
-moments = st.one_of(anywhere, near_transitions)
+# A moment near one of the zone's own transitions, weighted to the hours just before it.
+near_transitions = st.builds(
+    lambda moment, shift: (moment.astimezone(UTC) + shift, moment.tzinfo),
+    st.sampled_from(TRANSITIONS),
+    st.one_of(
+        st.timedeltas(-timedelta(hours=26), timedelta(hours=4)),
+        st.timedeltas(-timedelta(hours=2), timedelta(hours=1)),
+    ),
+)
+moments_in_zones: st.SearchStrategy[tuple[datetime, ZoneInfo]] = st.one_of(anywhere, near_transitions)
 
 
 # ------------------------------------------------------------------------------------------ grammar
@@ -210,9 +221,7 @@ def spec_of(
     dom: bool = False,
     dow: bool = False,
 ) -> CronSpec:
-    return CronSpec(
-        tuple(seconds), tuple(minutes), tuple(hours), tuple(days), tuple(months), tuple(weekdays), dom, dow
-    )
+    return CronSpec(tuple(seconds), tuple(minutes), tuple(hours), tuple(days), tuple(months), tuple(weekdays), dom, dow)
 
 
 @pytest.mark.parametrize(
@@ -315,12 +324,22 @@ def test_schedule_error_is_a_value_error() -> None:
 @given(st.text(alphabet=" */-,0123456789@?LW#abcdefhijlmnorstuwy\t\u0663", max_size=40))
 @settings(max_examples=400)
 def test_any_text_parses_or_raises_schedule_error(text: str) -> None:
-    try:
-        spec = CronSpec.parse(text)
-    except ScheduleError as exc:
-        assert str(exc)
+    outcome = parse_or_error(text)
+    if isinstance(outcome, ScheduleError):
+        # Never an IndexError or a bare int() complaint: the message says where the problem is.
+        assert str(outcome).startswith(ERROR_PREFIXES)
     else:
-        assert spec.seconds and spec.minutes and spec.hours and spec.days and spec.months and spec.weekdays
+        assert all((outcome.seconds, outcome.minutes, outcome.hours, outcome.days, outcome.months, outcome.weekdays))
+
+
+ERROR_PREFIXES = (*(f"{name}: " for name in FIELD_NAMES), "expected 5 fields", "unknown macro")
+
+
+def parse_or_error(text: str) -> CronSpec | ScheduleError:
+    try:
+        return CronSpec.parse(text)
+    except ScheduleError as exc:
+        return exc
 
 
 @given(st.one_of(five_field_specs, six_field_specs))
@@ -337,7 +356,8 @@ def test_generated_specs_parse_within_bounds(text: str) -> None:
     ):
         assert values
         assert list(values) == sorted(set(values))
-        assert low <= values[0] and values[-1] <= high
+        assert low <= values[0]
+        assert values[-1] <= high
     assert CronSpec.parse(text) == spec
 
 
@@ -476,9 +496,15 @@ def test_next_run_needs_an_aware_datetime() -> None:
         next_run(CronSpec.parse("@daily"), datetime(2026, 1, 1), UTC_ZONE)
 
 
-def test_next_run_near_the_end_of_time_raises() -> None:
+@pytest.mark.parametrize("tz", [UTC_ZONE, TOKYO, NEW_YORK])
+def test_searches_at_the_ends_of_time_raise_schedule_error(tz: ZoneInfo) -> None:
+    spec = CronSpec.parse("0 0 1 1 *")
     with pytest.raises(ScheduleError, match="no run"):
-        next_run(CronSpec.parse("0 0 1 1 *"), utc(9999, 6, 1), UTC_ZONE)
+        next_run(spec, utc(9999, 6, 1), tz)
+    with pytest.raises(ScheduleError, match="no run"):
+        next_run(spec, datetime.max.replace(tzinfo=UTC), tz)
+    with pytest.raises(ScheduleError, match="no run"):
+        previous_run(CronSpec.parse("0 0 2 1 *"), datetime.min.replace(tzinfo=UTC), tz)
 
 
 def test_a_century_of_yearly_runs_steps_one_year_at_a_time() -> None:
@@ -489,9 +515,10 @@ def test_a_century_of_yearly_runs_steps_one_year_at_a_time() -> None:
         assert instant == local(BERLIN, year, 1, 1, 3).astimezone(UTC)
 
 
-@given(five_field_specs, moments, zones)
+@given(five_field_specs, moments_in_zones)
 @settings(max_examples=250, deadline=None)
-def test_next_run_is_the_first_run_after(text: str, after: datetime, tz: ZoneInfo) -> None:
+def test_next_run_is_the_first_run_after(text: str, case: tuple[datetime, ZoneInfo]) -> None:
+    after, tz = case
     spec = CronSpec.parse(text)
     window_end = after + timedelta(days=800)
     try:
@@ -510,9 +537,42 @@ def test_next_run_is_the_first_run_after(text: str, after: datetime, tz: ZoneInf
         assert expected is None
 
 
-@given(six_field_specs, moments, zones)
+SPRING_GAPS = (
+    local(BERLIN, 2026, 3, 29, 2),
+    local(NEW_YORK, 2026, 3, 8, 2),
+    local(LORD_HOWE, 2026, 10, 4, 2),
+    local(SYDNEY, 2026, 10, 4, 2),
+)
+FALL_OVERLAPS = (
+    local(BERLIN, 2026, 10, 25, 2),
+    local(NEW_YORK, 2026, 11, 1, 1),
+    local(LORD_HOWE, 2026, 4, 5, 1, 30),
+    local(SYDNEY, 2026, 4, 5, 2),
+)
+
+
+@given(
+    minute_fields,
+    st.one_of(st.just("*"), st.just("2"), st.just("1,2"), st.just("2-3"), hour_fields),
+    st.sampled_from(SPRING_GAPS + FALL_OVERLAPS),
+    st.timedeltas(-timedelta(minutes=150), timedelta(minutes=90)),
+)
+@settings(max_examples=250, deadline=None)
+def test_next_run_around_dst_transitions(minutes: str, hours: str, transition: datetime, shift: timedelta) -> None:
+    """Specs that have slots in or around the changed hour, asked about moments just before and inside it."""
+    spec = CronSpec.parse(f"{minutes} {hours} * * *")
+    tz = transition.tzinfo
+    assert isinstance(tz, ZoneInfo)
+    after = transition.astimezone(UTC) + shift
+    result = next_run(spec, after, tz)
+    assert is_run(spec, result, tz, MINUTE)
+    assert first_run_after(spec, after, result, tz) == result
+
+
+@given(six_field_specs, moments_in_zones)
 @settings(max_examples=120, deadline=None)
-def test_next_run_per_second_is_the_first_run_after(text: str, after: datetime, tz: ZoneInfo) -> None:
+def test_next_run_per_second_is_the_first_run_after(text: str, case: tuple[datetime, ZoneInfo]) -> None:
+    after, tz = case
     spec = CronSpec.parse(text)
     result = next_run(spec, after, tz)
     assert result > after
@@ -522,9 +582,10 @@ def test_next_run_per_second_is_the_first_run_after(text: str, after: datetime, 
     assert expected == (result if result <= window_end else None)
 
 
-@given(five_field_specs, moments, zones)
+@given(five_field_specs, moments_in_zones)
 @settings(max_examples=150, deadline=None)
-def test_next_run_does_not_depend_on_the_zone_after_is_given_in(text: str, after: datetime, tz: ZoneInfo) -> None:
+def test_next_run_does_not_depend_on_the_zone_after_is_given_in(text: str, case: tuple[datetime, ZoneInfo]) -> None:
+    after, tz = case
     spec = CronSpec.parse(text)
     try:
         expected = next_run(spec, after, tz)
@@ -537,9 +598,10 @@ def test_next_run_does_not_depend_on_the_zone_after_is_given_in(text: str, after
 # ------------------------------------------------------------------------------------------ previous_run
 
 
-@given(five_field_specs, moments, zones)
+@given(five_field_specs, moments_in_zones)
 @settings(max_examples=200, deadline=None)
-def test_previous_run_is_the_last_run_at_or_before(text: str, at: datetime, tz: ZoneInfo) -> None:
+def test_previous_run_is_the_last_run_at_or_before(text: str, case: tuple[datetime, ZoneInfo]) -> None:
+    at, tz = case
     spec = CronSpec.parse(text)
     try:
         result = previous_run(spec, at, tz)
@@ -553,9 +615,10 @@ def test_previous_run_is_the_last_run_at_or_before(text: str, at: datetime, tz: 
     assert next_run(spec, result, tz) > at
 
 
-@given(six_field_specs, moments, zones)
+@given(six_field_specs, moments_in_zones)
 @settings(max_examples=80, deadline=None)
-def test_previous_run_per_second(text: str, at: datetime, tz: ZoneInfo) -> None:
+def test_previous_run_per_second(text: str, case: tuple[datetime, ZoneInfo]) -> None:
+    at, tz = case
     spec = CronSpec.parse(text)
     result = previous_run(spec, at, tz)
     assert result <= at
@@ -564,10 +627,13 @@ def test_previous_run_per_second(text: str, at: datetime, tz: ZoneInfo) -> None:
 
 
 def test_previous_run_in_the_repeated_hour_sees_its_first_pass() -> None:
-    # 01:50 EST on 2026-11-01 is after 01:45 EDT, which ran an hour and five minutes earlier.
-    at = local(NEW_YORK, 2026, 11, 1, 1, 50, fold=1)
+    # 01:10 EST on 2026-11-01 comes after 01:45 EDT, which ran 25 minutes earlier: a wall time later
+    # than ``at``'s own can still be the previous run.
+    at = local(NEW_YORK, 2026, 11, 1, 1, 10, fold=1)
     assert previous_run(CronSpec.parse("45 1 * * *"), at, NEW_YORK) == utc(2026, 11, 1, 5, 45)
     assert previous_run(CronSpec.parse("*/15 * * * *"), at, NEW_YORK) == utc(2026, 11, 1, 5, 45)
+    assert previous_run(CronSpec.parse("5 1 * * *"), at, NEW_YORK) == utc(2026, 11, 1, 5, 5)
+    assert missed_run(CronSpec.parse("45 1 * * *"), utc(2026, 10, 31, 12), at, NEW_YORK) == utc(2026, 11, 1, 5, 45)
 
 
 def test_previous_run_at_a_gap_end_is_that_run() -> None:
@@ -615,14 +681,14 @@ def test_missed_run_needs_aware_datetimes() -> None:
 
 @given(
     five_field_specs,
-    moments,
+    moments_in_zones,
     st.timedeltas(timedelta(0), timedelta(days=3)),
-    zones,
 )
 @settings(max_examples=150, deadline=None)
 def test_missed_run_is_at_most_one_slot_and_the_latest(
-    text: str, last_run: datetime, downtime: timedelta, tz: ZoneInfo
+    text: str, case: tuple[datetime, ZoneInfo], downtime: timedelta
 ) -> None:
+    last_run, tz = case
     spec = CronSpec.parse(text)
     now = last_run + downtime
     slots = runs_between(spec, last_run, now, tz)
@@ -634,9 +700,10 @@ def test_missed_run_is_at_most_one_slot_and_the_latest(
     assert result == (slots[-1] if slots else None)
 
 
-@given(six_field_specs, moments, st.timedeltas(timedelta(0), timedelta(minutes=30)), zones)
+@given(six_field_specs, moments_in_zones, st.timedeltas(timedelta(0), timedelta(minutes=30)))
 @settings(max_examples=60, deadline=None)
-def test_missed_run_per_second(text: str, last_run: datetime, downtime: timedelta, tz: ZoneInfo) -> None:
+def test_missed_run_per_second(text: str, case: tuple[datetime, ZoneInfo], downtime: timedelta) -> None:
+    last_run, tz = case
     spec = CronSpec.parse(text)
     now = last_run + downtime
     slots = runs_between(spec, last_run, now, tz)
