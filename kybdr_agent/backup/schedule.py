@@ -341,7 +341,7 @@ def missed_run(spec: CronSpec, last_run: datetime | None, now: datetime, tz: tzi
     if last_run is None:
         return None
     _check_aware("last_run", last_run)
-    if last_run >= now or next_run(spec, last_run, tz) > now:
+    if next_run(spec, last_run, tz) > now:
         return None
     return previous_run(spec, now, tz)
 

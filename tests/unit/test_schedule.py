@@ -661,6 +661,16 @@ def test_missed_run_examples(last_run: datetime | None, now: datetime, expected:
     assert missed_run(CronSpec.parse("0 2 * * *"), last_run, now, UTC_ZONE) == expected
 
 
+def test_missed_run_compares_instants_not_wall_times() -> None:
+    # 01:50 EDT then 01:10 EST: 20 minutes later, though the wall clock went back. The 01:00 EST slot is
+    # the repeated hour's second pass and does not run, so nothing was missed.
+    spec = CronSpec.parse("0 * * * *")
+    last_run = local(NEW_YORK, 2026, 11, 1, 1, 50)
+    now = local(NEW_YORK, 2026, 11, 1, 1, 10, fold=1)
+    assert missed_run(spec, last_run, now, NEW_YORK) is None
+    assert missed_run(spec, last_run, local(NEW_YORK, 2026, 11, 1, 2, 5), NEW_YORK) == utc(2026, 11, 1, 7)
+
+
 def test_missed_run_after_a_long_outage_of_a_per_second_schedule_is_one_run() -> None:
     spec = CronSpec.parse("*/2 * * * * *")
     assert missed_run(spec, utc(2025, 1, 1), utc(2026, 11, 24, 12, 0, 7), UTC_ZONE) == utc(2026, 11, 24, 12, 0, 6)
