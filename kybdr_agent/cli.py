@@ -22,14 +22,12 @@ from typing import Any, Final
 import anyio
 
 from kybdr_agent import __version__, wiring
-from kybdr_agent.backup import catalog
 from kybdr_agent.backup.keys import generate_master_key_file
-from kybdr_agent.backup.manifest import InvalidBackupId, Manifest, check_backup_id
-from kybdr_agent.backup.pipeline import backup_and_record
-from kybdr_agent.backup.restore import restore_backup
-from kybdr_agent.backup.verify import validate_backup
+from kybdr_agent.backup.manifest import InvalidBackupId, check_backup_id
 from kybdr_agent.config import DEFAULT_CONFIG_PATH, AgentSettings, load_settings
+from kybdr_agent.control.client import ControlClient, agent_listening
 from kybdr_agent.errors import ConfigError, KybdrError
+from kybdr_agent.operations import LocalOperations, Operations, RemoteOperations, terminal_progress
 from kybdr_agent.telemetry import configure_logging, get_logger
 
 EXIT_OK: Final = 0
@@ -55,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
         "--config", type=Path, default=None, help=f"TOML configuration file (default {DEFAULT_CONFIG_PATH})"
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    parser.add_argument("--local", action="store_true", help="do the work in this process even if an agent is running")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("backup", help="dump databases into the repository now")
@@ -81,6 +80,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("backup_id", metavar="ID")
     p.add_argument("--level", choices=("quick", "full"), default="quick")
     p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("cleanup", help="delete backups the retention policies no longer keep")
+    p.add_argument("--dry-run", action="store_true", help="only show what would be deleted")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("stats", help="backup statistics: outcomes, durations, sizes, last good backup per database")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("test", help="restore drill: restore the newest backups into scratch databases and compare")
+    p.add_argument("--database", help="only this database")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("status", help="the running agent's state and recent jobs")
+    p.add_argument("--json", action="store_true")
+
+    sub.add_parser("run", help="run the agent (the systemd service's command)")
 
     p = sub.add_parser("config", help="configuration tools")
     config_sub = p.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
@@ -158,15 +173,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     if args.command == "config":
         return _config_check(settings, args)
-    commands: dict[str, Callable[[AgentSettings, argparse.Namespace], Awaitable[int]]] = {
-        "backup": _backup,
-        "list": _list,
-        "show": _show,
-        "restore": _restore,
-        "validate": _validate,
-    }
-    command = commands[args.command]
-    return _run(lambda: command(settings, args))
+    if args.command == "run":
+        from kybdr_agent.daemon import run_daemon
+
+        configure_logging(verbose=True)
+        return anyio.run(run_daemon, args.config)
+    command = COMMANDS[args.command]
+    ops = _operations(settings, args)
+    return _run(lambda: command(ops, args))
 
 
 def _run(entry: Callable[[], Awaitable[int]]) -> int:
@@ -222,10 +236,6 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _summary(m: Manifest) -> dict[str, Any]:
-    return {**m.model_dump(mode="json"), "part_count": m.part_count}
-
-
 def _config_check(settings: AgentSettings, args: argparse.Namespace) -> int:
     wiring.keyring(settings)  # the key files must load, not just be named
     wiring.connection(settings)  # and the password file must be readable
@@ -241,133 +251,198 @@ def _config_check(settings: AgentSettings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _backup(settings: AgentSettings, args: argparse.Namespace) -> int:
-    databases: list[str] = args.database or list(settings.database.databases)
-    if not databases:
-        raise ConfigError("no database to back up: pass --database NAME or set database.databases")
-    options = wiring.backup_options(settings, description=args.description)
-    conn = wiring.connection(settings)
-    made: list[Manifest] = []
-    async with wiring.open_store(settings.repository) as store:
-        for database in databases:
-            log.info("backup.start", database=database, repository=store.describe())
-            m = await backup_and_record(database, connection=conn, store=store, options=options)
-            log.info(
-                "backup.done",
-                database=database,
-                id=m.id,
-                stored_bytes=m.stored_bytes,
-                seconds=m.duration_seconds,
-            )
-            made.append(m)
+def _operations(settings: AgentSettings, args: argparse.Namespace) -> Operations:
+    """The running agent when one listens on the control socket (unless --local), else this process."""
+    if not args.local and agent_listening(settings.control.socket):
+        return RemoteOperations(ControlClient(settings.control.socket), progress=terminal_progress())
+    return LocalOperations(settings)
+
+
+async def _backup(ops: Operations, args: argparse.Namespace) -> int:
+    made = await ops.backup(args.database, args.description)
     if args.json:
-        items = [_summary(m) for m in made]
-        _print_json(items[0] if len(items) == 1 else items)
+        _print_json(made[0] if len(made) == 1 else made)
     else:
         for m in made:
-            print(m.id)
+            print(m["id"])
     return EXIT_OK
 
 
-async def _list(settings: AgentSettings, args: argparse.Namespace) -> int:
-    async with wiring.open_store(settings.repository) as store:
-        found = await catalog.read_catalog(store, args.database)
-    for key, problem in found.unreadable:
-        print(f"kybdr-agent: warning: {key} is not a valid manifest ({problem}); not listed", file=sys.stderr)
+async def _list(ops: Operations, args: argparse.Namespace) -> int:
+    found = await ops.list(args.database)
+    for item in found["unreadable"]:
+        print(
+            f"kybdr-agent: warning: {item['key']} is not a valid manifest ({item['problem']}); not listed",
+            file=sys.stderr,
+        )
+    backups = found["backups"]
     if args.json:
-        _print_json([_summary(m) for m in found.backups])
+        _print_json(backups)
         return EXIT_OK
-    if not found.backups:
+    if not backups:
         print("no backups")
         return EXIT_OK
     rows = [
         [
-            m.id,
-            m.database,
-            m.status,
-            f"{m.finished_at:%Y-%m-%d %H:%M:%S}Z",
-            _human_bytes(m.stored_bytes),
-            m.compression,
-            m.encryption.cipher,
+            m["id"],
+            m["database"],
+            m["status"],
+            m["finished_at"][:19].replace("T", " ") + "Z",
+            _human_bytes(m["stored_bytes"]),
+            m["compression"],
+            m["encryption"]["cipher"],
         ]
-        for m in found.backups
+        for m in backups
     ]
     print(_table(rows, ["ID", "DATABASE", "STATUS", "FINISHED", "STORED", "COMPRESSION", "CIPHER"]))
     return EXIT_OK
 
 
-async def _show(settings: AgentSettings, args: argparse.Namespace) -> int:
-    async with wiring.open_store(settings.repository) as store:
-        m = await catalog.find_backup(store, args.backup_id)
+async def _show(ops: Operations, args: argparse.Namespace) -> int:
+    m = await ops.show(args.backup_id)
     if args.json:
-        _print_json(_summary(m))
+        _print_json(m)
         return EXIT_OK
-    ratio = m.dump_bytes / m.stored_bytes if m.stored_bytes else 0
+    ratio = m["dump_bytes"] / m["stored_bytes"] if m["stored_bytes"] else 0
     rows = [
-        ["id", m.id],
-        ["database", m.database],
-        ["status", m.status],
-        ["started", str(m.started_at)],
-        ["finished", str(m.finished_at)],
-        ["duration", f"{m.duration_seconds:.1f} s"],
-        ["server", m.server_version],
-        ["pg_dump", m.pg_dump_version],
-        ["dump size", _human_bytes(m.dump_bytes)],
-        ["stored size", f"{_human_bytes(m.stored_bytes)} ({ratio:.2f}x)"],
-        ["compression", m.compression],
-        ["cipher", m.encryption.cipher],
-        ["key id", m.encryption.key_id or "-"],
-        ["sha256", m.sha256],
-        ["object", m.object_key],
-        ["parts", str(m.part_count or "-")],
-        ["description", m.description or "-"],
+        ["id", m["id"]],
+        ["database", m["database"]],
+        ["status", m["status"]],
+        ["started", m["started_at"]],
+        ["finished", m["finished_at"]],
+        ["duration", f"{m['duration_seconds']:.1f} s"],
+        ["server", m["server_version"]],
+        ["pg_dump", m["pg_dump_version"]],
+        ["dump size", _human_bytes(m["dump_bytes"])],
+        ["stored size", f"{_human_bytes(m['stored_bytes'])} ({ratio:.2f}x)"],
+        ["compression", m["compression"]],
+        ["cipher", m["encryption"]["cipher"]],
+        ["key id", m["encryption"]["key_id"] or "-"],
+        ["sha256", m["sha256"]],
+        ["object", m["object_key"]],
+        ["parts", str(m["part_count"] or "-")],
+        ["tables counted", str(len(m["row_counts"]))],
+        ["labels", ", ".join(m["labels"]) or "-"],
+        ["description", m["description"] or "-"],
     ]
     print(_table(rows, ["FIELD", "VALUE"]))
     return EXIT_OK
 
 
-async def _restore(settings: AgentSettings, args: argparse.Namespace) -> int:
-    conn = wiring.connection(settings)
-    keys = wiring.keyring(settings)
-    async with wiring.open_store(settings.repository) as store:
-        m = await catalog.find_backup(store, args.backup_id)
-        log.info("restore.start", id=m.id, target=args.target_database)
-        result = await restore_backup(
-            m,
-            store=store,
-            keyring=keys,
-            connection=conn,
-            maintenance_database=settings.database.maintenance_database,
-            target=args.target_database,
-            force=args.force,
-            no_owner=args.no_owner,
-        )
+async def _restore(ops: Operations, args: argparse.Namespace) -> int:
+    result = await ops.restore(args.backup_id, args.target_database, args.force, args.no_owner)
     if args.json:
-        _print_json(result.__dict__)
+        _print_json(result)
     else:
-        replaced = " (replaced the existing database)" if result.replaced_existing else ""
+        replaced = " (replaced the existing database)" if result["replaced_existing"] else ""
         print(
-            f"restored {result.backup_id} into {result.target_database}{replaced} "
-            f"in {result.seconds:.1f} s ({_human_bytes(result.dump_bytes)} of dump)"
+            f"restored {result['backup_id']} into {result['target_database']}{replaced} "
+            f"in {result['seconds']:.1f} s ({_human_bytes(result['dump_bytes'])} of dump)"
         )
     return EXIT_OK
 
 
-async def _validate(settings: AgentSettings, args: argparse.Namespace) -> int:
-    conn = wiring.connection(settings)
-    keys = wiring.keyring(settings)
-    async with wiring.open_store(settings.repository) as store:
-        m = await catalog.find_backup(store, args.backup_id)
-        result = await validate_backup(m, store=store, keyring=keys, connection=conn, level=args.level)
+async def _validate(ops: Operations, args: argparse.Namespace) -> int:
+    result = await ops.validate(args.backup_id, args.level)
     if args.json:
-        _print_json(result.__dict__)
+        _print_json(result)
     else:
-        for check in result.checks:
+        for check in result["checks"]:
             print(f"ok    {check}")
-        if result.ok:
-            print(f"backup {m.id} is valid ({args.level}, {result.seconds:.1f} s)")
+        if result["ok"]:
+            print(f"backup {args.backup_id} is valid ({args.level}, {result['seconds']:.1f} s)")
         else:
-            print(f"FAIL  {result.error}")
-    if not result.ok:
-        print(f"kybdr-agent: validate failed: {result.error}", file=sys.stderr)
-    return EXIT_OK if result.ok else EXIT_FAILED
+            print(f"FAIL  {result['error']}")
+    if not result["ok"]:
+        print(f"kybdr-agent: validate failed: {result['error']}", file=sys.stderr)
+    return EXIT_OK if result["ok"] else EXIT_FAILED
+
+
+async def _cleanup(ops: Operations, args: argparse.Namespace) -> int:
+    result = await ops.cleanup(args.dry_run)
+    if args.json:
+        _print_json(result)
+        return EXIT_OK
+    gone = result["would_delete"] if args.dry_run else result["deleted"]
+    verb = "would delete" if args.dry_run else "deleted"
+    for backup_id in gone:
+        print(f"{verb:12}  {backup_id}  ({result['reasons'].get(backup_id, '')})")
+    for backup_id in result["kept"]:
+        print(f"{'keep':12}  {backup_id}  ({result['reasons'].get(backup_id, '')})")
+    print(
+        f"{verb} {len(gone)} backup(s), kept {len(result['kept'])}, "
+        f"{_human_bytes(result['freed_bytes'])} {'to free' if args.dry_run else 'freed'}"
+    )
+    return EXIT_OK
+
+
+async def _stats(ops: Operations, args: argparse.Namespace) -> int:
+    stats = await ops.stats()
+    if args.json:
+        _print_json(stats)
+        return EXIT_OK
+    rate = stats["success_rate"]
+    print(
+        f"backups: {stats['backups']['count']} stored, {_human_bytes(stats['backups']['stored_bytes'])}; "
+        f"success rate {'-' if rate is None else f'{rate:.1%}'} {stats['by_outcome']}"
+    )
+    if stats["duration_seconds"]:
+        d = stats["duration_seconds"]
+        print(f"duration: p50 {d['p50']:.1f} s, p90 {d['p90']:.1f} s, max {d['max']:.1f} s")
+    rows = [
+        [
+            db,
+            str(e["count"]),
+            _human_bytes(e["stored_bytes"]),
+            e["last_good_id"],
+            f"{e['last_good_age_seconds'] / 3600:.1f} h",
+        ]
+        for db, e in sorted(stats["databases"].items())
+    ]
+    if rows:
+        print(_table(rows, ["DATABASE", "BACKUPS", "STORED", "LAST GOOD", "AGE"]))
+    return EXIT_OK
+
+
+async def _test(ops: Operations, args: argparse.Namespace) -> int:
+    result = await ops.test(args.database)
+    if args.json:
+        _print_json(result)
+    else:
+        for drill in result["drills"]:
+            verdict = "PASS" if drill["passed"] else "FAIL"
+            detail = f"restored in {drill.get('restore_seconds', 0):.1f} s, {drill.get('tables_compared', 0)} tables"
+            print(f"{verdict}  {drill['database']}  {drill['backup_id']}  {drill.get('error') or detail}")
+    failed = [d for d in result["drills"] if not d["passed"]]
+    if failed:
+        print(f"kybdr-agent: test failed: {len(failed)} restore drill(s) failed", file=sys.stderr)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+async def _status(ops: Operations, args: argparse.Namespace) -> int:
+    status = await ops.status()
+    if args.json:
+        _print_json(status)
+        return EXIT_OK
+    agent = status["agent"]
+    print(
+        f"agent {agent['status']}: version {agent['version']}, up {agent['uptime_seconds']:.0f} s, "
+        f"{agent['jobs_running']} job(s) running"
+    )
+    rows = [[j["id"], j["kind"], j["status"], j["database"] or "-", j["created_at"][:19]] for j in status["jobs"]]
+    if rows:
+        print(_table(rows, ["JOB", "KIND", "STATUS", "DATABASE", "CREATED"]))
+    return EXIT_OK
+
+
+COMMANDS: Final[dict[str, Callable[[Operations, argparse.Namespace], Awaitable[int]]]] = {
+    "backup": _backup,
+    "list": _list,
+    "show": _show,
+    "restore": _restore,
+    "validate": _validate,
+    "cleanup": _cleanup,
+    "stats": _stats,
+    "test": _test,
+    "status": _status,
+}

@@ -8,12 +8,15 @@ needed, so ``config check`` can print the whole effective configuration safely.
 
 from __future__ import annotations
 
+import re
 import tomllib
+from datetime import timedelta
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -21,6 +24,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from kybdr_agent.backup.schedule import CronSpec
 from kybdr_agent.backup.streamfmt import MAX_FRAME_SIZE, MIN_FRAME_SIZE
 from kybdr_agent.conninfo import ConninfoError, mask_dsn, parse_dsn
 from kybdr_agent.errors import ConfigError
@@ -32,6 +36,53 @@ SEVEN_YEARS_DAYS: Final = 7 * 365 + 2
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+_DURATION: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w|y)\s*$")
+_UNIT_SECONDS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
+
+
+def _parse_duration(value: object) -> object:
+    """Durations as people write them: "90s", "30m", "12h", "7d", "4w", "7y" (365 days), or seconds."""
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+    return value
+
+
+Duration = Annotated[timedelta, BeforeValidator(_parse_duration)]
+
+
+class PolicySettings(_Section):
+    """A schedule for some databases and how long what it makes is kept (``[[backup.policies]]``)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    schedule: str
+    databases: list[str] = Field(min_length=1)
+    timezone: str = "UTC"
+    jitter_seconds: float = Field(0.0, ge=0, le=86400)
+    keep_daily: int = Field(7, ge=0)
+    keep_weekly: int = Field(4, ge=0)
+    keep_monthly: int = Field(12, ge=0)
+    keep_yearly: int = Field(7, ge=0)
+    min_age: Duration = timedelta(hours=1)
+    max_age: Duration | None = timedelta(days=SEVEN_YEARS_DAYS)
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron_parses(cls, value: str) -> str:
+        CronSpec.parse(value)
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone_exists(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r}") from None
+        return value
 
 
 class BackupSettings(_Section):
@@ -46,7 +97,23 @@ class BackupSettings(_Section):
     encryption: bool = True
     cross_region: bool = False
     cross_region_bucket: str | None = None
-    schedule: str = "0 2 * * *"
+    schedule: str = Field("0 2 * * *", description="schedule of the implicit policy when none is listed")
+    policies: list[PolicySettings] = Field(default_factory=list)
+    max_parallel: int = Field(2, ge=1, le=64, description="backup jobs running at once (all databases)")
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron_parses(cls, value: str) -> str:
+        CronSpec.parse(value)
+        return value
+
+    @field_validator("policies")
+    @classmethod
+    def _unique_names(cls, value: list[PolicySettings]) -> list[PolicySettings]:
+        names = [p.name for p in value]
+        if len(names) != len(set(names)):
+            raise ValueError("policy names must be unique")
+        return value
 
     @model_validator(mode="after")
     def _cross_region_needs_bucket(self) -> BackupSettings:
@@ -155,6 +222,64 @@ class DatabaseSettings(_Section):
         return value
 
 
+class TokenSettings(_Section):
+    role: Literal["viewer", "operator", "admin"]
+    token_file: Path
+
+
+class ControlSettings(_Section):
+    socket: Path = Path("/run/kybdr-agent/control.sock")
+    socket_mode: int = Field(0o660, ge=0, le=0o777, description="never world-accessible")
+    tcp_listen: str | None = Field(None, description='"127.0.0.1:8080" to listen on TCP too (tokens required)')
+    tokens: list[TokenSettings] = Field(default_factory=list)
+    max_body_bytes: int = Field(65536, ge=1024, le=1 << 20)
+    job_history: int = Field(200, ge=10, le=10000)
+
+    @field_validator("socket_mode")
+    @classmethod
+    def _not_world(cls, value: int) -> int:
+        if value & 0o007:
+            raise ValueError("the control socket must not be accessible to others (use 0660 or tighter)")
+        return value
+
+    @field_validator("tcp_listen")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if value:
+            host, _, port = value.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:8080")
+        return value
+
+    @model_validator(mode="after")
+    def _tcp_needs_tokens(self) -> ControlSettings:
+        if self.tcp_listen and not self.tokens:
+            raise ValueError("tcp_listen needs at least one [[control.tokens]] entry: TCP requests need a token")
+        return self
+
+
+class DaemonSettings(_Section):
+    shutdown_grace_seconds: float = Field(30.0, ge=0, le=3600)
+    sweep_older_than: Duration = Field(timedelta(hours=6), description="leftovers older than this are removed")
+    housekeeping_interval: Duration = timedelta(hours=1)
+
+
+class DrillSettings(_Section):
+    """Restore drills: restore the newest backup of each database into a scratch database and compare."""
+
+    schedule: str | None = Field("0 5 * * 0", description="cron; unset = only on request")
+    timezone: str = "UTC"
+    dsn: str | None = Field(None, description="server for scratch databases; default: the source server")
+    password_file: Path | None = None
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron_parses(cls, value: str | None) -> str | None:
+        if value:
+            CronSpec.parse(value)
+        return value
+
+
 class AgentSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="KYBDR_",
@@ -169,6 +294,9 @@ class AgentSettings(BaseSettings):
     encryption: EncryptionSettings = EncryptionSettings()
     repository: RepositorySettings = RepositorySettings()
     database: DatabaseSettings = DatabaseSettings()
+    control: ControlSettings = ControlSettings()
+    daemon: DaemonSettings = DaemonSettings()
+    drill: DrillSettings = DrillSettings()
 
     @model_validator(mode="after")
     def _encryption_needs_key(self) -> AgentSettings:
@@ -193,6 +321,21 @@ class AgentSettings(BaseSettings):
         if toml_file:
             sources += (TomlConfigSettingsSource(settings_cls, toml_file=toml_file),)
         return sources
+
+    def effective_policies(self) -> list[PolicySettings]:
+        """The listed policies, or the seed's single ``backup.schedule`` over ``database.databases``."""
+        if self.backup.policies:
+            return list(self.backup.policies)
+        if not self.database.databases:
+            return []
+        return [
+            PolicySettings(
+                name="default",
+                schedule=self.backup.schedule,
+                databases=list(self.database.databases),
+                max_age=timedelta(days=self.backup.retention_days),
+            )
+        ]
 
     def masked(self) -> dict[str, Any]:
         """The effective configuration for people: secrets shown only as where they come from."""

@@ -24,7 +24,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Final
+from typing import Final, Protocol
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -51,6 +51,12 @@ NONCE_PREFIX_BYTES: Final = 7
 _NO_KEY_ID: Final = bytes(16)
 
 
+class BackupProgress(Protocol):
+    """Anything with a ``bytes_done`` the pipeline can update (a job's progress record)."""
+
+    bytes_done: int
+
+
 @dataclass(frozen=True)
 class BackupOptions:
     compression: Compression = Compression.ZSTD
@@ -62,6 +68,7 @@ class BackupOptions:
     description: str | None = None
     count_max_table_bytes: int = facts.DEFAULT_MAX_TABLE_BYTES
     count_max_total_bytes: int = facts.DEFAULT_MAX_TOTAL_BYTES
+    progress: BackupProgress | None = None
 
 
 @dataclass
@@ -138,7 +145,7 @@ async def run_backup(
             ):
                 if options.count_max_total_bytes > 0:
                     tg.start_soon(count_rows)
-                await _stream_dump(argv, connection.child_env(database), encoder, sink.write)
+                await _stream_dump(argv, connection.child_env(database), encoder, sink.write, options.progress)
 
     finished_at = now()
     return manifest.Manifest(
@@ -194,6 +201,7 @@ async def _stream_dump(
     env: dict[str, str],
     encoder: _Encoder,
     write: Callable[[bytes], Awaitable[None]],
+    progress: BackupProgress | None = None,
 ) -> None:
     """Run pg_dump through the encoder into ``write``; raise unless pg_dump exits 0 and every byte is stored."""
     stderr = TailBuffer()
@@ -208,7 +216,7 @@ async def _stream_dump(
             async with task_group() as tg:
                 tg.start_soon(drain_into, proc.stderr, stderr)
                 tg.start_soon(_read_stage, reader, raw_send)
-                tg.start_soon(_encode_stage, encoder, raw_recv, out_send)
+                tg.start_soon(_encode_stage, encoder, raw_recv, out_send, progress)
                 tg.start_soon(_write_stage, out_recv, write)
             returncode = await proc.wait()
             if returncode != 0:
@@ -228,11 +236,16 @@ async def _read_stage(reader: PipeReader, send: MemoryObjectSendStream[bytes]) -
 
 
 async def _encode_stage(
-    encoder: _Encoder, recv: MemoryObjectReceiveStream[bytes], send: MemoryObjectSendStream[bytes]
+    encoder: _Encoder,
+    recv: MemoryObjectReceiveStream[bytes],
+    send: MemoryObjectSendStream[bytes],
+    progress: BackupProgress | None,
 ) -> None:
     async with recv, send:
         async for chunk in recv:
             sealed = await anyio.to_thread.run_sync(encoder.update, chunk)
+            if progress is not None:
+                progress.bytes_done = encoder.dump_bytes
             if sealed:
                 await send.send(sealed)
         await send.send(await anyio.to_thread.run_sync(encoder.finalize))

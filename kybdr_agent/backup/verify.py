@@ -1,8 +1,9 @@
 """Validation levels: how sure we are that a backup will restore, at a known cost.
 
 ``quick``  the manifest parses and the object agrees with it: present, the right size, the right header.
-``full``   every byte: SHA-256 of the object, every frame's authentication tag, decompression to the end,
-           SHA-256 of pg_dump's original output, and ``pg_restore --list`` reading the archive's table of
+``full``   every byte: SHA-256 of the object, every frame's authentication tag, decompression to the end
+           (with the codec's own content checksum) and the dump's size, and ``pg_restore --list`` reading the
+           archive's table of
            contents. The plaintext only ever flows through memory and a pipe; nothing is written to disk.
 """
 

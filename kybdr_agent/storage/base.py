@@ -68,6 +68,10 @@ class BlobStore(Protocol):
 
     async def delete(self, key: str) -> None: ...
 
-    async def incomplete_uploads(self, prefix: str) -> list[IncompleteUpload]: ...
+    async def incomplete_uploads(self, prefix: str) -> list[IncompleteUpload]:
+        """Uploads begun and never finished (open multipart uploads; temp files of a folder store)."""
+
+    async def abort_incomplete(self, upload: IncompleteUpload) -> None:
+        """Discard one of them (AbortMultipartUpload; unlink the temp file)."""
 
     async def aclose(self) -> None: ...

@@ -265,5 +265,11 @@ class LocalStore:
 
         return await anyio.to_thread.run_sync(walk)
 
+    async def abort_incomplete(self, upload: IncompleteUpload) -> None:
+        path = self._path(upload.key)
+        if not path.name.startswith(TEMP_MARKER):
+            raise StoreError(f"refusing to remove {upload.key}: not a temp file")
+        await anyio.to_thread.run_sync(lambda: path.unlink(missing_ok=True))
+
     async def aclose(self) -> None:
         return None

@@ -367,7 +367,7 @@ class S3Store:
                 return found
             markers = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
 
-    async def abort_upload(self, upload: IncompleteUpload) -> None:
+    async def abort_incomplete(self, upload: IncompleteUpload) -> None:
         await self.call(
             f"aborting the upload of {upload.key}",
             "abort_multipart_upload",

@@ -1,0 +1,372 @@
+"""The backup service: every backup operation the CLI and the control API offer, in one place.
+
+Both the one-shot CLI and the daemon's jobs call these methods, so a backup made through the API and one
+made from a shell are the same code path. Each operation opens the repository for its own duration; a
+configuration reload therefore only swaps the settings the next operation sees.
+"""
+
+from __future__ import annotations
+
+import secrets
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+from kybdr_agent import wiring
+from kybdr_agent.backup import catalog, facts
+from kybdr_agent.backup.manifest import MANIFEST_NAME, Manifest, manifest_key_path
+from kybdr_agent.backup.pgdump import Connection
+from kybdr_agent.backup.pipeline import BackupProgress, backup_and_record
+from kybdr_agent.backup.restore import RestoreResult, quote_ident, restore_backup
+from kybdr_agent.backup.retention import BackupRecord, RetentionPolicy, decide
+from kybdr_agent.backup.streamfmt import Compression
+from kybdr_agent.backup.verify import Level, ValidationResult, validate_backup
+from kybdr_agent.config import AgentSettings, PolicySettings
+from kybdr_agent.errors import ConfigError, KybdrError
+from kybdr_agent.journal import Journal
+from kybdr_agent.storage.base import BlobStore
+
+SCRATCH_PREFIX: Final = "kybdr_drill_"
+
+
+@dataclass(frozen=True)
+class BackupOverrides:
+    """Per-request switches of the seed's POST /v1/backup body; None means "as configured"."""
+
+    compression: bool | None = None
+    encryption: bool | None = None
+    description: str | None = None
+    labels: tuple[str, ...] = ()
+
+
+def percentiles(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+
+    def pick(q: float) -> float:
+        return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+    return {
+        "p50": pick(0.5),
+        "p90": pick(0.9),
+        "p99": pick(0.99),
+        "max": ordered[-1],
+        "mean": statistics.fmean(ordered),
+    }
+
+
+def _age_only(records: list[BackupRecord], max_age: timedelta, now: datetime) -> set[str]:
+    kept = {r.id for r in records if now - r.finished_at <= max_age}
+    valid = [r for r in records if r.valid]
+    if valid:
+        kept.add(max(valid, key=lambda r: r.finished_at).id)  # never the newest valid backup
+    return kept
+
+
+class BackupService:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        *,
+        journal: Journal | None = None,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.settings = settings
+        self.journal = journal
+        self._now = now
+
+    # --- which databases --------------------------------------------------------------------
+
+    def covered_databases(self) -> list[str]:
+        """Databases the policies (or ``database.databases``) cover, in configuration order."""
+        seen: dict[str, None] = {}
+        for policy in self.settings.effective_policies():
+            for database in policy.databases:
+                seen.setdefault(database, None)
+        for database in self.settings.database.databases:
+            seen.setdefault(database, None)
+        return list(seen)
+
+    # --- backup ---------------------------------------------------------------------------
+
+    async def backup(
+        self, database: str, overrides: BackupOverrides = BackupOverrides(), progress: BackupProgress | None = None
+    ) -> Manifest:
+        options = wiring.backup_options(self.settings, description=overrides.description)
+        if overrides.compression is False:
+            options = replace(options, compression=Compression.NONE)
+        elif overrides.compression and options.compression is Compression.NONE:
+            options = replace(options, compression=Compression[self.settings.compression.algorithm.upper()])
+        if overrides.encryption is False:
+            options = replace(options, keyring=None)
+        elif overrides.encryption and options.keyring is None:
+            keys = wiring.keyring(self.settings)
+            if keys is None:
+                raise ConfigError("encryption was requested but encryption.key_file is not set")
+            options = replace(options, keyring=keys)
+        options = replace(options, labels=overrides.labels, progress=progress)
+        async with wiring.open_store(self.settings.repository) as store:
+            return await backup_and_record(
+                database, connection=wiring.connection(self.settings), store=store, options=options
+            )
+
+    # --- reading the repository ---------------------------------------------------------------
+
+    async def catalog(self, database: str | None = None) -> catalog.Catalog:
+        async with wiring.open_store(self.settings.repository) as store:
+            return await catalog.read_catalog(store, database)
+
+    async def find(self, backup_id: str) -> Manifest:
+        async with wiring.open_store(self.settings.repository) as store:
+            return await catalog.find_backup(store, backup_id)
+
+    # --- restore and validation ---------------------------------------------------------------
+
+    async def restore(
+        self, backup_id: str, target: str, *, force: bool = False, no_owner: bool = False
+    ) -> RestoreResult:
+        async with wiring.open_store(self.settings.repository) as store:
+            found = await catalog.find_backup(store, backup_id)
+            return await restore_backup(
+                found,
+                store=store,
+                keyring=wiring.keyring(self.settings),
+                connection=wiring.connection(self.settings),
+                maintenance_database=self.settings.database.maintenance_database,
+                target=target,
+                force=force,
+                no_owner=no_owner,
+            )
+
+    async def validate(self, backup_id: str, level: Level) -> ValidationResult:
+        async with wiring.open_store(self.settings.repository) as store:
+            found = await catalog.find_backup(store, backup_id)
+            return await validate_backup(
+                found,
+                store=store,
+                keyring=wiring.keyring(self.settings),
+                connection=wiring.connection(self.settings),
+                level=level,
+            )
+
+    # --- restore drills -----------------------------------------------------------------------
+
+    def _drill_connection(self) -> Connection:
+        drill = self.settings.drill
+        if drill.dsn is None:
+            return wiring.connection(self.settings)
+        db = self.settings.database
+        return Connection.from_settings(drill.dsn, drill.password_file, db.pg_bin_dir, db.connect_timeout_seconds)
+
+    async def drill(self, database: str | None = None) -> list[dict[str, Any]]:
+        """Restore the newest backup of each database into a scratch database, compare, drop it."""
+        connection = self._drill_connection()
+        maintenance = self.settings.database.maintenance_database
+        results: list[dict[str, Any]] = []
+        async with wiring.open_store(self.settings.repository) as store:
+            found = await catalog.read_catalog(store, database)
+            newest: dict[str, Manifest] = {}
+            for m in found.backups:
+                newest[m.database] = m
+            if database is not None and database not in newest:
+                raise KybdrError(f"no backup of database {database!r} to drill")
+            if not newest:
+                raise KybdrError("the repository holds no backups to drill")
+            for m in newest.values():
+                results.append(await self._drill_one(store, connection, maintenance, m))
+        return results
+
+    async def _drill_one(
+        self, store: BlobStore, connection: Connection, maintenance: str, m: Manifest
+    ) -> dict[str, Any]:
+        scratch = f"{SCRATCH_PREFIX}{secrets.token_hex(6)}"
+        started = time.monotonic()
+        result: dict[str, Any] = {"database": m.database, "backup_id": m.id, "scratch_database": scratch}
+        try:
+            restored = await restore_backup(
+                m,
+                store=store,
+                keyring=wiring.keyring(self.settings),
+                connection=connection,
+                maintenance_database=maintenance,
+                target=scratch,
+                no_owner=True,
+            )
+            result["restore_seconds"] = restored.seconds
+            async with connection.connect(scratch) as copy:
+                counts = await facts.row_counts(copy, only=set(m.row_counts))
+            mismatches = {
+                table: {"expected": expected, "restored": counts.get(table)}
+                for table, expected in m.row_counts.items()
+                if counts.get(table) != expected
+            }
+            result["tables_compared"] = len(m.row_counts)
+            result["mismatches"] = mismatches
+            result["passed"] = not mismatches
+            if mismatches:
+                result["error"] = f"{len(mismatches)} table(s) differ from the row counts taken at backup time"
+        except KybdrError as exc:
+            result["passed"] = False
+            result["error"] = str(exc)
+        finally:
+            async with connection.connect(maintenance) as admin:
+                await admin.execute(f"drop database if exists {quote_ident(scratch)} with (force)")
+        result["seconds"] = round(time.monotonic() - started, 3)
+        return result
+
+    # --- retention ----------------------------------------------------------------------------
+
+    def _invalid_ids(self) -> set[str]:
+        """Backups whose latest full validation failed (from the journal)."""
+        latest: dict[str, bool] = {}
+        if self.journal is not None:
+            for record in self.journal.records("validate"):
+                result = record.get("result") or {}
+                if isinstance(result, dict) and result.get("level") == "full" and result.get("backup_id"):
+                    latest[str(result["backup_id"])] = bool(result.get("ok"))
+        return {backup_id for backup_id, ok in latest.items() if not ok}
+
+    def _policies_by_database(self) -> dict[str, list[PolicySettings]]:
+        covered: dict[str, list[PolicySettings]] = defaultdict(list)
+        for policy in self.settings.effective_policies():
+            for database in policy.databases:
+                covered[database].append(policy)
+        return covered
+
+    def retention_plan(self, backups: list[Manifest], now: datetime) -> tuple[set[str], set[str], dict[str, str]]:
+        """Kept if any policy covering the database keeps it; uncovered databases only age out."""
+        invalid = self._invalid_ids()
+        by_db: dict[str, list[BackupRecord]] = defaultdict(list)
+        for m in backups:
+            by_db[m.database].append(BackupRecord(m.id, m.database, m.finished_at, m.id not in invalid))
+        covered = self._policies_by_database()
+        default_max = timedelta(days=self.settings.backup.retention_days)
+        keep: set[str] = set()
+        reasons: dict[str, list[str]] = defaultdict(list)
+        for db, records in by_db.items():
+            policies = covered.get(db, [])
+            if not policies:
+                # Backups of a database no policy covers (made by hand): only age removes them.
+                kept = _age_only(records, default_max, now)
+                keep |= kept
+                for r in records:
+                    reasons[r.id].append(
+                        f"younger than {default_max.days} days" if r.id in kept else "older than max_age"
+                    )
+                continue
+            for p in policies:
+                policy = RetentionPolicy(
+                    keep_daily=p.keep_daily,
+                    keep_weekly=p.keep_weekly,
+                    keep_monthly=p.keep_monthly,
+                    keep_yearly=p.keep_yearly,
+                    min_age=p.min_age,
+                    max_age=p.max_age,
+                    timezone=p.timezone,
+                )
+                decision = decide(records, policy, now)
+                keep |= decision.keep
+                for backup_id, why in decision.reasons.items():
+                    reasons[backup_id].append(f"{p.name}: {why}")
+        all_ids = {m.id for m in backups}
+        delete = all_ids - keep
+        return keep, delete, {k: "; ".join(dict.fromkeys(v)) for k, v in reasons.items()}
+
+    async def cleanup(self, *, dry_run: bool) -> dict[str, Any]:
+        now = self._now()
+        async with wiring.open_store(self.settings.repository) as store:
+            found = await catalog.read_catalog(store)
+            keep, delete, reasons = self.retention_plan(found.backups, now)
+            by_id = {m.id: m for m in found.backups}
+            deleted: list[str] = []
+            if not dry_run:
+                for backup_id in sorted(delete):
+                    m = by_id[backup_id]
+                    # Manifest first: a half-deleted backup must never be listed as good.
+                    await store.delete(manifest_key_path(m.database, m.id))
+                    await store.delete(m.object_key)
+                    deleted.append(backup_id)
+        return {
+            "dry_run": dry_run,
+            "kept": sorted(keep),
+            "deleted": deleted,
+            "would_delete": sorted(delete) if dry_run else [],
+            "reasons": {backup_id: reasons.get(backup_id, "") for backup_id in sorted(keep | delete)},
+            "freed_bytes": sum(by_id[i].stored_bytes for i in delete),
+        }
+
+    # --- housekeeping -------------------------------------------------------------------------
+
+    async def sweep(self, older_than: timedelta) -> dict[str, Any]:
+        """Remove what a killed agent left: unfinished uploads, and data objects with no manifest."""
+        cutoff = self._now() - older_than
+        aborted: list[str] = []
+        orphans: list[str] = []
+        async with wiring.open_store(self.settings.repository) as store:
+            for upload in await store.incomplete_uploads("backups/"):
+                if upload.initiated < cutoff:
+                    await store.abort_incomplete(upload)
+                    aborted.append(upload.key)
+            objects: dict[str, dict[str, Any]] = defaultdict(dict)
+            async for info in store.list_objects("backups/"):
+                prefix, _, name = info.key.rpartition("/")
+                objects[prefix][name] = info
+            for names in objects.values():
+                if MANIFEST_NAME in names:
+                    continue
+                for info in names.values():
+                    if info.modified < cutoff:
+                        await store.delete(info.key)
+                        orphans.append(info.key)
+        return {"aborted_uploads": aborted, "removed_orphans": orphans}
+
+    # --- statistics ---------------------------------------------------------------------------
+
+    async def stats(self) -> dict[str, Any]:
+        now = self._now()
+        found = await self.catalog()
+        per_db: dict[str, dict[str, Any]] = {}
+        for m in found.backups:
+            entry = per_db.setdefault(m.database, {"count": 0, "stored_bytes": 0})
+            entry["count"] += 1
+            entry["stored_bytes"] += m.stored_bytes
+            entry["last_good_id"] = m.id
+            entry["last_good_at"] = m.finished_at.isoformat()
+            entry["last_good_age_seconds"] = round((now - m.finished_at).total_seconds(), 1)
+        outcomes = {"succeeded": 0, "failed": 0, "cancelled": 0}
+        last_failure: dict[str, Any] | None = None
+        drills: list[dict[str, Any]] = []
+        if self.journal is not None:
+            for record in self.journal.records("backup"):
+                status = str(record.get("status"))
+                if status in outcomes:
+                    outcomes[status] += 1
+                if status == "failed":
+                    last_failure = {
+                        "at": record.get("finished_at"),
+                        "database": record.get("database"),
+                        "error": record.get("error"),
+                    }
+            drills = list(self.journal.records("test"))
+        attempts = sum(outcomes.values())
+        return {
+            "generated_at": now.isoformat(),
+            "backups": {
+                "count": len(found.backups),
+                "stored_bytes": sum(m.stored_bytes for m in found.backups),
+                "dump_bytes": sum(m.dump_bytes for m in found.backups),
+            },
+            "by_outcome": outcomes,
+            "success_rate": round(outcomes["succeeded"] / attempts, 4) if attempts else None,
+            "duration_seconds": percentiles([m.duration_seconds for m in found.backups]),
+            "stored_bytes": percentiles([float(m.stored_bytes) for m in found.backups]),
+            "databases": per_db,
+            "last_failure": last_failure,
+            "last_drill": drills[-1] if drills else None,
+            "unreadable_manifests": len(found.unreadable),
+        }

@@ -1,0 +1,334 @@
+"""``kybdr-agent run``: the long-running agent. The composition root: it alone builds the adapters, owns
+the root task group and handles signals.
+
+Supervisors under one task group: the control server, the scheduler (backups and restore drills), the
+housekeeping sweep and the systemd watchdog. READY=1 is sent once the control socket listens. SIGTERM stops
+taking work, gives running jobs ``daemon.shutdown_grace_seconds``, then cancels them (which aborts their
+uploads and drops scratch databases) and exits 0. SIGHUP re-reads the configuration; an invalid one is
+logged and the running one kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+from zoneinfo import ZoneInfo
+
+import anyio
+from aiohttp import web
+
+from kybdr_agent import __version__, sdnotify
+from kybdr_agent.backup.schedule import CronSpec, jitter, missed_run, next_run
+from kybdr_agent.backup.service import BackupOverrides, BackupService
+from kybdr_agent.config import AgentSettings, load_settings
+from kybdr_agent.control.server import ControlContext, Role, build_app, load_tokens
+from kybdr_agent.errors import ConfigError, KybdrError
+from kybdr_agent.jobs import Busy, Job, JobManager
+from kybdr_agent.journal import Journal
+from kybdr_agent.telemetry import get_logger
+
+TICK_SECONDS: Final = 0.5
+HEARTBEAT_STALE_SECONDS: Final = 30.0
+log = get_logger("kybdr_agent.daemon")
+
+
+def _tokens(settings: AgentSettings) -> dict[str, Role]:
+    return load_tokens([(t.role, t.token_file) for t in settings.control.tokens])
+
+
+@dataclass
+class AgentState:
+    """What a reload swaps: the settings, and the service and tokens built from them."""
+
+    config_path: Path | None
+    settings: AgentSettings
+    journal: Journal
+    service: BackupService = field(init=False)
+    heartbeat: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.service = BackupService(self.settings, journal=self.journal)
+
+
+# --- the control socket -------------------------------------------------------------------------
+
+
+def _claim_socket_path(path: Path) -> None:
+    """A socket file left by a crashed agent is removed; one a live agent answers on is an error."""
+    if not path.exists() and not path.is_symlink():
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1)
+        probe.connect(str(path))
+    except OSError:
+        path.unlink(missing_ok=True)
+        return
+    finally:
+        probe.close()
+    raise ConfigError(f"another agent is already listening on {path}")
+
+
+async def start_control(ctx: ControlContext, settings: AgentSettings) -> web.AppRunner:
+    control = settings.control
+    runner = web.AppRunner(build_app(ctx), handle_signals=False, access_log=None)
+    await runner.setup()
+    path = control.socket
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _claim_socket_path(path)
+        # The socket is created with the umask's mode: make that as strict as the target mode, so there
+        # is no moment at which it is more open than configured.
+        old_umask = os.umask(0o777 & ~control.socket_mode)
+        try:
+            await web.UnixSite(runner, str(path)).start()
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, control.socket_mode)
+        if control.tcp_listen:
+            host, _, port = control.tcp_listen.rpartition(":")
+            await web.TCPSite(runner, host.strip("[]"), int(port)).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigError(f"cannot listen on {path}: {exc.strerror}") from None
+    except BaseException:
+        await runner.cleanup()
+        raise
+    log.info("control.listening", socket=str(path), tcp=control.tcp_listen)
+    return runner
+
+
+# --- the scheduler ------------------------------------------------------------------------------
+
+
+class ScheduleState:
+    """The last slot each (policy, database) ran for, kept on disk so downtime can be made up once."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.last: dict[str, datetime] = {}
+        try:
+            raw = json.loads(path.read_text())
+            self.last = {key: datetime.fromisoformat(value) for key, value in raw.items()}
+        except (OSError, ValueError, AttributeError, TypeError):
+            self.last = {}
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temp = self.path.with_suffix(".tmp")
+        temp.write_text(json.dumps({key: value.isoformat() for key, value in self.last.items()}))
+        os.replace(temp, self.path)
+
+
+@dataclass(frozen=True)
+class Slot:
+    key: str
+    kind: str  # "backup" or "test"
+    spec: CronSpec
+    tz: ZoneInfo
+    jitter_seconds: float
+    policy: str | None = None
+    database: str | None = None
+
+
+def planned_slots(settings: AgentSettings) -> list[Slot]:
+    slots: list[Slot] = []
+    if settings.backup.enabled:
+        for policy in settings.effective_policies():
+            for database in policy.databases:
+                slots.append(
+                    Slot(
+                        f"backup:{policy.name}:{database}",
+                        "backup",
+                        CronSpec.parse(policy.schedule),
+                        ZoneInfo(policy.timezone),
+                        policy.jitter_seconds,
+                        policy.name,
+                        database,
+                    )
+                )
+    if settings.drill.schedule:
+        slots.append(
+            Slot("test:all", "test", CronSpec.parse(settings.drill.schedule), ZoneInfo(settings.drill.timezone), 0.0)
+        )
+    return slots
+
+
+def due_slot(slot: Slot, last: datetime | None, now: datetime) -> datetime | None:
+    """The slot to run now, if any: the latest one (jitter applied) since ``last``."""
+    offset = jitter(now, slot.jitter_seconds, slot.key) - now
+    return missed_run(slot.spec, last, now - offset, slot.tz)
+
+
+async def scheduler_loop(state: AgentState, jobs: JobManager, now: Callable[[], datetime]) -> None:
+    schedule = ScheduleState(state.settings.backup.backup_dir / "scheduler.json")
+    while True:
+        state.heartbeat = time.monotonic()
+        current = now()
+        changed = False
+        for slot in planned_slots(state.settings):
+            last = schedule.last.get(slot.key)
+            if last is None:
+                schedule.last[slot.key] = current  # a new slot waits for its next time
+                changed = True
+                continue
+            due = due_slot(slot, last, current)
+            if due is None:
+                continue
+            schedule.last[slot.key] = due
+            changed = True
+            _start_scheduled(state, jobs, slot, due)
+        if changed:
+            await anyio.to_thread.run_sync(schedule.save)
+        await anyio.sleep(TICK_SECONDS)
+
+
+def _start_scheduled(state: AgentState, jobs: JobManager, slot: Slot, due: datetime) -> None:
+    service = state.service
+    try:
+        if slot.kind == "backup":
+            assert slot.database is not None
+            database = slot.database
+            overrides = BackupOverrides(labels=(slot.policy or "scheduled",))
+
+            async def work(job: Job) -> Any:
+                made = await service.backup(database, overrides, progress=job.progress)
+                return {**made.model_dump(mode="json"), "part_count": made.part_count}
+
+            job = jobs.submit(
+                "backup", work, params={"policy": slot.policy, "slot": due.isoformat()}, database=database
+            )
+        else:
+
+            async def work(job: Job) -> Any:
+                results = await service.drill(None)
+                failed = [r for r in results if not r.get("passed")]
+                if failed:
+                    raise KybdrError("restore drill failed: " + "; ".join(str(r.get("error")) for r in failed))
+                return {"drills": results}
+
+            job = jobs.submit("test", work, params={"slot": due.isoformat()})
+        log.info("schedule.fired", slot=slot.key, due=due.isoformat(), job=job.id)
+    except Busy as exc:
+        # No two runs for one database at once: this slot is skipped, the next one will run.
+        log.warning("schedule.skipped", slot=slot.key, due=due.isoformat(), reason=str(exc))
+
+
+def next_wakeups(settings: AgentSettings, now: datetime) -> dict[str, str]:
+    return {slot.key: next_run(slot.spec, now, slot.tz).isoformat() for slot in planned_slots(settings)}
+
+
+# --- housekeeping -------------------------------------------------------------------------------
+
+
+async def housekeeping_loop(state: AgentState) -> None:
+    while True:
+        try:
+            swept = await state.service.sweep(state.settings.daemon.sweep_older_than)
+            log.info("housekeeping.sweep", **swept)
+        except KybdrError as exc:
+            log.warning("housekeeping.sweep_failed", error=str(exc))
+        await anyio.sleep(state.settings.daemon.housekeeping_interval.total_seconds())
+
+
+# --- lifecycle ----------------------------------------------------------------------------------
+
+
+def _job_record(job: Job) -> dict[str, Any]:
+    record = job.to_json()
+    record.pop("progress", None)
+    return record
+
+
+def _reload(state: AgentState, ctx: ControlContext, jobs: JobManager) -> None:
+    try:
+        settings = load_settings(state.config_path)
+        tokens = _tokens(settings)
+    except ConfigError as exc:
+        log.warning("config.reload_rejected", error=str(exc), note="keeping the running configuration")
+        sdnotify.status(f"reload rejected: {exc}"[:200])
+        return
+    if settings.control.socket != state.settings.control.socket or (
+        settings.control.tcp_listen != state.settings.control.tcp_listen
+    ):
+        log.warning("config.reload_listen_unchanged", note="listen addresses change only on restart")
+    state.settings = settings
+    state.service = BackupService(settings, journal=state.journal)
+    ctx.tokens = tokens
+    jobs.set_max_parallel(settings.backup.max_parallel)
+    log.info("config.reloaded", path=str(state.config_path))
+
+
+async def run_daemon(config_path: Path | None, now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> int:
+    settings = load_settings(config_path)
+    journal = Journal(settings.backup.backup_dir / "journal.jsonl")
+    state = AgentState(config_path, settings, journal)
+    jobs = JobManager(max_parallel=settings.backup.max_parallel, history=settings.control.job_history)
+    ctx = ControlContext(
+        service=lambda: state.service,
+        jobs=jobs,
+        tokens=_tokens(settings),
+        max_body_bytes=settings.control.max_body_bytes,
+    )
+
+    async with anyio.create_task_group() as tg:
+        jobs.attach(tg)
+        # Synchronous on purpose: a job's outcome must reach the journal even when the job was cancelled
+        # by shutdown; one small fsynced append per finished job does not stall the loop noticeably.
+        jobs.on_finish.append(lambda job: journal.append(_job_record(job)))
+        runner = await start_control(ctx, settings)
+        try:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                tg.start_soon(scheduler_loop, state, jobs, now, name="scheduler")
+                tg.start_soon(housekeeping_loop, state, name="housekeeping")
+                interval = sdnotify.watchdog_interval()
+                if interval:
+                    tg.start_soon(
+                        sdnotify.watchdog_loop,
+                        interval,
+                        lambda: time.monotonic() - state.heartbeat < HEARTBEAT_STALE_SECONDS,
+                        name="watchdog",
+                    )
+                sdnotify.ready(f"kybdr-agent {__version__}: listening on {settings.control.socket}")
+                log.info("agent.ready", version=__version__, pid=os.getpid(), next_runs=next_wakeups(settings, now()))
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        sdnotify.reloading(sdnotify.monotonic_now_usec())
+                        _reload(state, ctx, jobs)
+                        sdnotify.ready("configuration reloaded")
+                        continue
+                    log.info("agent.stopping", signal=signal.Signals(signum).name)
+                    break
+            await _shutdown(state, jobs)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await runner.cleanup()
+                with contextlib.suppress(OSError):
+                    state.settings.control.socket.unlink(missing_ok=True)
+            tg.cancel_scope.cancel()
+    log.info("agent.stopped")
+    return 0
+
+
+async def _shutdown(state: AgentState, jobs: JobManager) -> None:
+    sdnotify.stopping()
+    jobs.stop_accepting()
+    grace = state.settings.daemon.shutdown_grace_seconds
+    running = jobs.running()
+    if running:
+        sdnotify.status(f"stopping: waiting up to {grace:g} s for {len(running)} job(s)")
+        log.info("agent.draining", jobs=[job.id for job in running], grace_seconds=grace)
+    if not await jobs.wait_idle(grace):
+        log.warning("agent.cancelling_jobs", jobs=[job.id for job in jobs.running()])
+        jobs.cancel_all()
+        with anyio.CancelScope(shield=True):
+            await jobs.wait_idle(120)

@@ -1,0 +1,180 @@
+"""The CLI's verbs, done either by a running agent (over its control socket) or in this process.
+
+When an agent listens on ``control.socket`` the CLI asks it, so a backup started from a shell is
+scheduled, limited and journaled like any other. Without one, the verbs that need no daemon run here
+directly — the same ``BackupService`` code — so the one-shot commands keep working on a host where the
+agent is not installed as a service. Both backends return the same JSON-shaped results.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import anyio
+
+from kybdr_agent.backup.service import BackupOverrides, BackupService
+from kybdr_agent.backup.verify import Level
+from kybdr_agent.config import AgentSettings
+from kybdr_agent.control.client import ControlClient
+from kybdr_agent.errors import ConfigError, KybdrError
+from kybdr_agent.journal import Journal
+
+
+def manifest_json(m: Any) -> dict[str, Any]:
+    return {**m.model_dump(mode="json"), "part_count": m.part_count}
+
+
+class Operations(Protocol):
+    async def backup(self, databases: list[str] | None, description: str | None) -> list[dict[str, Any]]: ...
+    async def list(self, database: str | None) -> dict[str, Any]: ...
+    async def show(self, backup_id: str) -> dict[str, Any]: ...
+    async def restore(self, backup_id: str, target: str, force: bool, no_owner: bool) -> dict[str, Any]: ...
+    async def validate(self, backup_id: str, level: Level) -> dict[str, Any]: ...
+    async def cleanup(self, dry_run: bool) -> dict[str, Any]: ...
+    async def stats(self) -> dict[str, Any]: ...
+    async def test(self, database: str | None) -> dict[str, Any]: ...
+    async def status(self) -> dict[str, Any]: ...
+
+
+class LocalOperations:
+    """In this process, with the journal the agent would use (so stats and cleanup see the same history)."""
+
+    def __init__(self, settings: AgentSettings) -> None:
+        journal = Journal(settings.backup.backup_dir / "journal.jsonl")
+        self.service = BackupService(settings, journal=journal if _writable(journal) else None)
+
+    async def backup(self, databases: list[str] | None, description: str | None) -> list[dict[str, Any]]:
+        chosen = databases or self.service.covered_databases()
+        if not chosen:
+            raise ConfigError("no database to back up: pass --database NAME or set database.databases")
+        overrides = BackupOverrides(description=description, labels=("manual",))
+        return [manifest_json(await self.service.backup(db, overrides)) for db in chosen]
+
+    async def list(self, database: str | None) -> dict[str, Any]:
+        found = await self.service.catalog(database)
+        return {
+            "backups": [manifest_json(m) for m in found.backups],
+            "unreadable": [{"key": key, "problem": problem} for key, problem in found.unreadable],
+        }
+
+    async def show(self, backup_id: str) -> dict[str, Any]:
+        return manifest_json(await self.service.find(backup_id))
+
+    async def restore(self, backup_id: str, target: str, force: bool, no_owner: bool) -> dict[str, Any]:
+        return dict((await self.service.restore(backup_id, target, force=force, no_owner=no_owner)).__dict__)
+
+    async def validate(self, backup_id: str, level: Level) -> dict[str, Any]:
+        return dict((await self.service.validate(backup_id, level)).__dict__)
+
+    async def cleanup(self, dry_run: bool) -> dict[str, Any]:
+        return await self.service.cleanup(dry_run=dry_run)
+
+    async def stats(self) -> dict[str, Any]:
+        return await self.service.stats()
+
+    async def test(self, database: str | None) -> dict[str, Any]:
+        return {"drills": await self.service.drill(database)}
+
+    async def status(self) -> dict[str, Any]:
+        raise KybdrError("the agent is not running: `status` needs `kybdr-agent run` (systemctl start kybdr-agent)")
+
+
+def _writable(journal: Journal) -> bool:
+    parent = journal.path.parent
+    return parent.is_dir() and (not journal.path.exists() or journal.path.is_file())
+
+
+class RemoteOperations:
+    """Through the agent's control API; long work waits for its jobs (with progress on a terminal)."""
+
+    def __init__(self, client: ControlClient, progress: Callable[[str], None] | None = None) -> None:
+        self.client = client
+        self.progress = progress
+
+    async def _jobs(self, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+        if self.progress is None:
+            answer = await self.client.request("POST", path, body, params={"wait": "true"})
+            jobs: list[dict[str, Any]] = answer["jobs"]
+        else:
+            answer = await self.client.request("POST", path, body)
+            jobs = [await self._follow(job["id"]) for job in answer["jobs"]]
+        failed = [job for job in jobs if job["status"] != "succeeded"]
+        if failed:
+            raise KybdrError("; ".join(f"{job['kind']} {job['id']} {job['status']}: {job['error']}" for job in failed))
+        return jobs
+
+    async def _follow(self, job_id: str) -> dict[str, Any]:
+        assert self.progress is not None
+        while True:
+            job: dict[str, Any] = await self.client.request("GET", f"/v1/jobs/{job_id}")
+            done = job["progress"]["bytes_done"]
+            self.progress(f"{job['kind']} {job_id}: {job['status']} {done / 2**20:,.1f} MiB")
+            if job["status"] in ("succeeded", "failed", "cancelled"):
+                self.progress("")
+                return job
+            await anyio.sleep(0.5)
+
+    async def backup(self, databases: list[str] | None, description: str | None) -> list[dict[str, Any]]:
+        results: list[dict[str, Any]] = []
+        for database in databases or [None]:  # type: ignore[list-item]
+            body: dict[str, Any] = {"description": description} if description else {}
+            if database:
+                body["database"] = database
+            results += [job["result"] for job in await self._jobs("/v1/backup", body)]
+        return results
+
+    async def list(self, database: str | None) -> dict[str, Any]:
+        params = {"database": database} if database else None
+        answer: dict[str, Any] = await self.client.request("GET", "/v1/backup", params=params)
+        return answer
+
+    async def show(self, backup_id: str) -> dict[str, Any]:
+        answer: dict[str, Any] = await self.client.request("GET", f"/v1/backup/{backup_id}")
+        return answer
+
+    async def restore(self, backup_id: str, target: str, force: bool, no_owner: bool) -> dict[str, Any]:
+        body = {"target_database": target, "force": force, "no_owner": no_owner}
+        jobs = await self._jobs(f"/v1/backup/{backup_id}/restore", body)
+        result: dict[str, Any] = jobs[0]["result"]
+        return result
+
+    async def validate(self, backup_id: str, level: Level) -> dict[str, Any]:
+        try:
+            jobs = await self._jobs(f"/v1/backup/{backup_id}/validate", {"level": level})
+        except KybdrError as exc:
+            return {"backup_id": backup_id, "level": level, "ok": False, "checks": [], "error": str(exc)}
+        result: dict[str, Any] = jobs[0]["result"]
+        return result
+
+    async def cleanup(self, dry_run: bool) -> dict[str, Any]:
+        result: dict[str, Any] = (await self._jobs("/v1/backup/cleanup", {"dry_run": dry_run}))[0]["result"]
+        return result
+
+    async def stats(self) -> dict[str, Any]:
+        answer: dict[str, Any] = await self.client.request("GET", "/v1/backup/stats")
+        return answer
+
+    async def test(self, database: str | None) -> dict[str, Any]:
+        result: dict[str, Any] = (await self._jobs("/v1/backup/test", {"database": database} if database else {}))[0][
+            "result"
+        ]
+        return result
+
+    async def status(self) -> dict[str, Any]:
+        health = await self.client.request("GET", "/healthz")
+        jobs = await self.client.request("GET", "/v1/jobs")
+        return {"agent": health, "jobs": jobs["jobs"][:20]}
+
+
+def terminal_progress() -> Callable[[str], None] | None:
+    """A one-line progress display on stderr when it is a terminal."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(line: str) -> None:
+        sys.stderr.write("\r\033[K" + line)
+        sys.stderr.flush()
+
+    return show
