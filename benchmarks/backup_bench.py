@@ -98,11 +98,13 @@ def dump_size(cluster: Cluster, name: str) -> int:
     return int(out.stdout.strip())
 
 
-def write_config(workdir: Path, cluster: Cluster, repository: str, key: Path) -> Path:
+def write_config(workdir: Path, cluster: Cluster, repository: str, key: Path, zstd_threads: int = 0) -> Path:
     config = workdir / f"agent-{secrets.token_hex(3)}.toml"
     config.write_text(
+        f'[backup]\nbackup_dir = "{workdir}/state"\n\n'
         f'[database]\ndsn = "host={cluster.socket_dir} port={cluster.port} user=postgres"\n\n'
-        f'[encryption]\nkey_file = "{key}"\n\n[repository]\n{repository}\n'
+        f'[encryption]\nkey_file = "{key}"\n\n[compression]\nthreads = {zstd_threads}\n\n'
+        f"[repository]\n{repository}\n"
     )
     return config
 
@@ -111,15 +113,17 @@ def compare(cluster: Cluster, name: str, workdir: Path, key: Path, runs: int) ->
     env = {**os.environ, **cluster.env(), "PGDATABASE": name}
     repo = workdir / "repo"
     config = write_config(workdir, cluster, f'url = "file://{repo}"', key)
+    config_t1 = write_config(workdir, cluster, f'url = "file://{repo}"', key, zstd_threads=1)
     out_file = workdir / "baseline.dump.zst"
-    results: dict[str, list[Timing]] = {"floor": [], "baseline": [], "agent": []}
+    results: dict[str, list[Timing]] = {"floor": [], "baseline": [], "agent": [], "agent_zstd_t1": []}
     for _ in range(runs):
         results["floor"].append(run_timed(f"{PG_BIN}/pg_dump -Fc -Z0 > /dev/null", env=env, shell=True))
         results["baseline"].append(
             run_timed(f"{PG_BIN}/pg_dump -Fc -Z0 | zstd -q -3 > {out_file}", env=env, shell=True)
         )
-        results["agent"].append(run_timed([*AGENT, "--config", str(config), "backup", "--database", name], env=env))
-        shutil.rmtree(repo, ignore_errors=True)
+        for variant, cfg in (("agent", config), ("agent_zstd_t1", config_t1)):
+            results[variant].append(run_timed([*AGENT, "--config", str(cfg), "backup", "--database", name], env=env))
+            shutil.rmtree(repo, ignore_errors=True)
     baseline_stored = out_file.stat().st_size
     out_file.unlink()
     med = {k: statistics.median(t.seconds for t in v) for k, v in results.items()}
@@ -127,9 +131,11 @@ def compare(cluster: Cluster, name: str, workdir: Path, key: Path, runs: int) ->
         "seconds": {k: round(v, 2) for k, v in med.items()},
         "all_seconds": {k: [round(t.seconds, 2) for t in v] for k, v in results.items()},
         "agent_vs_baseline": round(med["agent"] / med["baseline"], 3),
+        "agent_zstd_t1_vs_baseline": round(med["agent_zstd_t1"] / med["baseline"], 3),
         "agent_vs_floor": round(med["agent"] / med["floor"], 3),
         "baseline_vs_floor": round(med["baseline"] / med["floor"], 3),
         "agent_peak_rss_mib": round(max(t.max_rss_kib for t in results["agent"]) / 1024, 1),
+        "agent_zstd_t1_peak_rss_mib": round(max(t.max_rss_kib for t in results["agent_zstd_t1"]) / 1024, 1),
         "baseline_stored_bytes": baseline_stored,
     }
 

@@ -22,6 +22,7 @@ from typing import Any, Final
 import anyio
 
 from kybdr_agent import __version__, wiring
+from kybdr_agent.asyncutil import primary_error
 from kybdr_agent.backup.keys import generate_master_key_file
 from kybdr_agent.backup.manifest import InvalidBackupId, check_backup_id
 from kybdr_agent.config import DEFAULT_CONFIG_PATH, AgentSettings, load_settings
@@ -177,7 +178,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from kybdr_agent.daemon import run_daemon
 
         configure_logging(verbose=True)
-        return anyio.run(run_daemon, args.config)
+        try:
+            return anyio.run(run_daemon, args.config)
+        except BaseExceptionGroup as group:
+            raise primary_error(group) from None
     command = COMMANDS[args.command]
     ops = _operations(settings, args)
     return _run(lambda: command(ops, args))
@@ -212,8 +216,6 @@ def _run(entry: Callable[[], Awaitable[int]]) -> int:
     try:
         return anyio.run(guarded)
     except BaseExceptionGroup as group:
-        from kybdr_agent.asyncutil import primary_error
-
         raise primary_error(group) from None
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 from urllib.parse import urlsplit
@@ -24,7 +24,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from kybdr_agent.backup.schedule import CronSpec
+from kybdr_agent.backup.schedule import CronSpec, next_run
 from kybdr_agent.backup.streamfmt import MAX_FRAME_SIZE, MIN_FRAME_SIZE
 from kybdr_agent.conninfo import ConninfoError, mask_dsn, parse_dsn
 from kybdr_agent.errors import ConfigError
@@ -54,6 +54,12 @@ def _parse_duration(value: object) -> object:
 Duration = Annotated[timedelta, BeforeValidator(_parse_duration)]
 
 
+def _check_cron(value: str) -> str:
+    """The spec must parse and must match some time (``0 0 30 2 *`` parses but never runs)."""
+    next_run(CronSpec.parse(value), datetime.now(UTC), UTC)
+    return value
+
+
 class PolicySettings(_Section):
     """A schedule for some databases and how long what it makes is kept (``[[backup.policies]]``)."""
 
@@ -72,8 +78,13 @@ class PolicySettings(_Section):
     @field_validator("schedule")
     @classmethod
     def _cron_parses(cls, value: str) -> str:
-        CronSpec.parse(value)
-        return value
+        return _check_cron(value)
+
+    @model_validator(mode="after")
+    def _ages_consistent(self) -> PolicySettings:
+        if self.max_age is not None and self.max_age < self.min_age:
+            raise ValueError("max_age is shorter than min_age: the two rules would contradict each other")
+        return self
 
     @field_validator("timezone")
     @classmethod
@@ -104,8 +115,7 @@ class BackupSettings(_Section):
     @field_validator("schedule")
     @classmethod
     def _cron_parses(cls, value: str) -> str:
-        CronSpec.parse(value)
-        return value
+        return _check_cron(value)
 
     @field_validator("policies")
     @classmethod
@@ -275,9 +285,7 @@ class DrillSettings(_Section):
     @field_validator("schedule")
     @classmethod
     def _cron_parses(cls, value: str | None) -> str | None:
-        if value:
-            CronSpec.parse(value)
-        return value
+        return _check_cron(value) if value else value
 
 
 class AgentSettings(BaseSettings):

@@ -280,12 +280,12 @@ async def run_daemon(config_path: Path | None, now: Callable[[], datetime] = lam
         max_body_bytes=settings.control.max_body_bytes,
     )
 
+    runner = await start_control(ctx, settings)
     async with anyio.create_task_group() as tg:
         jobs.attach(tg)
         # Synchronous on purpose: a job's outcome must reach the journal even when the job was cancelled
         # by shutdown; one small fsynced append per finished job does not stall the loop noticeably.
         jobs.on_finish.append(lambda job: journal.append(_job_record(job)))
-        runner = await start_control(ctx, settings)
         try:
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 tg.start_soon(scheduler_loop, state, jobs, now, name="scheduler")

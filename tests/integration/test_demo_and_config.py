@@ -6,7 +6,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from kybdr_agent.config import AgentSettings, load_settings
+from kybdr_agent.config import AgentSettings, PolicySettings, TokenSettings, load_settings
 from kybdr_agent.pgcluster import Cluster
 from tests.support import REPO_ROOT, agent_config, cli_json, create_mixed_database, run_cli, unique_db
 
@@ -58,12 +58,20 @@ def test_row_counts_are_recorded_in_the_dump_snapshot(pg: Cluster, tmp_path: Pat
 def test_example_config_documents_every_field_and_loads(tmp_path: Path) -> None:
     example = REPO_ROOT / "config" / "agent.example.toml"
     text = example.read_text()
+    nested = {"policies": PolicySettings, "tokens": TokenSettings}
     for section_name, section in AgentSettings.model_fields.items():
         assert f"[{section_name}]" in text, section_name
         model = section.annotation
         assert model is not None
         for field in model.model_fields:  # type: ignore[union-attr]
+            if field in nested:
+                assert re.search(rf"^#? ?\[\[{section_name}\.{field}\]\]", text, re.MULTILINE), field
+                for inner in nested[field].model_fields:
+                    assert re.search(rf"^#? ?{inner} = ", text, re.MULTILINE), f"{field}.{inner} undocumented"
+                continue
             assert re.search(rf"^#? ?{field} = ", text, re.MULTILINE), f"{section_name}.{field} undocumented"
     settings = load_settings(example)
     assert settings.repository.url == "file:///var/lib/kybdr/repo"
     assert settings.backup.retention_days == 2557
+    assert [p.name for p in settings.backup.policies] == ["daily", "weekly", "monthly"]
+    assert settings.control.socket_mode == 0o660
