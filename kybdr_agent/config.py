@@ -135,7 +135,7 @@ class BackupSettings(_Section):
 class CompressionSettings(_Section):
     algorithm: Literal["zstd", "gzip"] = "zstd"
     level: int | None = Field(None, description="codec level; zstd 1-22 (default 3), gzip 1-9 (default 6)")
-    threads: int = Field(0, ge=0, le=16, description="extra libzstd worker threads (0 = compress in one thread)")
+    threads: int = Field(1, ge=0, le=16, description="libzstd worker threads (0 = compress in the calling thread)")
 
     @model_validator(mode="after")
     def _level_in_range(self) -> CompressionSettings:

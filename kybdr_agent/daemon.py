@@ -230,10 +230,11 @@ def next_wakeups(settings: AgentSettings, now: datetime) -> dict[str, str]:
 # --- housekeeping -------------------------------------------------------------------------------
 
 
-async def housekeeping_loop(state: AgentState) -> None:
+async def housekeeping_loop(state: AgentState, jobs: JobManager) -> None:
     while True:
         try:
-            swept = await state.service.sweep(state.settings.daemon.sweep_older_than)
+            busy = frozenset(job.database for job in jobs.running() if job.kind == "backup" and job.database)
+            swept = await state.service.sweep(state.settings.daemon.sweep_older_than, busy)
             log.info("housekeeping.sweep", **swept)
         except KybdrError as exc:
             log.warning("housekeeping.sweep_failed", error=str(exc))
@@ -289,7 +290,7 @@ async def run_daemon(config_path: Path | None, now: Callable[[], datetime] = lam
         try:
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 tg.start_soon(scheduler_loop, state, jobs, now, name="scheduler")
-                tg.start_soon(housekeeping_loop, state, name="housekeeping")
+                tg.start_soon(housekeeping_loop, state, jobs, name="housekeeping")
                 interval = sdnotify.watchdog_interval()
                 if interval:
                     tg.start_soon(

@@ -18,7 +18,7 @@ from typing import Any, Final
 
 from kybdr_agent import wiring
 from kybdr_agent.backup import catalog, facts
-from kybdr_agent.backup.manifest import MANIFEST_NAME, Manifest, manifest_key_path
+from kybdr_agent.backup.manifest import MANIFEST_NAME, Manifest, database_key, manifest_key_path
 from kybdr_agent.backup.pgdump import Connection
 from kybdr_agent.backup.pipeline import BackupProgress, backup_and_record
 from kybdr_agent.backup.restore import RestoreResult, quote_ident, restore_backup
@@ -302,13 +302,19 @@ class BackupService:
 
     # --- housekeeping -------------------------------------------------------------------------
 
-    async def sweep(self, older_than: timedelta) -> dict[str, Any]:
-        """Remove what a killed agent left: unfinished uploads, and data objects with no manifest."""
+    async def sweep(self, older_than: timedelta, busy_databases: frozenset[str] = frozenset()) -> dict[str, Any]:
+        """Remove what a killed agent left: unfinished uploads, and data objects with no manifest.
+
+        Databases with a backup running in this agent are skipped: a long backup's upload is old but alive.
+        """
         cutoff = self._now() - older_than
         aborted: list[str] = []
         orphans: list[str] = []
+        busy_prefixes = tuple(f"backups/{database_key(db)}/" for db in busy_databases)
         async with wiring.open_store(self.settings.repository) as store:
             for upload in await store.incomplete_uploads("backups/"):
+                if upload.key.startswith(busy_prefixes):
+                    continue
                 if upload.initiated < cutoff:
                     await store.abort_incomplete(upload)
                     aborted.append(upload.key)
@@ -316,8 +322,8 @@ class BackupService:
             async for info in store.list_objects("backups/"):
                 prefix, _, name = info.key.rpartition("/")
                 objects[prefix][name] = info
-            for names in objects.values():
-                if MANIFEST_NAME in names:
+            for prefix, names in objects.items():
+                if MANIFEST_NAME in names or (prefix + "/").startswith(busy_prefixes):
                     continue
                 for info in names.values():
                     if info.modified < cutoff:
