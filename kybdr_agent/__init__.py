@@ -1,8 +1,5 @@
 """kybdr-agent: backup and disaster recovery for PostgreSQL hosts."""
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("kybdr-agent")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0+unknown"
+# The single source of the version (pyproject.toml reads it): a literal, because importlib.metadata costs
+# start-up time on every one-shot command.
+__version__ = "0.1.0"

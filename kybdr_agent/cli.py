@@ -37,6 +37,7 @@ EXIT_USAGE: Final = 2
 EXIT_CONFIG: Final = 78
 EXIT_INTERRUPTED: Final = 130
 _M_MMAP_THRESHOLD: Final = -3  # glibc <malloc.h>
+_M_ARENA_MAX: Final = -8
 
 log = get_logger("kybdr_agent.cli")
 
@@ -114,21 +115,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _return_big_buffers_to_the_os() -> None:
-    """Pin glibc's mmap threshold at 1 MiB.
+def _tune_malloc() -> None:
+    """Keep glibc's allocator from trading our memory bound for page faults, or the reverse.
 
-    By default glibc raises the threshold each time a large block is freed, after which the pipeline's
-    1–16 MiB buffers come from per-thread heaps that are never given back: peak RSS grew by ~20 MiB that
-    way (benchmarks/backup_bench.py). A fixed threshold keeps every big buffer an mmap that ``free()``
-    returns at once. A no-op where libc has no ``mallopt``.
+    By default glibc raises its mmap threshold each time a large block is freed, after which the
+    pipeline's 1 MiB buffers come from heaps that grow in every thread's arena and are never given back.
+    A threshold pinned at 1 MiB returned them at once but made every buffer a fresh mmap: +0.6 CPU-s of
+    page faults per GB. Pinned at 8 MiB with two arenas, the 1 MiB buffers are reused from a heap that
+    cannot grow per thread: the same peak RSS (±5 MiB) with sys time back at the shell pipeline's
+    (benchmarks/backup_bench.py, docs/benchmarks.md). A no-op where libc has no ``mallopt``.
     """
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+        libc.mallopt(_M_MMAP_THRESHOLD, 8 << 20)
+        libc.mallopt(_M_ARENA_MAX, 2)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    _return_big_buffers_to_the_os()
+    _tune_malloc()
     args = _parser().parse_args(argv)
     configure_logging(verbose=args.verbose)
     try:

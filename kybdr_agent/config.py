@@ -106,8 +106,9 @@ class BackupSettings(_Section):
     retention_days: int = Field(SEVEN_YEARS_DAYS, ge=1, description="maximum age of any backup")
     compression: bool = True
     encryption: bool = True
-    cross_region: bool = False
-    cross_region_bucket: str | None = None
+    cross_region: bool = Field(False, description="copy every backup to cross_region_bucket (server-side)")
+    cross_region_bucket: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+    cross_region_region: str | None = Field(None, description="the DR bucket's region (default: repository's)")
     schedule: str = Field("0 2 * * *", description="schedule of the implicit policy when none is listed")
     policies: list[PolicySettings] = Field(default_factory=list)
     max_parallel: int = Field(2, ge=1, le=64, description="backup jobs running at once (all databases)")
@@ -305,6 +306,12 @@ class AgentSettings(BaseSettings):
     control: ControlSettings = ControlSettings()
     daemon: DaemonSettings = DaemonSettings()
     drill: DrillSettings = DrillSettings()
+
+    @model_validator(mode="after")
+    def _cross_region_needs_s3(self) -> AgentSettings:
+        if self.backup.cross_region and self.repository.scheme != "s3":
+            raise ValueError("backup.cross_region copies between S3 buckets: repository.url must be s3://")
+        return self
 
     @model_validator(mode="after")
     def _encryption_needs_key(self) -> AgentSettings:

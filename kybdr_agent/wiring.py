@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from kybdr_agent.backup.keys import KeyMaterialError, KeyRing, load_master_key
 from kybdr_agent.backup.pgdump import Connection
@@ -15,6 +16,28 @@ from kybdr_agent.storage.base import BlobStore
 from kybdr_agent.storage.local import LocalStore
 from kybdr_agent.storage.parts import MIB
 from kybdr_agent.storage.retry import RetryPolicy
+
+if TYPE_CHECKING:
+    from kybdr_agent.storage.s3 import S3Store
+
+
+@asynccontextmanager
+async def open_cross_region_store(settings: AgentSettings) -> AsyncIterator[S3Store]:
+    """The DR bucket: same prefix, endpoint and transfer settings as the repository, its own bucket/region."""
+    from kybdr_agent.storage.s3 import S3Store
+
+    backup = settings.backup
+    if not backup.cross_region_bucket or settings.repository.scheme != "s3":
+        raise ConfigError("cross-region copies need backup.cross_region_bucket and an s3:// repository")
+    repo = settings.repository.model_copy(
+        update={
+            "url": f"s3://{backup.cross_region_bucket}/{settings.repository.prefix}".rstrip("/"),
+            "region": backup.cross_region_region or settings.repository.region,
+        }
+    )
+    async with open_store(repo) as store:
+        assert isinstance(store, S3Store)
+        yield store
 
 
 @asynccontextmanager

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+from botocore.config import Config as BotoConfig
 
 from kybdr_agent.pgcluster import PG_BIN, Cluster
 
@@ -26,12 +27,15 @@ class MotoServer:
     process: subprocess.Popen[bytes]
 
     def client(self, service: str = "s3") -> Any:
+        # moto reports a multipart object's composite checksum as if it were a full-object one (its quirk,
+        # ../shared/research/ecosystem.md), so the tests' own reads must not validate response checksums.
         return boto3.client(
             service,
             endpoint_url=self.endpoint,
             region_name="us-east-1",
             aws_access_key_id="testing",
             aws_secret_access_key="testing",
+            config=BotoConfig(response_checksum_validation="when_required"),
         )
 
 

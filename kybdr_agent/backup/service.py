@@ -16,6 +16,8 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
+import anyio
+
 from kybdr_agent import wiring
 from kybdr_agent.backup import catalog, facts
 from kybdr_agent.backup.manifest import MANIFEST_NAME, Manifest, database_key, manifest_key_path
@@ -39,6 +41,7 @@ class BackupOverrides:
 
     compression: bool | None = None
     encryption: bool | None = None
+    cross_region: bool | None = None
     description: str | None = None
     labels: tuple[str, ...] = ()
 
@@ -58,6 +61,12 @@ def percentiles(values: list[float]) -> dict[str, float] | None:
         "max": ordered[-1],
         "mean": statistics.fmean(ordered),
     }
+
+
+async def _check_size(store: BlobStore, key: str, size: int) -> None:
+    info = await store.stat(key)
+    if info is None or info.size != size:
+        raise KybdrError(f"the copy of {key} has {info.size if info else 'no'} bytes, expected {size}")
 
 
 def _age_only(records: list[BackupRecord], max_age: timedelta, now: datetime) -> set[str]:
@@ -110,10 +119,50 @@ class BackupService:
                 raise ConfigError("encryption was requested but encryption.key_file is not set")
             options = replace(options, keyring=keys)
         options = replace(options, labels=overrides.labels, progress=progress)
+        cross_region = self.settings.backup.cross_region if overrides.cross_region is None else overrides.cross_region
+        if cross_region and not self.settings.backup.cross_region:
+            raise ConfigError("a cross-region copy was requested but backup.cross_region is not enabled")
         async with wiring.open_store(self.settings.repository) as store:
-            return await backup_and_record(
+            made = await backup_and_record(
                 database, connection=wiring.connection(self.settings), store=store, options=options
             )
+            if cross_region:
+                made = await self._copy_to_dr(store, made)
+            return made
+
+    async def _copy_to_dr(self, store: BlobStore, made: Manifest) -> Manifest:
+        """Copy data, then the manifest (with the replication record) to the DR bucket, then record it here.
+
+        The backup itself is complete before this starts; if the copy fails the error says so, the DR
+        bucket keeps no data without a manifest, and the primary manifest stays as it was.
+        """
+        from kybdr_agent.storage.s3 import S3Store
+
+        assert isinstance(store, S3Store)
+        started = time.monotonic()
+        key = manifest_key_path(made.database, made.id)
+        async with wiring.open_cross_region_store(self.settings) as dr:
+            try:
+                await dr.copy_from(store, made.object_key, made.stored_bytes)
+                await _check_size(dr, made.object_key, made.stored_bytes)
+                record = {
+                    "bucket": dr.options.bucket,
+                    "region": dr.options.region or "",
+                    "copied_at": self._now().isoformat(),
+                    "seconds": f"{time.monotonic() - started:.3f}",
+                }
+                replicated = made.model_copy(update={"replication": {**made.replication, "cross_region": record}})
+                await dr.put_bytes(key, replicated.to_json())
+            except BaseException as exc:
+                with anyio.move_on_after(60, shield=True):
+                    await dr.delete(made.object_key)
+                if isinstance(exc, KybdrError):
+                    raise KybdrError(
+                        f"backup {made.id} is stored in the primary repository, but its cross-region copy failed: {exc}"
+                    ) from exc
+                raise
+        await store.put_bytes(key, replicated.to_json())
+        return replicated
 
     # --- reading the repository ---------------------------------------------------------------
 

@@ -5,13 +5,9 @@ from __future__ import annotations
 import json
 import socket
 from pathlib import Path
-from typing import Any, Final
-
-import aiohttp
+from typing import Any
 
 from kybdr_agent.errors import KybdrError
-
-REQUEST_TIMEOUT: Final = aiohttp.ClientTimeout(total=None, sock_connect=5)
 
 
 class AgentUnavailable(KybdrError):
@@ -50,10 +46,13 @@ class ControlClient:
     async def request(
         self, method: str, path: str, body: dict[str, Any] | None = None, params: dict[str, str] | None = None
     ) -> Any:
+        import aiohttp  # only when an agent answers: aiohttp costs 0.2 s of start-up for one-shot commands
+
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5)
         connector = aiohttp.UnixConnector(path=str(self.socket_path))
         try:
             async with (
-                aiohttp.ClientSession(connector=connector, timeout=REQUEST_TIMEOUT) as session,
+                aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
                 session.request(method, f"http://kybdr-agent{path}", json=body, params=params) as response,
             ):
                 raw = await response.read()

@@ -253,7 +253,11 @@ async def post_backup(request: web.Request) -> web.Response:
             "set backup.cross_region and backup.cross_region_bucket, or omit cross_region",
         )
     overrides = BackupOverrides(
-        compression=body.compression, encryption=body.encryption, description=body.description, labels=("manual",)
+        compression=body.compression,
+        encryption=body.encryption,
+        cross_region=body.cross_region,
+        description=body.description,
+        labels=("manual",),
     )
     busy = [db for db in databases if db in {job.database for job in ctx.jobs.running()}]
     if busy:

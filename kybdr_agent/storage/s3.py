@@ -33,6 +33,8 @@ from kybdr_agent.storage.parts import S3_MAX_PARTS, initial_part_size, part_size
 from kybdr_agent.storage.retry import AttemptTimeout, RetryPolicy, call_with_retries
 
 ABORT_DEADLINE: Final = 60.0
+_COPY_SINGLE_LIMIT: Final = 5 << 30
+_COPY_PART: Final = 1 << 30
 _JITTER: Final = random.Random()  # noqa: S311 - backoff jitter needs no cryptographic randomness
 _RETRYABLE_CODES: Final = frozenset(
     {
@@ -263,6 +265,45 @@ class S3Store:
         except BaseException:
             with anyio.move_on_after(ABORT_DEADLINE, shield=True):
                 await upload.abort()
+            raise
+
+    async def copy_from(self, source: S3Store, key: str, size: int) -> None:
+        """Server-side copy of ``key`` from another bucket (a DR region's) to the same key here.
+
+        Objects up to 5 GiB are one CopyObject; larger ones a multipart copy in 1 GiB ranges, aborted on
+        any failure like an upload. No byte passes through this host.
+        """
+        src = {"Bucket": source.options.bucket, "Key": source.full_key(key)}
+        dest = {"Bucket": self.options.bucket, "Key": self.full_key(key)}
+        if size <= _COPY_SINGLE_LIMIT:
+            await self.call(f"copying {key} to {self.describe()}", "copy_object", CopySource=src, **dest)
+            return
+        created = await self.call(f"starting the copy of {key}", "create_multipart_upload", **dest)
+        upload_id = created["UploadId"]
+        try:
+            parts = []
+            for number, start in enumerate(range(0, size, _COPY_PART), start=1):
+                end = min(start + _COPY_PART, size) - 1
+                answer = await self.call(
+                    f"copying part {number} of {key}",
+                    "upload_part_copy",
+                    CopySource=src,
+                    CopySourceRange=f"bytes={start}-{end}",
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    **dest,
+                )
+                parts.append({"PartNumber": number, "ETag": answer["CopyPartResult"]["ETag"]})
+            await self.call(
+                f"completing the copy of {key}",
+                "complete_multipart_upload",
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},
+                **dest,
+            )
+        except BaseException:
+            with anyio.move_on_after(ABORT_DEADLINE, shield=True):
+                await self.call(f"aborting the copy of {key}", "abort_multipart_upload", UploadId=upload_id, **dest)
             raise
 
     async def put_bytes(self, key: str, data: bytes) -> None:

@@ -392,3 +392,46 @@ def test_a_second_agent_on_the_same_socket_is_refused(daemon: Daemon) -> None:
     assert proc.returncode == 78
     assert "already listening" in proc.stderr
     assert daemon.request("GET", "/healthz").status == 200
+
+
+def test_seed_body_with_cross_region_copies_to_the_dr_bucket(
+    pg: Cluster, tmp_path: Path, key_file: Path, app_db: str, moto_server: MotoServer, bucket: str
+) -> None:
+    s3 = moto_server.client()
+    dr_bucket = f"{bucket}-dr"
+    s3.create_bucket(Bucket=dr_bucket)
+    repo = (
+        f'url = "s3://{bucket}/kybdr"\nendpoint_url = "{moto_server.endpoint}"\nregion = "us-east-1"\n'
+        'addressing_style = "path"\n'
+    )
+    config, socket_path = daemon_config(tmp_path, pg, key_file, databases=[app_db], repository=repo)
+    config.write_text(
+        config.read_text().replace(
+            "[backup]\n", f'[backup]\ncross_region = true\ncross_region_bucket = "{dr_bucket}"\n', 1
+        )
+    )
+    agent = start_daemon(config, socket_path, tmp_path)
+    try:
+        seed_body = {**SEED_BODY, "cross_region": True}
+        job = _one_job(agent.request("POST", "/v1/backup?wait=true", seed_body))
+        assert job["status"] == "succeeded", job
+        made = job["result"]
+        record = made["replication"]["cross_region"]
+        assert record["bucket"] == dr_bucket
+        manifest_key = f"kybdr/backups/{app_db}/{made['id']}/manifest.json"
+        dr_keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=dr_bucket)["Contents"])
+        assert dr_keys == sorted([f"kybdr/{made['object_key']}", manifest_key])
+        primary = s3.get_object(Bucket=bucket, Key=f"kybdr/{made['object_key']}")["Body"].read()
+        copy = s3.get_object(Bucket=dr_bucket, Key=f"kybdr/{made['object_key']}")["Body"].read()
+        assert primary == copy
+        primary_manifest = json.loads(s3.get_object(Bucket=bucket, Key=manifest_key)["Body"].read())
+        assert primary_manifest["replication"]["cross_region"]["bucket"] == dr_bucket
+    finally:
+        assert agent.stop() == 0
+
+
+def test_cross_region_request_without_configuration_is_refused(daemon: Daemon) -> None:
+    resp = daemon.request("POST", "/v1/backup", {**SEED_BODY, "cross_region": True})
+    assert resp.status == 422
+    assert resp.body["type"].endswith("/cross-region-unavailable")
+    assert daemon.request("GET", "/v1/jobs").body["jobs"] == []
