@@ -29,14 +29,16 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kybdr_agent.pgcluster import PG_BIN, Cluster, free_port, start_cluster
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from kybdr_agent.pgcluster import PG_BIN, Cluster, start_cluster  # noqa: E402
+from tests.support import start_moto_server  # noqa: E402
+
 AGENT = [sys.executable, "-m", "kybdr_agent"]
 
 MIXED_SQL = """
@@ -141,28 +143,11 @@ def compare(cluster: Cluster, name: str, workdir: Path, key: Path, runs: int) ->
     }
 
 
-def start_moto() -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1):  # noqa: S310 - loopback
-                return proc, endpoint
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("moto_server did not start")
-
-
 def s3_compare(cluster: Cluster, name: str, workdir: Path, key: Path, runs: int) -> dict[str, Any]:
     import boto3
 
-    proc, endpoint = start_moto()
+    moto = start_moto_server()
+    endpoint = moto.endpoint
     try:
         s3 = boto3.client(
             "s3",
@@ -202,8 +187,7 @@ def s3_compare(cluster: Cluster, name: str, workdir: Path, key: Path, runs: int)
             "agent_peak_rss_mib": round(max(t.max_rss_kib for t in agent) / 1024, 1),
         }
     finally:
-        proc.terminate()
-        proc.wait()
+        moto.stop()
 
 
 def main() -> int:

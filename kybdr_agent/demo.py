@@ -11,7 +11,6 @@ restores it into a new database and compares the two table by table. It uses exa
 
 from __future__ import annotations
 
-import secrets
 import time
 from pathlib import Path
 from typing import Final
@@ -19,10 +18,11 @@ from typing import Final
 import anyio
 
 from kybdr_agent import wiring
-from kybdr_agent.backup import catalog, facts
+from kybdr_agent.backup import catalog
 from kybdr_agent.backup.keys import generate_master_key_file
 from kybdr_agent.backup.pipeline import backup_and_record
 from kybdr_agent.backup.restore import restore_backup
+from kybdr_agent.backup.service import BackupOverrides, BackupService
 from kybdr_agent.backup.verify import validate_backup
 from kybdr_agent.config import AgentSettings, BackupSettings, DatabaseSettings, EncryptionSettings, RepositorySettings
 from kybdr_agent.conninfo import parse_dsn
@@ -96,40 +96,22 @@ async def run_demo(workdir: Path, settings: AgentSettings | None = None) -> int:
 
 
 async def _drill_configured(settings: AgentSettings) -> int:
-    """The same path on the configured database and repository; the restore goes to a scratch database
-    that is compared with the row counts taken in the dump's snapshot, then dropped."""
-    conn = wiring.connection(settings)
-    keys = wiring.keyring(settings)
-    async with wiring.open_store(settings.repository) as store:
-        for database in configured_databases(settings):
-            made = await backup_and_record(
-                database, connection=conn, store=store, options=wiring.backup_options(settings)
-            )
-            _say(f"backup {made.id} of {database}: {made.dump_bytes:,} bytes dumped, {made.stored_bytes:,} stored")
-            check = await validate_backup(made, store=store, keyring=keys, connection=conn, level="full")
-            if not check.ok:
-                raise KybdrError(f"validation failed: {check.error}")
-            _say(f"validated (full): {'; '.join(check.checks)}")
-            scratch = f"kybdr_demo_{secrets.token_hex(4)}"
-            restored = await restore_backup(
-                made,
-                store=store,
-                keyring=keys,
-                connection=conn,
-                maintenance_database=settings.database.maintenance_database,
-                target=scratch,
-            )
-            try:
-                async with conn.connect(scratch) as copy:
-                    counts = await facts.row_counts(copy, only=set(made.row_counts))
-            finally:
-                async with conn.connect(settings.database.maintenance_database) as admin:
-                    await admin.execute(f'drop database if exists "{scratch}" with (force)')
-            if counts != made.row_counts:
-                raise KybdrError(f"restored row counts differ from the snapshot's: {counts} != {made.row_counts}")
+    """The same path on the configured database and repository, through the service the agent uses:
+    backup, full validation, and a restore drill into a scratch database compared and dropped."""
+    service = BackupService(settings)
+    for database in configured_databases(settings):
+        made = await service.backup(database, BackupOverrides(labels=("demo",)))
+        _say(f"backup {made.id} of {database}: {made.dump_bytes:,} bytes dumped, {made.stored_bytes:,} stored")
+        check = await service.validate(made.id, "full")
+        if not check.ok:
+            raise KybdrError(f"validation failed: {check.error}")
+        _say(f"validated (full): {'; '.join(check.checks)}")
+        for drill in await service.drill(database):
+            if not drill["passed"]:
+                raise KybdrError(f"restore drill of {database} failed: {drill['error']}")
             _say(
-                f"restored into scratch database {scratch} in {restored.seconds:.1f} s; row counts of "
-                f"{len(counts)} table(s) match the dump's snapshot; scratch database dropped"
+                f"restored into scratch database {drill['scratch_database']} in {drill['restore_seconds']:.1f} s; "
+                f"row counts of {drill['tables_compared']} table(s) match the dump's snapshot; scratch dropped"
             )
     return 0
 

@@ -8,6 +8,8 @@ import os
 import secrets
 import subprocess
 import sys
+import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from typing import Any
 import boto3
 from botocore.config import Config as BotoConfig
 
-from kybdr_agent.pgcluster import PG_BIN, Cluster
+from kybdr_agent.pgcluster import PG_BIN, Cluster, free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 KYBDR = [sys.executable, "-m", "kybdr_agent"]
@@ -25,6 +27,10 @@ KYBDR = [sys.executable, "-m", "kybdr_agent"]
 class MotoServer:
     endpoint: str
     process: subprocess.Popen[bytes]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
 
     def client(self, service: str = "s3") -> Any:
         # moto reports a multipart object's composite checksum as if it were a full-object one (its quirk,
@@ -37,6 +43,38 @@ class MotoServer:
             aws_secret_access_key="testing",
             config=BotoConfig(response_checksum_validation="when_required"),
         )
+
+
+def start_moto_server() -> MotoServer:
+    """moto in server mode as its own process on a free loopback port, reached over real HTTP."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1):
+                return MotoServer(endpoint, proc)
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("moto_server did not start") from None
+            time.sleep(0.1)
+
+
+def create_incompressible_database(cluster: Cluster, name: str, megabytes: int) -> None:
+    """One table of random-looking bytes (md5 output): compression cannot shrink it, so sizes are real."""
+    cluster.psql("postgres", f'create database "{name}"')
+    cluster.psql(
+        name,
+        "create table blobs (id int, data bytea); "
+        "insert into blobs select g, decode(string_agg(md5((g*1000+i)::text), ''), 'hex') "
+        f"from generate_series(1, {megabytes * 64}) g, generate_series(1, 1000) i group by g;",
+    )
 
 
 def unique_db(prefix: str = "db") -> str:

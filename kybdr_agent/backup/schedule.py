@@ -308,7 +308,8 @@ def next_run(spec: CronSpec, after: datetime, tz: tzinfo) -> datetime:
             if instant > after:
                 return instant
     except OverflowError:
-        pass  # ran into datetime's year 1 or 9999: as unsatisfiable as a spec can get
+        # Ran into datetime's year 1 or 9999: as unsatisfiable as a spec can get.
+        pass
     raise _unsatisfiable(spec, "after", after)
 
 

@@ -94,7 +94,10 @@ class _MultipartUpload:
         self._upload_id = upload_id
         self._base = base_part_size
         self._result = result
-        self._buffer = bytearray()
+        # Pending bytes as the chunks that arrived: a part is assembled by one join, so a part costs one
+        # copy of its size, not a growing buffer plus slices of it.
+        self._pending: list[bytes] = []
+        self._pending_size = 0
         self._next_part = 1
         self._inflight: set[asyncio.Task[None]] = set()
         self._completed: dict[int, dict[str, Any]] = {}
@@ -106,12 +109,28 @@ class _MultipartUpload:
         )
 
     async def write(self, data: bytes) -> None:
-        self._buffer += data
         self._result.size += len(data)
-        while len(self._buffer) >= (size := self._current_part_size()):
-            part = bytes(self._buffer[:size])
-            del self._buffer[:size]
-            await self._submit(part)
+        self._pending.append(data)
+        self._pending_size += len(data)
+        while self._pending_size >= (size := self._current_part_size()):
+            await self._submit(self._take(size))
+
+    def _take(self, size: int) -> bytes:
+        """The first ``size`` pending bytes as one object; the rest stays pending."""
+        taken: list[bytes] = []
+        need = size
+        while need:
+            chunk = self._pending[0]
+            if len(chunk) <= need:
+                taken.append(self._pending.pop(0))
+                need -= len(chunk)
+            else:
+                view = memoryview(chunk)
+                taken.append(bytes(view[:need]))
+                self._pending[0] = bytes(view[need:])
+                need = 0
+        self._pending_size -= size
+        return b"".join(taken)
 
     async def _submit(self, part: bytes) -> None:
         opts = self._store.options
@@ -154,10 +173,8 @@ class _MultipartUpload:
         self._completed[number] = entry
 
     async def finish(self) -> None:
-        if self._buffer or self._next_part == 1:
-            part = bytes(self._buffer)
-            self._buffer.clear()
-            await self._submit(part)
+        if self._pending_size or self._next_part == 1:
+            await self._submit(self._take(self._pending_size))
         while self._inflight:
             await self._reap(asyncio.ALL_COMPLETED)
         parts = [self._completed[n] for n in sorted(self._completed)]

@@ -19,7 +19,15 @@ import pytest
 from kybdr_agent.pgcluster import Cluster, free_port
 from tests.daemon_support import Daemon, start_daemon
 from tests.faultproxy import FaultProxy
-from tests.support import KYBDR, MotoServer, create_mixed_database, database_fingerprint, run_cli, unique_db
+from tests.support import (
+    KYBDR,
+    MotoServer,
+    create_incompressible_database,
+    create_mixed_database,
+    database_fingerprint,
+    run_cli,
+    unique_db,
+)
 
 SEED_BODY = {"compression": True, "encryption": True, "cross_region": False, "description": "Daily backup"}
 
@@ -226,13 +234,7 @@ def test_sigterm_during_large_backup_aborts_cleanly(
     pg: Cluster, tmp_path: Path, key_file: Path, moto_server: MotoServer, bucket: str
 ) -> None:
     name = unique_db("big")
-    pg.psql("postgres", f'create database "{name}"')
-    pg.psql(
-        name,
-        "create table blobs (id int, data bytea); "
-        "insert into blobs select g, decode(string_agg(md5((g*1000+i)::text), ''), 'hex') "
-        "from generate_series(1, 800) g, generate_series(1, 1000) i group by g;",
-    )
+    create_incompressible_database(pg, name, megabytes=12)
     with FaultProxy(moto_server.endpoint) as proxy:
         proxy.delay_upload_part = 1.0
         repo = (

@@ -23,6 +23,7 @@ from tests.support import (
     MotoServer,
     agent_config,
     cli_json,
+    create_incompressible_database,
     create_mixed_database,
     run_cli,
     s3_repository,
@@ -256,13 +257,7 @@ def _closed_port() -> int:
 
 def _big_incompressible_db(pg: Cluster, megabytes: int) -> str:
     name = unique_db("big")
-    pg.psql("postgres", f'create database "{name}"')
-    pg.psql(
-        name,
-        "create table blobs (id int, data bytea); "
-        "insert into blobs select g, decode(string_agg(md5((g*1000+i)::text), ''), 'hex') "
-        f"from generate_series(1, {megabytes * 64}) g, generate_series(1, 1000) i group by g;",
-    )
+    create_incompressible_database(pg, name, megabytes)
     return name
 
 

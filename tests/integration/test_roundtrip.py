@@ -12,6 +12,7 @@ from tests.support import (
     MotoServer,
     agent_config,
     cli_json,
+    create_incompressible_database,
     create_mixed_database,
     database_fingerprint,
     run_cli,
@@ -122,13 +123,7 @@ def test_s3_multipart_with_many_parts_and_when_required_checksums(
 ) -> None:
     """Incompressible data over several 5 MiB parts, uploaded 3 at a time, without additional checksums."""
     name = unique_db("parts")
-    pg.psql("postgres", f'create database "{name}"')
-    pg.psql(
-        name,
-        "create table blobs (id int, data bytea); "
-        "insert into blobs select g, decode(string_agg(md5((g*1000+i)::text), ''), 'hex') "
-        "from generate_series(1, 1200) g, generate_series(1, 1000) i group by g;",
-    )
+    create_incompressible_database(pg, name, megabytes=19)
     repo = s3_repository(
         moto_server, bucket, extra='checksums = "when_required"\nupload_concurrency = 3\npart_size_mib = 5\n'
     )
