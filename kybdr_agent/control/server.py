@@ -209,7 +209,10 @@ async def _answer_jobs(request: web.Request, jobs: list[Job]) -> web.Response:
                 await job.done.wait()
     finished = all(job.status.finished for job in jobs)
     status = 200 if finished and wait is not None else 202
-    return _json({"jobs": [job.to_json() for job in jobs]}, status=status)
+    body: dict[str, Any] = {"jobs": [job.to_json() for job in jobs], "job_ids": [job.id for job in jobs]}
+    if len(jobs) == 1:
+        body["job_id"] = jobs[0].id
+    return _json(body, status=status)
 
 
 def _submit(
@@ -542,7 +545,15 @@ def openapi_document() -> dict[str, Any]:
             },
             "required": ["type", "title", "status"],
         },
-        "Jobs": {"type": "object", "properties": {"jobs": {"type": "array", "items": {"type": "object"}}}},
+        "Jobs": {
+            "type": "object",
+            "properties": {
+                "jobs": {"type": "array", "items": {"type": "object"}},
+                "job_ids": {"type": "array", "items": {"type": "string"}},
+                "job_id": {"type": "string", "description": "present when exactly one job started"},
+            },
+            "required": ["jobs", "job_ids"],
+        },
     }
     problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
     for spec, _handler in ROUTES:

@@ -90,7 +90,9 @@ def test_ready_notify_socket_mode_and_health(daemon: Daemon) -> None:
 def test_every_backup_endpoint(daemon: Daemon, pg: Cluster, app_db: str) -> None:
     created = daemon.request("POST", "/v1/backup", SEED_BODY)
     assert created.status == 202, created.body
-    job = daemon.wait_job(_one_job(created)["id"])
+    assert created.body["job_id"] == _one_job(created)["id"]
+    assert created.body["job_ids"] == [created.body["job_id"]]
+    job = daemon.wait_job(created.body["job_id"])
     assert job["status"] == "succeeded", job
     backup = job["result"]
     assert backup["database"] == app_db
