@@ -11,6 +11,7 @@ import stat
 import subprocess
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -439,3 +440,32 @@ def test_cross_region_request_without_configuration_is_refused(daemon: Daemon) -
     assert resp.status == 422
     assert resp.body["type"].endswith("/cross-region-unavailable")
     assert daemon.request("GET", "/v1/jobs").body["jobs"] == []
+
+
+def test_missed_slots_after_downtime_run_once(pg: Cluster, tmp_path: Path, key_file: Path, app_db: str) -> None:
+    """Three days down under a daily policy: one catch-up backup, not three, then nothing until the next slot."""
+    policy = f'[[backup.policies]]\nname = "nightly"\nschedule = "0 2 * * *"\ndatabases = ["{app_db}"]\n'
+    config, socket_path = daemon_config(tmp_path, pg, key_file, databases=[app_db], policies=policy)
+    state = tmp_path / "state"
+    state.mkdir()
+    three_days_ago = datetime.now(UTC) - timedelta(days=3)
+    (state / "scheduler.json").write_text(json.dumps({f"backup:nightly:{app_db}": three_days_ago.isoformat()}))
+    agent = start_daemon(config, socket_path, tmp_path)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            jobs = [j for j in agent.request("GET", "/v1/jobs").body["jobs"] if j["params"].get("policy") == "nightly"]
+            if jobs and all(j["status"] == "succeeded" for j in jobs):
+                break
+            assert time.monotonic() < deadline, agent.log()
+            time.sleep(0.2)
+        time.sleep(2 * 0.5 + 0.5)  # a few more scheduler ticks: nothing else may start
+        jobs = [j for j in agent.request("GET", "/v1/jobs").body["jobs"] if j["params"].get("policy") == "nightly"]
+        assert len(jobs) == 1, jobs
+        slot = datetime.fromisoformat(jobs[0]["params"]["slot"])
+        assert slot.hour == 2
+        assert datetime.now(UTC) - timedelta(days=1) <= slot <= datetime.now(UTC)
+        saved = json.loads((state / "scheduler.json").read_text())
+        assert datetime.fromisoformat(saved[f"backup:nightly:{app_db}"]) == slot
+    finally:
+        assert agent.stop() == 0
