@@ -169,8 +169,11 @@ class RemoteOperations:
 
 
 def terminal_progress() -> Callable[[str], None] | None:
-    """A one-line progress display on stderr when it is a terminal."""
-    if not sys.stderr.isatty():
+    """A one-line progress display when a person is watching (stdout and stderr are a terminal).
+
+    It goes to stderr and erases itself, so stdout carries only the result even on a terminal; scripts
+    (no terminal) get neither progress nor escape codes and wait for the job in one request."""
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):
         return None
 
     def show(line: str) -> None:

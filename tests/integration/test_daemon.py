@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import re
 import secrets
 import signal
 import stat
@@ -469,3 +471,30 @@ def test_missed_slots_after_downtime_run_once(pg: Cluster, tmp_path: Path, key_f
         assert datetime.fromisoformat(saved[f"backup:nightly:{app_db}"]) == slot
     finally:
         assert agent.stop() == 0
+
+
+def test_cli_shows_progress_on_a_terminal(daemon: Daemon, app_db: str) -> None:
+    """Through a real pseudo-terminal: progress lines on the way, then the backup id."""
+    main_fd, child_fd = pty.openpty()
+    proc = subprocess.Popen(
+        [*KYBDR, "--config", str(daemon.config), "backup", "--database", app_db],
+        stdin=child_fd,
+        stdout=child_fd,
+        stderr=child_fd,
+        close_fds=True,
+    )
+    os.close(child_fd)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(main_fd, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(main_fd)
+    assert proc.wait(timeout=60) == 0, output
+    text = output.decode()
+    assert re.search(r"backup job-[0-9a-f]+: (queued|running|succeeded) [0-9.,]+ MiB", text), text
+    assert re.search(r"\d{8}T\d{6}Z-[0-9a-f]{8}", text.split("\x1b[K")[-1]), text
