@@ -141,10 +141,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kybdr-agent: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except Interrupted:
-        print(
-            "kybdr-agent: interrupted; the operation was cancelled and nothing half-done was kept",
-            file=sys.stderr,
-        )
+        if getattr(args, "remote", False):
+            print(
+                "kybdr-agent: interrupted; the job keeps running in the agent (see `kybdr-agent status`)",
+                file=sys.stderr,
+            )
+        else:
+            print(
+                "kybdr-agent: interrupted; the operation was cancelled and nothing half-done was kept", file=sys.stderr
+            )
         return EXIT_INTERRUPTED
     except InvalidBackupId as exc:
         print(f"kybdr-agent: {exc}", file=sys.stderr)
@@ -260,6 +265,7 @@ def _config_check(settings: AgentSettings, args: argparse.Namespace) -> int:
 def _operations(settings: AgentSettings, args: argparse.Namespace) -> Operations:
     """The running agent when one listens on the control socket (unless --local), else this process."""
     if not args.local and agent_listening(settings.control.socket):
+        args.remote = True
         return RemoteOperations(ControlClient(settings.control.socket), progress=terminal_progress())
     return LocalOperations(settings)
 

@@ -54,6 +54,23 @@ def _parse_duration(value: object) -> object:
 Duration = Annotated[timedelta, BeforeValidator(_parse_duration)]
 
 
+def _check_zone(value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {value!r}") from None
+    return value
+
+
+def _check_dsn(value: str | None) -> str | None:
+    if value:
+        try:
+            parse_dsn(value)
+        except ConninfoError as exc:
+            raise ValueError(str(exc)) from None
+    return value
+
+
 def _check_cron(value: str) -> str:
     """The spec must parse and must match some time (``0 0 30 2 *`` parses but never runs)."""
     next_run(CronSpec.parse(value), datetime.now(UTC), UTC)
@@ -89,11 +106,7 @@ class PolicySettings(_Section):
     @field_validator("timezone")
     @classmethod
     def _zone_exists(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone {value!r}") from None
-        return value
+        return _check_zone(value)
 
 
 class BackupSettings(_Section):
@@ -225,12 +238,7 @@ class DatabaseSettings(_Section):
     @field_validator("dsn")
     @classmethod
     def _dsn_parses(cls, value: str | None) -> str | None:
-        if value:
-            try:
-                parse_dsn(value)
-            except ConninfoError as exc:
-                raise ValueError(str(exc)) from None
-        return value
+        return _check_dsn(value)
 
 
 class TokenSettings(_Section):
@@ -282,6 +290,16 @@ class DrillSettings(_Section):
     timezone: str = "UTC"
     dsn: str | None = Field(None, description="server for scratch databases; default: the source server")
     password_file: Path | None = None
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone_exists(cls, value: str) -> str:
+        return _check_zone(value)
+
+    @field_validator("dsn")
+    @classmethod
+    def _dsn_parses(cls, value: str | None) -> str | None:
+        return _check_dsn(value)
 
     @field_validator("schedule")
     @classmethod
@@ -357,6 +375,8 @@ class AgentSettings(BaseSettings):
         data = self.model_dump(mode="json")
         if self.database.dsn:
             data["database"]["dsn"] = mask_dsn(self.database.dsn)
+        if self.drill.dsn:
+            data["drill"]["dsn"] = mask_dsn(self.drill.dsn)
         return data
 
 

@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from kybdr_agent.backup.service import BackupOverrides, BackupService
 from kybdr_agent.config import AgentSettings, load_settings
 from kybdr_agent.control.server import ControlContext, Role, build_app, load_tokens
 from kybdr_agent.errors import ConfigError, KybdrError
-from kybdr_agent.jobs import Busy, Job, JobManager
+from kybdr_agent.jobs import Busy, Job, JobFailed, JobManager
 from kybdr_agent.journal import Journal
 from kybdr_agent.telemetry import get_logger
 
@@ -63,9 +64,14 @@ class AgentState:
 
 
 def _claim_socket_path(path: Path) -> None:
-    """A socket file left by a crashed agent is removed; one a live agent answers on is an error."""
-    if not path.exists() and not path.is_symlink():
+    """A socket file left by a crashed agent is removed; one a live agent answers on is an error;
+    anything else at that path (a file, a symlink) is never touched."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
         return
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError(f"control.socket {path} exists and is not a socket; refusing to replace it")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.settimeout(1)
@@ -173,23 +179,29 @@ async def scheduler_loop(state: AgentState, jobs: JobManager, now: Callable[[], 
     schedule = ScheduleState(state.settings.backup.backup_dir / "scheduler.json")
     while True:
         state.heartbeat = time.monotonic()
-        current = now()
-        changed = False
-        for slot in planned_slots(state.settings):
-            last = schedule.last.get(slot.key)
-            if last is None:
-                schedule.last[slot.key] = current  # a new slot waits for its next time
-                changed = True
-                continue
-            due = due_slot(slot, last, current)
-            if due is None:
-                continue
-            schedule.last[slot.key] = due
-            changed = True
-            _start_scheduled(state, jobs, slot, due)
-        if changed:
-            await anyio.to_thread.run_sync(schedule.save)
+        try:
+            await _schedule_tick(state, jobs, schedule, now())
+        except Exception:  # a bug or a full disk must not stop every future backup: log, try next tick
+            log.exception("schedule.tick_failed")
         await anyio.sleep(TICK_SECONDS)
+
+
+async def _schedule_tick(state: AgentState, jobs: JobManager, schedule: ScheduleState, current: datetime) -> None:
+    changed = False
+    for slot in planned_slots(state.settings):
+        last = schedule.last.get(slot.key)
+        if last is None:
+            schedule.last[slot.key] = current  # a new slot waits for its next time
+            changed = True
+            continue
+        due = due_slot(slot, last, current)
+        if due is None:
+            continue
+        schedule.last[slot.key] = due
+        changed = True
+        _start_scheduled(state, jobs, slot, due)
+    if changed:
+        await anyio.to_thread.run_sync(schedule.save)
 
 
 def _start_scheduled(state: AgentState, jobs: JobManager, slot: Slot, due: datetime) -> None:
@@ -213,7 +225,8 @@ def _start_scheduled(state: AgentState, jobs: JobManager, slot: Slot, due: datet
                 results = await service.drill(None)
                 failed = [r for r in results if not r.get("passed")]
                 if failed:
-                    raise KybdrError("restore drill failed: " + "; ".join(str(r.get("error")) for r in failed))
+                    message = "restore drill failed: " + "; ".join(str(r.get("error")) for r in failed)
+                    raise JobFailed(message, {"drills": results})
                 return {"drills": results}
 
             job = jobs.submit("test", work, params={"slot": due.isoformat()})
@@ -238,6 +251,8 @@ async def housekeeping_loop(state: AgentState, jobs: JobManager) -> None:
             log.info("housekeeping.sweep", **swept)
         except KybdrError as exc:
             log.warning("housekeeping.sweep_failed", error=str(exc))
+        except Exception:  # keep the agent (and its running backups) alive; the next round retries
+            log.exception("housekeeping.sweep_crashed")
         await anyio.sleep(state.settings.daemon.housekeeping_interval.total_seconds())
 
 

@@ -26,3 +26,7 @@ class DumpError(KybdrError):
 
 class IntegrityError(KybdrError):
     """A backup does not verify: checksum, authentication tag, size or archive structure is wrong."""
+
+
+class KeyUnavailable(KybdrError):
+    """No configured key opens an encrypted backup. The backup may be fine: this says nothing about it."""

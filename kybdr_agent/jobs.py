@@ -39,6 +39,14 @@ class JobStatus(enum.StrEnum):
         return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
+class JobFailed(KybdrError):
+    """A job that failed with a result worth keeping (a failed validation's checks, a drill's mismatches)."""
+
+    def __init__(self, message: str, result: Any) -> None:
+        super().__init__(message)
+        self.result = result
+
+
 class Busy(KybdrError):
     """The database already has a job running, or the agent is shutting down."""
 
@@ -163,6 +171,9 @@ class JobManager:
                 job.status = JobStatus.CANCELLED
                 job.error = "cancelled (agent shutting down)"
         finally:
+            if not job.status.finished:  # cancelled from outside its own scope
+                job.status = JobStatus.CANCELLED
+                job.error = job.error or "cancelled"
             job.finished_at = datetime.now(UTC)
             if job.database is not None:
                 self._busy_databases.discard(job.database)
@@ -177,7 +188,10 @@ class JobManager:
                 error=job.error,
             )
             for hook in self.on_finish:
-                hook(job)
+                try:
+                    hook(job)
+                except Exception:  # a full disk under the journal must not take the agent down
+                    log.exception("job.hook_failed", job=job.id)
 
     async def _execute(self, job: Job, work: JobWork) -> None:
         job.status = JobStatus.RUNNING
@@ -188,6 +202,8 @@ class JobManager:
         except KybdrError as exc:
             job.status = JobStatus.FAILED
             job.error = str(exc)
+            if isinstance(exc, JobFailed):
+                job.result = exc.result
         except Exception as exc:  # a bug: report it on the job, keep the agent alive
             log.exception("job.crashed", job=job.id, kind=job.kind)
             job.status = JobStatus.FAILED

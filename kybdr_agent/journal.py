@@ -10,9 +10,7 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Final
-
-MAX_LINE: Final = 64 * 1024
+from typing import Any
 
 
 class Journal:
@@ -20,7 +18,7 @@ class Journal:
         self.path = path
 
     def append(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record, default=str, separators=(",", ":"))[: MAX_LINE - 1] + "\n"
+        line = json.dumps(record, default=str, separators=(",", ":")) + "\n"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         try:

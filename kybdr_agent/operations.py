@@ -66,7 +66,9 @@ class LocalOperations:
         return dict((await self.service.restore(backup_id, target, force=force, no_owner=no_owner)).__dict__)
 
     async def validate(self, backup_id: str, level: Level) -> dict[str, Any]:
-        return dict((await self.service.validate(backup_id, level)).__dict__)
+        result = dict((await self.service.validate(backup_id, level)).__dict__)
+        self.service.record("validate", "succeeded" if result["ok"] else "failed", result, result["error"])
+        return result
 
     async def cleanup(self, dry_run: bool) -> dict[str, Any]:
         return await self.service.cleanup(dry_run=dry_run)
@@ -141,12 +143,14 @@ class RemoteOperations:
         return result
 
     async def validate(self, backup_id: str, level: Level) -> dict[str, Any]:
-        try:
-            jobs = await self._jobs(f"/v1/backup/{backup_id}/validate", {"level": level})
-        except KybdrError as exc:
-            return {"backup_id": backup_id, "level": level, "ok": False, "checks": [], "error": str(exc)}
-        result: dict[str, Any] = jobs[0]["result"]
-        return result
+        answer = await self.client.request(
+            "POST", f"/v1/backup/{backup_id}/validate", {"level": level}, params={"wait": "true"}
+        )
+        job = answer["jobs"][0]
+        if job["status"] == "succeeded" or isinstance(job.get("result"), dict):
+            result: dict[str, Any] = job["result"]
+            return result
+        raise KybdrError(f"validate job {job['id']} {job['status']}: {job['error']}")
 
     async def cleanup(self, dry_run: bool) -> dict[str, Any]:
         result: dict[str, Any] = (await self._jobs("/v1/backup/cleanup", {"dry_run": dry_run}))[0]["result"]

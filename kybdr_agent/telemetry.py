@@ -14,14 +14,16 @@ import structlog
 
 def configure_logging(*, verbose: bool = False) -> None:
     level = logging.INFO if verbose else logging.WARNING
-    renderer: Any = (
-        structlog.dev.ConsoleRenderer(colors=False) if sys.stderr.isatty() else structlog.processors.JSONRenderer()
+    renderer: list[Any] = (
+        [structlog.dev.ConsoleRenderer(colors=False)]
+        if sys.stderr.isatty()
+        else [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
     )
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            renderer,
+            *renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),

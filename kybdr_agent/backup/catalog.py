@@ -28,6 +28,16 @@ def _manifest_keys_prefix(database: str | None) -> str:
     return f"{manifest.BACKUPS_PREFIX}/{manifest.database_key(database)}/"
 
 
+def _matches_location(found: Manifest, database_component: str, backup_id: str) -> bool:
+    """A manifest names only its own data: a copied or edited one could otherwise point cleanup or a
+    restore at another backup's object."""
+    return (
+        found.id == backup_id
+        and manifest.database_key(found.database) == database_component
+        and found.object_key == manifest.data_key_path(found.database, found.id)
+    )
+
+
 async def read_catalog(store: BlobStore, database: str | None = None) -> Catalog:
     catalog = Catalog()
     async for info in store.list_objects(_manifest_keys_prefix(database)):
@@ -44,7 +54,7 @@ async def read_catalog(store: BlobStore, database: str | None = None) -> Catalog
         except ValueError as exc:
             catalog.unreadable.append((info.key, str(exc)))
             continue
-        if found.id != parts[2] or manifest.database_key(found.database) != parts[1]:
+        if not _matches_location(found, parts[1], parts[2]):
             catalog.unreadable.append((info.key, "manifest does not match its location"))
             continue
         catalog.backups.append(found)
@@ -62,7 +72,7 @@ async def find_backup(store: BlobStore, backup_id: str) -> Manifest:
                 found = Manifest.from_json(await store.get_bytes(info.key, max_size=MAX_MANIFEST_BYTES))
             except ValueError as exc:
                 raise NotFound(f"backup {backup_id} has an unreadable manifest: {exc}") from None
-            if found.id != backup_id:
-                raise NotFound(f"backup {backup_id}'s manifest names another backup ({found.id})")
+            if not _matches_location(found, parts[1], backup_id):
+                raise NotFound(f"backup {backup_id}'s manifest does not match its location in the repository")
             return found
     raise NotFound(f"no backup with id {backup_id} in the repository")

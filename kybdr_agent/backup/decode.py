@@ -26,7 +26,7 @@ from kybdr_agent.backup.streamfmt import (
     StreamIntegrityError,
     StreamOpener,
 )
-from kybdr_agent.errors import IntegrityError
+from kybdr_agent.errors import IntegrityError, KeyUnavailable
 
 READ_CHUNK: Final = 1 << 20
 QUEUE_DEPTH: Final = 4
@@ -69,14 +69,15 @@ def data_key_for(backup: Manifest, keyring: KeyRing | None) -> bytes | None:
     if enc.cipher == "none":
         return None
     if keyring is None:
-        raise IntegrityError(f"backup {backup.id} is encrypted; set encryption.key_file to open it")
+        raise KeyUnavailable(f"backup {backup.id} is encrypted; set encryption.key_file to open it")
     if enc.key_id is None or enc.wrapped_data_key is None:
         raise IntegrityError(f"backup {backup.id}'s manifest lacks its key id or wrapped data key")
     try:
         master = keyring.find(bytes.fromhex(enc.key_id))
         return master.unwrap(enc.wrapped_data_key, backup.id)
     except ValueError as exc:
-        raise IntegrityError(f"backup {backup.id}: {exc}") from None
+        # A missing key, a wrong key and a tampered wrapped key look alike from here: report the key.
+        raise KeyUnavailable(f"backup {backup.id}: {exc}") from None
 
 
 def _decoder(backup: Manifest, keyring: KeyRing | None) -> _Decoder:

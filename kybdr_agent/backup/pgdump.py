@@ -13,7 +13,7 @@ import fcntl
 import os
 import shutil
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +114,15 @@ class Connection:
             yield conn
         finally:
             await conn.close(timeout=10)
+
+
+@contextlib.contextmanager
+def database_errors(what: str) -> Iterator[None]:
+    """Turn the server's refusals (permissions, locks, a lost connection) into an operator's error."""
+    try:
+        yield
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        raise DumpError(f"{what}: {_pg_message(exc)}") from None
 
 
 def _pg_message(exc: BaseException) -> str:

@@ -37,6 +37,7 @@ from kybdr_agent.backup.pgdump import (
     Connection,
     PipeReader,
     child_process,
+    database_errors,
     drain_into,
     failure_message,
     tool_version,
@@ -118,15 +119,17 @@ async def run_backup(
     result = UploadResult()
 
     async with connection.connect(database) as conn:
-        server_version = str(await conn.fetchval("show server_version"))
+        with database_errors(f"reading facts about database {database!r}"):
+            server_version = str(await conn.fetchval("show server_version"))
+            db_size = int(await conn.fetchval("select pg_database_size(current_database())"))
         server_major = conn.get_server_version().major
-        db_size = int(await conn.fetchval("select pg_database_size(current_database())"))
         pg_dump = connection.binary("pg_dump", server_major)
         pg_dump_version = await tool_version(pg_dump)
         # Export a snapshot and hold it while pg_dump runs: the dump and any facts we record about it
         # describe exactly the same moment.
         async with conn.transaction(isolation="repeatable_read", readonly=True):
-            snapshot = str(await conn.fetchval("select pg_export_snapshot()"))
+            with database_errors(f"exporting a snapshot of {database!r}"):
+                snapshot = str(await conn.fetchval("select pg_export_snapshot()"))
             argv = [pg_dump, "--format=custom", "--compress=0", "--no-password", f"--snapshot={snapshot}"]
             counts: dict[str, int] = {}
 

@@ -15,15 +15,16 @@ import contextlib
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import anyio
+import asyncpg
 
 from kybdr_agent.asyncutil import TailBuffer, task_group
 from kybdr_agent.backup.decode import stream_backup
 from kybdr_agent.backup.keys import KeyRing
 from kybdr_agent.backup.manifest import Manifest
-from kybdr_agent.backup.pgdump import Connection, child_process, drain_into, failure_message
+from kybdr_agent.backup.pgdump import Connection, child_process, database_errors, drain_into, failure_message
 from kybdr_agent.errors import DumpError, KybdrError
 from kybdr_agent.storage.base import BlobStore
 
@@ -78,26 +79,30 @@ async def restore_backup(
     scratch = f"kybdr_restore_{secrets.token_hex(6)}"
     async with connection.connect(maintenance_database) as admin:
         server_major = admin.get_server_version().major
-        exists = bool(await admin.fetchval("select true from pg_database where datname = $1", target))
+        with database_errors(f"checking the target database {target!r}"):
+            exists = bool(await admin.fetchval("select true from pg_database where datname = $1", target))
         if exists:
             async with connection.connect(target) as existing:
-                objects = int(await existing.fetchval(_USER_OBJECTS))
+                with database_errors(f"inspecting database {target!r}"):
+                    objects = int(await existing.fetchval(_USER_OBJECTS))
             if objects and not force:
                 raise KybdrError(
                     f"database {target!r} exists and is not empty ({objects} objects); "
                     "choose another --target-database or pass --force to replace it"
                 )
         pg_restore = connection.binary("pg_restore", server_major)
-        await admin.execute(f"create database {quote_ident(scratch)} template template0")
+        with database_errors("creating the scratch database for the restore"):
+            await admin.execute(f"create database {quote_ident(scratch)} template template0")
         try:
             stats_bytes = await _pg_restore_into(scratch, backup, store, keyring, connection, pg_restore, no_owner)
-            if exists:
-                await admin.execute(f"drop database {quote_ident(target)} with (force)")
-            await admin.execute(f"alter database {quote_ident(scratch)} rename to {quote_ident(target)}")
         except BaseException:
-            with anyio.move_on_after(CLEANUP_DEADLINE, shield=True):
+            with anyio.move_on_after(CLEANUP_DEADLINE, shield=True), contextlib.suppress(Exception):
                 await admin.execute(f"drop database if exists {quote_ident(scratch)} with (force)")
             raise
+        # The restored copy is complete. From here on it is the only good copy once the old target is
+        # dropped, so the swap is shielded from cancellation and a failure never drops the scratch database.
+        with anyio.CancelScope(shield=True):
+            await _swap_in(admin, scratch, target, replace=exists)
     return RestoreResult(
         backup_id=backup.id,
         target_database=target,
@@ -105,6 +110,25 @@ async def restore_backup(
         dump_bytes=stats_bytes,
         seconds=round(time.monotonic() - started, 3),
     )
+
+
+async def _swap_in(admin: Any, scratch: str, target: str, *, replace: bool) -> None:
+    dropped = False
+    try:
+        if replace:
+            await admin.execute(f"drop database {quote_ident(target)} with (force)")
+            dropped = True
+        await admin.execute(f"alter database {quote_ident(scratch)} rename to {quote_ident(target)}")
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        if not dropped:
+            with anyio.move_on_after(CLEANUP_DEADLINE), contextlib.suppress(Exception):
+                await admin.execute(f"drop database if exists {quote_ident(scratch)} with (force)")
+            raise DumpError(f"could not put the restored database in place of {target!r}: {exc}") from None
+        raise DumpError(
+            f"the old {target!r} was dropped but renaming the restored copy failed ({exc}); the restored data "
+            f"is complete in database {scratch!r}: rename it with ALTER DATABASE {quote_ident(scratch)} "
+            f"RENAME TO {quote_ident(target)}"
+        ) from None
 
 
 async def _pg_restore_into(
@@ -143,7 +167,9 @@ async def _pg_restore_into(
             except BaseException:
                 # Never let pg_restore see end-of-input for a stream that did not verify: kill it
                 # mid-transaction so nothing it did is committed.
-                proc.kill()
+                if proc.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
                 raise
             # Everything verified: end of input lets pg_restore commit.
             stdin.close()

@@ -203,6 +203,20 @@ class BackupService:
                 level=level,
             )
 
+    def record(self, kind: str, status: str, result: Any, error: str | None = None) -> None:
+        """Journal an outcome of work done outside the daemon's job manager (one-shot CLI commands)."""
+        if self.journal is not None:
+            self.journal.append(
+                {
+                    "kind": kind,
+                    "status": status,
+                    "result": result,
+                    "error": error,
+                    "finished_at": self._now().isoformat(),
+                    "via": "cli",
+                }
+            )
+
     # --- restore drills -----------------------------------------------------------------------
 
     def _drill_connection(self) -> Connection:
@@ -263,22 +277,39 @@ class BackupService:
             result["passed"] = False
             result["error"] = str(exc)
         finally:
-            async with connection.connect(maintenance) as admin:
-                await admin.execute(f"drop database if exists {quote_ident(scratch)} with (force)")
+            # Whatever happened, cancellation included, the scratch database goes; a failure to drop it
+            # is recorded, never allowed to replace the drill's own verdict.
+            with anyio.move_on_after(60, shield=True) as scope:
+                try:
+                    async with connection.connect(maintenance) as admin:
+                        await admin.execute(f"drop database if exists {quote_ident(scratch)} with (force)")
+                except Exception as exc:  # noqa: BLE001 - reported in the result, see above
+                    result["cleanup_error"] = f"could not drop {scratch}: {exc}"
+            if scope.cancelled_caught:
+                result["cleanup_error"] = f"dropping {scratch} timed out"
         result["seconds"] = round(time.monotonic() - started, 3)
         return result
 
     # --- retention ----------------------------------------------------------------------------
 
     def _invalid_ids(self) -> set[str]:
-        """Backups whose latest full validation failed (from the journal)."""
-        latest: dict[str, bool] = {}
+        """Backups whose latest conclusive full validation found them corrupt (from the journal).
+
+        A validation that could not be done (no key, no usable pg_restore) says nothing about the backup
+        and is ignored: otherwise a key rotation without old_key_files would make every backup "invalid"
+        and retention would keep none of them as the newest valid one.
+        """
+        corrupt: dict[str, bool] = {}
         if self.journal is not None:
             for record in self.journal.records("validate"):
                 result = record.get("result") or {}
-                if isinstance(result, dict) and result.get("level") == "full" and result.get("backup_id"):
-                    latest[str(result["backup_id"])] = bool(result.get("ok"))
-        return {backup_id for backup_id, ok in latest.items() if not ok}
+                if not isinstance(result, dict) or result.get("level") != "full" or not result.get("backup_id"):
+                    continue
+                if result.get("ok"):
+                    corrupt[str(result["backup_id"])] = False
+                elif result.get("corrupt"):
+                    corrupt[str(result["backup_id"])] = True
+        return {backup_id for backup_id, bad in corrupt.items() if bad}
 
     def _policies_by_database(self) -> dict[str, list[PolicySettings]]:
         covered: dict[str, list[PolicySettings]] = defaultdict(list)

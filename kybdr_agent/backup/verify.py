@@ -20,7 +20,7 @@ from kybdr_agent.backup.keys import KeyRing
 from kybdr_agent.backup.manifest import Manifest
 from kybdr_agent.backup.pgdump import Connection, child_process, drain_into, failure_message
 from kybdr_agent.backup.streamfmt import HEADER_SIZE
-from kybdr_agent.errors import DumpError, IntegrityError
+from kybdr_agent.errors import DumpError, IntegrityError, KeyUnavailable
 from kybdr_agent.storage.base import BlobStore
 
 Level = Literal["quick", "full"]
@@ -35,6 +35,7 @@ class ValidationResult:
     seconds: float = 0.0
     toc_entries: int | None = None
     error: str | None = None
+    corrupt: bool = False  # True only when the backup itself failed a check (not a missing key or tool)
 
 
 async def validate_backup(
@@ -53,7 +54,12 @@ async def validate_backup(
         if level == "full":
             await _full(backup, store, keyring, connection, result)
         result.ok = True
-    except (IntegrityError, DumpError) as exc:
+    except IntegrityError as exc:
+        result.error = str(exc)
+        result.corrupt = True
+    except (KeyUnavailable, DumpError) as exc:
+        # The check could not be done (no key, no usable pg_restore): a failure, but no verdict on the
+        # backup, so retention must not treat it as invalid.
         result.error = str(exc)
     result.seconds = round(time.monotonic() - started, 3)
     return result

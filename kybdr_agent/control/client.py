@@ -56,9 +56,14 @@ class ControlClient:
                 session.request(method, f"http://kybdr-agent{path}", json=body, params=params) as response,
             ):
                 raw = await response.read()
-                data = json.loads(raw) if raw else None
+                try:
+                    data = json.loads(raw) if raw else None
+                except ValueError:
+                    data = {"title": raw.decode("utf-8", "replace")[:200]}
                 if response.status >= 400:
-                    raise ApiError(response.status, data if isinstance(data, dict) else {"title": raw.decode()[:200]})
+                    raise ApiError(response.status, data if isinstance(data, dict) else {"title": str(data)[:200]})
                 return data
         except aiohttp.ClientConnectorError as exc:
             raise AgentUnavailable(f"the agent is not running (nothing answers on {self.socket_path}): {exc}") from None
+        except aiohttp.ClientError as exc:
+            raise AgentUnavailable(f"the connection to the agent on {self.socket_path} broke: {exc}") from None

@@ -28,7 +28,7 @@ from kybdr_agent import __version__
 from kybdr_agent.backup.manifest import InvalidBackupId, check_backup_id
 from kybdr_agent.backup.service import BackupOverrides, BackupService
 from kybdr_agent.errors import ConfigError, KybdrError, NotFound
-from kybdr_agent.jobs import Busy, Job, JobManager
+from kybdr_agent.jobs import Busy, Job, JobFailed, JobManager
 from kybdr_agent.telemetry import get_logger
 
 PROBLEM_BASE: Final = "https://kybdr.dev/problems/"
@@ -144,7 +144,8 @@ def _authorise(request: web.Request, needed: Role) -> Role:
     role: Role | None = None
     for token, token_role in ctx.tokens.items():
         # Compare against every token, in constant time, so timing reveals neither match nor position.
-        if hmac.compare_digest(token.encode(), presented.strip().encode()):
+        # aiohttp keeps undecodable header bytes as surrogates: encode them back, never raise on them.
+        if hmac.compare_digest(token.encode(), presented.strip().encode("utf-8", "surrogateescape")):
             role = token_role
     if role is None:
         raise Problem(401, "unauthorized", "the token is not valid")
@@ -157,9 +158,10 @@ async def _parse_body(request: web.Request, model: type[_Body]) -> _Body:
     ctx = request.app[CONTEXT]
     if request.content_length is not None and request.content_length > ctx.max_body_bytes:
         raise Problem(413, "body-too-large", "request body too large", f"at most {ctx.max_body_bytes} bytes")
-    raw = await request.content.read(ctx.max_body_bytes + 1)
-    if len(raw) > ctx.max_body_bytes:
-        raise Problem(413, "body-too-large", "request body too large", f"at most {ctx.max_body_bytes} bytes")
+    try:
+        raw = await request.read()  # the whole body, bounded by the app's client_max_size
+    except web.HTTPRequestEntityTooLarge:
+        raise Problem(413, "body-too-large", "request body too large", f"at most {ctx.max_body_bytes} bytes") from None
     if not raw.strip():
         raw = b"{}"
     try:
@@ -328,7 +330,7 @@ async def post_validate(request: web.Request) -> web.Response:
     async def work(job: Job) -> Any:
         result = await service.validate(backup_id, body.level)
         if not result.ok:
-            raise KybdrError(result.error or "validation failed")
+            raise JobFailed(result.error or "validation failed", result.__dict__)
         return result.__dict__
 
     job = _submit(ctx, "validate", work, params={"backup_id": backup_id, "level": body.level}, limited=False)
@@ -500,6 +502,11 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
     except web.HTTPException as exc:
         slug = {404: "not-found", 405: "method-not-allowed", 413: "body-too-large"}.get(exc.status, "http-error")
         response = Problem(exc.status, slug, exc.reason).response()
+        if "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+    except Exception:  # a bug: the client still gets problem+json, the log gets the traceback
+        log.exception("control.internal_error", method=request.method, path=request.path)
+        response = Problem(500, "internal", "internal error", "see the agent's log").response()
     log.debug(
         "control.request",
         method=request.method,

@@ -215,7 +215,10 @@ class LocalStore:
                     full = Path(dirpath, name)
                     rel = full.relative_to(self._root).as_posix()
                     if rel.startswith(prefix):
-                        st = full.stat()
+                        try:
+                            st = full.stat()
+                        except FileNotFoundError:
+                            continue  # renamed or deleted by a concurrent job while we walked
                         found.append(ObjectInfo(rel, st.st_size, datetime.fromtimestamp(st.st_mtime, UTC)))
             return found
 
@@ -259,11 +262,17 @@ class LocalStore:
                         full = Path(dirpath, name)
                         rel = full.relative_to(self._root).as_posix()
                         if rel.startswith(prefix):
-                            mtime = datetime.fromtimestamp(full.stat().st_mtime, UTC)
+                            try:
+                                mtime = datetime.fromtimestamp(full.stat().st_mtime, UTC)
+                            except FileNotFoundError:
+                                continue  # its upload just committed or aborted
                             found.append(IncompleteUpload(key=rel, upload_id=name, initiated=mtime))
             return found
 
-        return await anyio.to_thread.run_sync(walk)
+        try:
+            return await anyio.to_thread.run_sync(walk)
+        except OSError as exc:
+            raise StoreError(f"listing {self._root} failed: {exc.strerror}") from exc
 
     async def abort_incomplete(self, upload: IncompleteUpload) -> None:
         path = self._path(upload.key)

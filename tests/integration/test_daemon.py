@@ -211,6 +211,9 @@ def test_tcp_requires_tokens_and_roles(pg: Cluster, tmp_path: Path, key_file: Pa
     try:
         assert agent.tcp_request(port, "GET", "/healthz").status == 401
         assert agent.tcp_request(port, "GET", "/healthz", token="wrong-token-wrong-token").status == 401
+        undecodable = agent.tcp_request(port, "GET", "/healthz", token="\xff\xfe-not-utf8")
+        assert undecodable.status == 401
+        assert undecodable.headers["content-type"].startswith("application/problem+json")
         assert agent.tcp_request(port, "GET", "/v1/backup", token=tokens["viewer"]).status == 200
         denied = agent.tcp_request(port, "POST", "/v1/backup", {}, token=tokens["viewer"])
         assert denied.status == 403
@@ -498,3 +501,14 @@ def test_cli_shows_progress_on_a_terminal(daemon: Daemon, app_db: str) -> None:
     text = output.decode()
     assert re.search(r"backup job-[0-9a-f]+: (queued|running|succeeded) [0-9.,]+ MiB", text), text
     assert re.search(r"\d{8}T\d{6}Z-[0-9a-f]{8}", text.split("\x1b[K")[-1]), text
+
+
+def test_a_file_at_the_socket_path_is_never_replaced(pg: Cluster, tmp_path: Path, key_file: Path, app_db: str) -> None:
+    config, socket_path = daemon_config(tmp_path, pg, key_file, databases=[app_db])
+    socket_path.write_text("precious\n")
+    proc = subprocess.run(
+        [*KYBDR, "--config", str(config), "run"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 78
+    assert "not a socket" in proc.stderr
+    assert socket_path.read_text() == "precious\n"

@@ -398,3 +398,22 @@ def test_show_unknown_id_is_a_clear_error(tmp_path: Path) -> None:
     proc = run_cli(config, "show", "20261124T215226Z-3f9a1c2b")
     assert proc.returncode == 1
     assert "no backup with id 20261124T215226Z-3f9a1c2b" in proc.stderr
+
+
+def test_a_manifest_pointing_at_another_backups_data_is_not_listed(
+    pg: Cluster, tmp_path: Path, key_file: Path, small_db: str
+) -> None:
+    """A copied or edited manifest must never steer cleanup or restore at someone else's object."""
+    repo = tmp_path / "repo"
+    config = agent_config(tmp_path, pg, repository=f'url = "file://{repo}"', key_file=key_file)
+    first = cli_json(config, "backup", "--database", small_db)
+    second = cli_json(config, "backup", "--database", small_db)
+    manifest_path = repo / "backups" / small_db / second["id"] / "manifest.json"
+    doc = json.loads(manifest_path.read_text())
+    doc["object_key"] = first["object_key"]
+    manifest_path.write_text(json.dumps(doc))
+    listed = run_cli(config, "list", "--json")
+    assert [m["id"] for m in json.loads(listed.stdout)] == [first["id"]]
+    assert "does not match its location" in listed.stderr
+    shown = run_cli(config, "show", second["id"])
+    assert shown.returncode == 1
