@@ -45,8 +45,10 @@ from kybdr_agent.backup.pgdump import (
 from kybdr_agent.backup.streamfmt import Cipher, Compression, StreamHeader, StreamSealer
 from kybdr_agent.errors import DumpError, KybdrError
 from kybdr_agent.storage.base import BlobStore, UploadResult
+from kybdr_agent.telemetry import get_logger
 
 READ_CHUNK: Final = 1 << 20
+log = get_logger("kybdr_agent.pipeline")
 QUEUE_DEPTH: Final = 4
 NONCE_PREFIX_BYTES: Final = 7
 _NO_KEY_ID: Final = bytes(16)
@@ -284,7 +286,10 @@ async def backup_and_record(
     except BaseException:
         # No manifest means no backup: do not leave its data behind to look like one.
         with anyio.move_on_after(60, shield=True):
-            await store.delete(manifest.manifest_key_path(database, made.id))
-            await store.delete(made.object_key)
+            for key in (manifest.manifest_key_path(database, made.id), made.object_key):
+                try:
+                    await store.delete(key)
+                except Exception as exc:  # noqa: BLE001 - keep the original error; the sweep retries
+                    log.warning("backup.cleanup_failed", key=key, error=str(exc))
         raise
     return made

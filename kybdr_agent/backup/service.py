@@ -318,9 +318,11 @@ class BackupService:
                 covered[database].append(policy)
         return covered
 
-    def retention_plan(self, backups: list[Manifest], now: datetime) -> tuple[set[str], set[str], dict[str, str]]:
+    def retention_plan(
+        self, backups: list[Manifest], now: datetime, invalid: set[str] | None = None
+    ) -> tuple[set[str], set[str], dict[str, str]]:
         """Kept if any policy covering the database keeps it; uncovered databases only age out."""
-        invalid = self._invalid_ids()
+        invalid = self._invalid_ids() if invalid is None else invalid
         by_db: dict[str, list[BackupRecord]] = defaultdict(list)
         for m in backups:
             by_db[m.database].append(BackupRecord(m.id, m.database, m.finished_at, m.id not in invalid))
@@ -361,7 +363,8 @@ class BackupService:
         now = self._now()
         async with wiring.open_store(self.settings.repository) as store:
             found = await catalog.read_catalog(store)
-            keep, delete, reasons = self.retention_plan(found.backups, now)
+            invalid = await anyio.to_thread.run_sync(self._invalid_ids)  # the journal is read off the loop
+            keep, delete, reasons = self.retention_plan(found.backups, now, invalid)
             by_id = {m.id: m for m in found.backups}
             deleted: list[str] = []
             if not dry_run:
@@ -426,19 +429,19 @@ class BackupService:
             entry["last_good_age_seconds"] = round((now - m.finished_at).total_seconds(), 1)
         outcomes = {"succeeded": 0, "failed": 0, "cancelled": 0}
         last_failure: dict[str, Any] | None = None
-        drills: list[dict[str, Any]] = []
-        if self.journal is not None:
-            for record in self.journal.records("backup"):
-                status = str(record.get("status"))
-                if status in outcomes:
-                    outcomes[status] += 1
-                if status == "failed":
-                    last_failure = {
-                        "at": record.get("finished_at"),
-                        "database": record.get("database"),
-                        "error": record.get("error"),
-                    }
-            drills = list(self.journal.records("test"))
+        journal = self.journal
+        backup_records = await anyio.to_thread.run_sync(lambda: list(journal.records("backup"))) if journal else []
+        drills = await anyio.to_thread.run_sync(lambda: list(journal.records("test"))) if journal else []
+        for record in backup_records:
+            status = str(record.get("status"))
+            if status in outcomes:
+                outcomes[status] += 1
+            if status == "failed":
+                last_failure = {
+                    "at": record.get("finished_at"),
+                    "database": record.get("database"),
+                    "error": record.get("error"),
+                }
         attempts = sum(outcomes.values())
         return {
             "generated_at": now.isoformat(),

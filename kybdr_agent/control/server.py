@@ -240,6 +240,8 @@ async def post_backup(request: web.Request) -> web.Response:
     body = await _parse_body(request, BackupBody)
     assert isinstance(body, BackupBody)
     service = ctx.service()
+    if body.encryption is False and service.settings.backup.encryption:
+        _authorise(request, "admin")  # an unencrypted copy of an encrypted-by-policy database is an admin's call
     databases = [body.database] if body.database else service.covered_databases()
     if not databases:
         raise Problem(

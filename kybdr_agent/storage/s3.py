@@ -31,10 +31,12 @@ from kybdr_agent.errors import NotFound, StoreError
 from kybdr_agent.storage.base import BlobWriter, IncompleteUpload, ObjectInfo, UploadResult
 from kybdr_agent.storage.parts import S3_MAX_PARTS, initial_part_size, part_size_for
 from kybdr_agent.storage.retry import AttemptTimeout, RetryPolicy, call_with_retries
+from kybdr_agent.telemetry import get_logger
 
 ABORT_DEADLINE: Final = 60.0
 _COPY_SINGLE_LIMIT: Final = 5 << 30
 _COPY_PART: Final = 1 << 30
+log = get_logger("kybdr_agent.s3")
 _JITTER: Final = random.Random()  # noqa: S311 - backoff jitter needs no cryptographic randomness
 _RETRYABLE_CODES: Final = frozenset(
     {
@@ -281,7 +283,10 @@ class S3Store:
             await upload.finish()
         except BaseException:
             with anyio.move_on_after(ABORT_DEADLINE, shield=True):
-                await upload.abort()
+                try:
+                    await upload.abort()
+                except Exception as exc:  # noqa: BLE001 - the original error is the one to report
+                    log.warning("s3.abort_failed", key=key, error=str(exc), note="the start-up sweep retries")
             raise
 
     async def copy_from(self, source: S3Store, key: str, size: int) -> None:
@@ -320,7 +325,10 @@ class S3Store:
             )
         except BaseException:
             with anyio.move_on_after(ABORT_DEADLINE, shield=True):
-                await self.call(f"aborting the copy of {key}", "abort_multipart_upload", UploadId=upload_id, **dest)
+                try:
+                    await self.call(f"aborting the copy of {key}", "abort_multipart_upload", UploadId=upload_id, **dest)
+                except Exception as exc:  # noqa: BLE001 - the original error is the one to report
+                    log.warning("s3.abort_failed", key=key, error=str(exc), note="the start-up sweep retries")
             raise
 
     async def put_bytes(self, key: str, data: bytes) -> None:
