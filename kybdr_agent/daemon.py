@@ -55,6 +55,7 @@ class AgentState:
     journal: Journal
     service: BackupService = field(init=False)
     heartbeat: float = field(default_factory=time.monotonic)
+    housekeeping: dict[str, Any] = field(default_factory=dict)  # the last sweep's outcome, for status
 
     def __post_init__(self) -> None:
         self.service = BackupService(self.settings, journal=self.journal)
@@ -244,12 +245,17 @@ def next_wakeups(settings: AgentSettings, now: datetime) -> dict[str, str]:
 
 
 async def housekeeping_loop(state: AgentState, jobs: JobManager) -> None:
+    """Sweep at start and on every tick: dead backups' leftovers at once, and dead scratch databases."""
     while True:
         try:
             busy = frozenset(job.database for job in jobs.running() if job.kind == "backup" and job.database)
-            swept = await state.service.sweep(state.settings.daemon.sweep_older_than, busy)
+            swept = await state.service.sweep(state.settings.daemon.sweep_older_than, busy, databases=True)
+            state.housekeeping = {"at": datetime.now(UTC).isoformat(), **swept}
+            if swept.get("scratch_not_dropped"):
+                log.warning("housekeeping.scratch_not_dropped", databases=swept["scratch_not_dropped"])
             log.info("housekeeping.sweep", **swept)
         except KybdrError as exc:
+            state.housekeeping = {"at": datetime.now(UTC).isoformat(), "error": str(exc)}
             log.warning("housekeeping.sweep_failed", error=str(exc))
         except Exception:  # keep the agent (and its running backups) alive; the next round retries
             log.exception("housekeeping.sweep_crashed")

@@ -39,13 +39,35 @@ class Operations(Protocol):
 
 
 class LocalOperations:
-    """In this process, with the journal the agent would use (so stats and cleanup see the same history)."""
+    """In this process, with the journal the agent would use (so stats and cleanup see the same history).
 
-    def __init__(self, settings: AgentSettings) -> None:
+    Each command first sweeps the repository of what dead backups left (``backup/sweep.py``): a host where
+    no daemon runs still never keeps an orphaned upload. A sweep that fails is reported and the command
+    goes on, since the command itself may be how the operator finds out what is wrong.
+    """
+
+    def __init__(self, settings: AgentSettings, notice: Callable[[str], None] | None = None) -> None:
         journal = Journal(settings.backup.backup_dir / "journal.jsonl")
         self.service = BackupService(settings, journal=journal if _writable(journal) else None)
+        self.settings = settings
+        self.notice = notice or _to_stderr
+        self._swept = False
+
+    async def _sweep_first(self) -> None:
+        if self._swept:
+            return
+        self._swept = True
+        try:
+            swept = await self.service.sweep(self.settings.daemon.sweep_older_than)
+        except KybdrError as exc:
+            self.notice(f"could not sweep the repository of leftovers first: {exc}")
+            return
+        gone = len(swept["aborted_uploads"]) + len(swept["removed_orphans"])
+        if gone:
+            self.notice(f"removed {gone} leftover(s) of backups that did not finish")
 
     async def backup(self, databases: list[str] | None, description: str | None) -> list[dict[str, Any]]:
+        await self._sweep_first()
         chosen = databases or self.service.covered_databases()
         if not chosen:
             raise ConfigError("no database to back up: pass --database NAME or set database.databases")
@@ -53,6 +75,7 @@ class LocalOperations:
         return [manifest_json(await self.service.backup(db, overrides)) for db in chosen]
 
     async def list(self, database: str | None) -> dict[str, Any]:
+        await self._sweep_first()
         found = await self.service.catalog(database)
         return {
             "backups": [manifest_json(m) for m in found.backups],
@@ -60,27 +83,38 @@ class LocalOperations:
         }
 
     async def show(self, backup_id: str) -> dict[str, Any]:
+        await self._sweep_first()
         return manifest_json(await self.service.find(backup_id))
 
     async def restore(self, backup_id: str, target: str, force: bool, no_owner: bool) -> dict[str, Any]:
-        return dict((await self.service.restore(backup_id, target, force=force, no_owner=no_owner)).__dict__)
+        await self._sweep_first()
+        result = await self.service.restore(backup_id, target, force=force, no_owner=no_owner, notice=self.notice)
+        return dict(result.__dict__)
 
     async def validate(self, backup_id: str, level: Level) -> dict[str, Any]:
+        await self._sweep_first()
         result = dict((await self.service.validate(backup_id, level)).__dict__)
         self.service.record("validate", "succeeded" if result["ok"] else "failed", result, result["error"])
         return result
 
     async def cleanup(self, dry_run: bool) -> dict[str, Any]:
+        await self._sweep_first()
         return await self.service.cleanup(dry_run=dry_run)
 
     async def stats(self) -> dict[str, Any]:
+        await self._sweep_first()
         return await self.service.stats()
 
     async def test(self, database: str | None) -> dict[str, Any]:
+        await self._sweep_first()
         return {"drills": await self.service.drill(database)}
 
     async def status(self) -> dict[str, Any]:
         raise KybdrError("the agent is not running: `status` needs `kybdr-agent run` (systemctl start kybdr-agent)")
+
+
+def _to_stderr(message: str) -> None:
+    print(f"kybdr-agent: {message}", file=sys.stderr, flush=True)
 
 
 def _writable(journal: Journal) -> bool:
@@ -140,6 +174,8 @@ class RemoteOperations:
         body = {"target_database": target, "force": force, "no_owner": no_owner}
         jobs = await self._jobs(f"/v1/backup/{backup_id}/restore", body)
         result: dict[str, Any] = jobs[0]["result"]
+        for message in result.get("notices", []):
+            _to_stderr(str(message))
         return result
 
     async def validate(self, backup_id: str, level: Level) -> dict[str, Any]:

@@ -34,9 +34,12 @@ async def row_counts(
     max_table_bytes: int = DEFAULT_MAX_TABLE_BYTES,
     max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES,
     only: set[str] | None = None,
+    into: dict[str, int] | None = None,
 ) -> dict[str, int]:
-    """Exact row counts of user tables, smallest first, within the byte caps (``only`` restricts the set)."""
-    counts: dict[str, int] = {}
+    """Exact row counts of user tables, smallest first, within the byte caps (``only`` restricts the set).
+
+    Counts land in ``into`` as they are taken, so a caller whose session dies midway keeps those done."""
+    counts: dict[str, int] = {} if into is None else into
     budget = max_total_bytes
     for name, size in await table_sizes(conn):
         if only is not None and name not in only:

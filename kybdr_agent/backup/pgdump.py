@@ -104,16 +104,47 @@ class Connection:
 
     @asynccontextmanager
     async def connect(self, database: str) -> AsyncIterator[asyncpg.Connection]:
+        """A session with the agent's own timeouts, closed (or, if the server is gone, dropped) on exit.
+
+        Like pg_dump for its own session, the agent turns off the server's statement, lock and idle
+        timeouts: a role or database with ``idle_in_transaction_session_timeout`` would otherwise kill the
+        connection that holds pg_dump's snapshot while the dump runs. Closing never raises: the error
+        that ended the block is the one worth reporting, not that the server had already gone away.
+        """
         try:
             conn = await asyncpg.connect(**self.asyncpg_kwargs(database))
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise DumpError(
-                f"cannot connect to database {database!r} on {self.describe()}: {_pg_message(exc)}"
+                f"cannot connect to database {database!r} on {self.describe()}: {pg_message(exc)}"
             ) from None
         try:
+            with database_errors(f"setting up the session on {database!r}"):
+                await conn.execute(session_settings_sql(conn.get_server_version().major))
             yield conn
         finally:
-            await conn.close(timeout=10)
+            await close_quietly(conn)
+
+
+SESSION_TIMEOUTS: Final = ("statement_timeout", "lock_timeout", "idle_in_transaction_session_timeout")
+CLOSE_DEADLINE: Final = 10.0
+
+
+def session_settings_sql(server_major: int) -> str:
+    """The SETs that make a session immune to the server's timeouts (``idle_session_timeout`` is PG 14+)."""
+    names = [*SESSION_TIMEOUTS, *(("idle_session_timeout",) if server_major >= 14 else ())]
+    return "; ".join(f"set {name} = 0" for name in names)
+
+
+async def close_quietly(conn: Any) -> None:
+    """Close politely within a bound; if the server or the socket is gone, just drop the connection."""
+    with anyio.CancelScope(shield=True):
+        try:
+            await conn.close(timeout=CLOSE_DEADLINE)
+        except DATABASE_ERRORS:
+            conn.terminate()
+
+
+DATABASE_ERRORS: Final = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
 
 @contextlib.contextmanager
@@ -121,11 +152,11 @@ def database_errors(what: str) -> Iterator[None]:
     """Turn the server's refusals (permissions, locks, a lost connection) into an operator's error."""
     try:
         yield
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-        raise DumpError(f"{what}: {_pg_message(exc)}") from None
+    except DATABASE_ERRORS as exc:
+        raise DumpError(f"{what}: {pg_message(exc)}") from None
 
 
-def _pg_message(exc: BaseException) -> str:
+def pg_message(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timed out"
     if isinstance(exc, OSError) and exc.strerror:

@@ -18,6 +18,7 @@ leaves the upload aborted and no manifest.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import time
@@ -33,13 +34,17 @@ from kybdr_agent import __version__
 from kybdr_agent.asyncutil import TailBuffer, task_group
 from kybdr_agent.backup import compress, facts, manifest
 from kybdr_agent.backup.keys import KeyRing, new_data_key
+from kybdr_agent.backup.lease import hold_lease
 from kybdr_agent.backup.pgdump import (
+    CLOSE_DEADLINE,
+    DATABASE_ERRORS,
     Connection,
     PipeReader,
     child_process,
     database_errors,
     drain_into,
     failure_message,
+    pg_message,
     tool_version,
 )
 from kybdr_agent.backup.streamfmt import Cipher, Compression, StreamHeader, StreamSealer
@@ -107,10 +112,11 @@ async def run_backup(
     store: BlobStore,
     options: BackupOptions,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    backup_id: str | None = None,
 ) -> manifest.Manifest:
     started_at = now()
     started = time.monotonic()
-    backup_id = manifest.new_backup_id(started_at)
+    backup_id = backup_id or manifest.new_backup_id(started_at)
     data_key_path = manifest.data_key_path(database, backup_id)
 
     header, data_key, encryption = _seal_plan(options, backup_id)
@@ -128,29 +134,45 @@ async def run_backup(
         pg_dump = connection.binary("pg_dump", server_major)
         pg_dump_version = await tool_version(pg_dump)
         # Export a snapshot and hold it while pg_dump runs: the dump and any facts we record about it
-        # describe exactly the same moment.
-        async with conn.transaction(isolation="repeatable_read", readonly=True):
-            with database_errors(f"exporting a snapshot of {database!r}"):
-                snapshot = str(await conn.fetchval("select pg_export_snapshot()"))
-            argv = [pg_dump, "--format=custom", "--compress=0", "--no-password", f"--snapshot={snapshot}"]
-            counts: dict[str, int] = {}
+        # describe exactly the same moment. The transaction is begun and ended by hand, not by asyncpg's
+        # context manager, whose exit on a dead connection would replace pg_dump's own verdict.
+        with database_errors(f"exporting a snapshot of {database!r}"):
+            await conn.execute("begin isolation level repeatable read read only")
+            snapshot = str(await conn.fetchval("select pg_export_snapshot()"))
+        argv = [pg_dump, "--format=custom", "--compress=0", "--no-password", f"--snapshot={snapshot}"]
+        counts: dict[str, int] = {}
 
-            async def count_rows() -> None:
-                counts.update(
-                    await facts.row_counts(
-                        conn,
-                        max_table_bytes=options.count_max_table_bytes,
-                        max_total_bytes=options.count_max_total_bytes,
-                    )
+        async def count_rows() -> None:
+            # Counting is evidence for drills, not part of the backup: if the session dies (a terminated
+            # backend, a restarted server) the dump goes on and the tables counted so far are recorded.
+            try:
+                await facts.row_counts(
+                    conn,
+                    max_table_bytes=options.count_max_table_bytes,
+                    max_total_bytes=options.count_max_total_bytes,
+                    into=counts,
+                )
+            except DATABASE_ERRORS as exc:
+                log.warning(
+                    "backup.row_counts_incomplete",
+                    database=database,
+                    tables_counted=len(counts),
+                    error=pg_message(exc),
+                    note="the dump is unaffected; restore drills compare the tables that were counted",
                 )
 
-            async with (
-                store.open_upload(data_key_path, size_hint=db_size, result=result) as sink,
-                task_group() as tg,
-            ):
-                if options.count_max_total_bytes > 0:
-                    tg.start_soon(count_rows)
-                await _stream_dump(argv, connection.child_env(database), encoder, sink.write, options.progress)
+        async with (
+            store.open_upload(data_key_path, size_hint=db_size, result=result) as sink,
+            task_group() as tg,
+        ):
+            if options.count_max_total_bytes > 0:
+                tg.start_soon(count_rows)
+            await _stream_dump(argv, connection.child_env(database), encoder, sink.write, options.progress)
+        # pg_dump exited 0 and every byte is stored: the dump is complete and consistent, because pg_dump
+        # imported the snapshot into its own transaction when it started. Ending ours is a courtesy that a
+        # dead session may refuse.
+        with anyio.move_on_after(CLOSE_DEADLINE), contextlib.suppress(*DATABASE_ERRORS):
+            await conn.execute("rollback")
 
     finished_at = now()
     return manifest.Manifest(
@@ -277,19 +299,36 @@ async def backup_and_record(
     connection: Connection,
     store: BlobStore,
     options: BackupOptions,
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> manifest.Manifest:
-    """A backup made visible: data first, then the manifest — the one write that makes it exist."""
-    made = await run_backup(database, connection=connection, store=store, options=options)
-    try:
-        await _check_stored(store, made)
-        await store.put_bytes(manifest.manifest_key_path(database, made.id), made.to_json())
-    except BaseException:
-        # No manifest means no backup: do not leave its data behind to look like one.
-        with anyio.move_on_after(60, shield=True):
-            for key in (manifest.manifest_key_path(database, made.id), made.object_key):
-                try:
-                    await store.delete(key)
-                except Exception as exc:  # noqa: BLE001 - keep the original error; the sweep retries
-                    log.warning("backup.cleanup_failed", key=key, error=str(exc))
-        raise
+    """A backup made visible: data first, then the manifest — the one write that makes it exist.
+
+    The whole of it runs under a lease (``lease.py``), written before the upload starts and removed after
+    the manifest is written or the leftovers are deleted, so a sweep can tell this backup from the
+    remains of a dead one without waiting.
+    """
+    started_at = now()
+    backup_id = manifest.new_backup_id(started_at)
+    async with hold_lease(store, database, backup_id, now=now):
+        made = await run_backup(
+            database, connection=connection, store=store, options=options, now=now, backup_id=backup_id
+        )
+        try:
+            await _check_stored(store, made)
+            await store.put_bytes(manifest.manifest_key_path(database, made.id), made.to_json())
+        except BaseException:
+            # No manifest means no backup: do not leave its data behind to look like one.
+            with anyio.move_on_after(60, shield=True):
+                for key in (manifest.manifest_key_path(database, made.id), made.object_key):
+                    try:
+                        await store.delete(key)
+                    except Exception as exc:  # noqa: BLE001 - keep the original error; the sweep retries
+                        log.warning(
+                            "backup.cleanup_failed",
+                            key=key,
+                            error=str(exc),
+                            note="the next sweep (the agent's next housekeeping tick, or the next "
+                            "kybdr-agent command) removes it",
+                        )
+            raise
     return made

@@ -14,22 +14,42 @@ import asyncio
 import contextlib
 import secrets
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import anyio
-import asyncpg
 
 from kybdr_agent.asyncutil import TailBuffer, task_group
 from kybdr_agent.backup.decode import stream_backup
 from kybdr_agent.backup.keys import KeyRing
 from kybdr_agent.backup.manifest import Manifest
-from kybdr_agent.backup.pgdump import Connection, child_process, database_errors, drain_into, failure_message
+from kybdr_agent.backup.pgdump import (
+    DATABASE_ERRORS,
+    Connection,
+    child_process,
+    database_errors,
+    drain_into,
+    failure_message,
+    pg_message,
+)
+from kybdr_agent.backup.scratch import (
+    DRILL_PREFIX,
+    RESTORE_PREFIX,
+    drop_scratch,
+    held,
+    is_scratch,
+    mark_keep,
+    quote_ident,
+    sweep_scratch,
+)
+from kybdr_agent.backup.target import TargetContents, describe, inspect_target
 from kybdr_agent.errors import DumpError, KybdrError
 from kybdr_agent.storage.base import BlobStore
+from kybdr_agent.telemetry import get_logger
 
 MAX_IDENTIFIER_BYTES: Final = 63
-CLEANUP_DEADLINE: Final = 60.0
+log = get_logger("kybdr_agent.restore")
 
 
 @dataclass(frozen=True)
@@ -39,10 +59,15 @@ class RestoreResult:
     replaced_existing: bool
     dump_bytes: int
     seconds: float
+    terminated_sessions: int = 0
+    notices: list[str] = field(default_factory=list)
 
 
-def quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
+Notice = Callable[[str], None]
+
+
+def _ignore(_message: str) -> None:
+    return None
 
 
 def check_target_name(name: str) -> str:
@@ -53,14 +78,31 @@ def check_target_name(name: str) -> str:
     return name
 
 
-_USER_OBJECTS: Final = """
-select (select count(*) from pg_class c join pg_namespace n on n.oid = c.relnamespace
-         where n.nspname not in ('pg_catalog', 'information_schema')
-           and n.nspname not like 'pg\\_toast%' and n.nspname not like 'pg\\_temp%')
-     + (select count(*) from pg_largeobject_metadata)
-     + (select count(*) from pg_proc p join pg_namespace n on n.oid = p.pronamespace
-         where n.nspname not in ('pg_catalog', 'information_schema'))
-"""
+def check_user_target(name: str) -> str:
+    """A target an operator names: never one of the agent's scratch names, which sweeps drop on sight."""
+    check_target_name(name)
+    if is_scratch(name):
+        raise KybdrError(
+            f"{name!r} starts with {RESTORE_PREFIX!r} or {DRILL_PREFIX!r}, the agent's scratch names, which it "
+            "drops when no restore holds them; choose another --target-database"
+        )
+    return name
+
+
+_SESSIONS: Final = "select count(*) from pg_catalog.pg_stat_activity where datname = $1 and pid <> pg_backend_pid()"
+
+
+async def _contents(connection: Connection, admin: Any, target: str) -> TargetContents:
+    with database_errors(f"inspecting database {target!r}"):
+        async with connection.connect(target) as here, connection.connect("template1") as template:
+            return await inspect_target(admin, here, template, target)
+
+
+def _not_empty(target: str, found: TargetContents) -> KybdrError:
+    return KybdrError(
+        f"database {target!r} exists and is not empty (it holds {'; '.join(describe(found))}); "
+        "choose another --target-database or pass --force to replace it"
+    )
 
 
 async def restore_backup(
@@ -73,62 +115,103 @@ async def restore_backup(
     target: str,
     force: bool = False,
     no_owner: bool = False,
+    notice: Notice = _ignore,
 ) -> RestoreResult:
+    """Restore into a scratch database, then put it in place of ``target``.
+
+    An existing target is replaced only if it is exactly a fresh, untouched database (``target.py``) or
+    ``force`` is given, and that is checked again just before the swap. ``notice`` hears, before it
+    happens, anything the operator should know — above all that client sessions will be terminated.
+    """
     check_target_name(target)
     started = time.monotonic()
-    scratch = f"kybdr_restore_{secrets.token_hex(6)}"
+    notices: list[str] = []
+
+    def say(message: str) -> None:
+        notices.append(message)
+        log.warning("restore.notice", target=target, message=message)
+        notice(message)
+
+    scratch = f"{RESTORE_PREFIX}{secrets.token_hex(6)}"
     async with connection.connect(maintenance_database) as admin:
+        with database_errors("sweeping scratch databases left by earlier restores"):
+            swept = await sweep_scratch(admin)
+        for name, error in swept.failed.items():
+            say(f"could not drop the leftover scratch database {name}: {error}")
         server_major = admin.get_server_version().major
         with database_errors(f"checking the target database {target!r}"):
             exists = bool(await admin.fetchval("select true from pg_database where datname = $1", target))
         if exists:
-            async with connection.connect(target) as existing:
-                with database_errors(f"inspecting database {target!r}"):
-                    objects = int(await existing.fetchval(_USER_OBJECTS))
-            if objects and not force:
-                raise KybdrError(
-                    f"database {target!r} exists and is not empty ({objects} objects); "
-                    "choose another --target-database or pass --force to replace it"
-                )
+            found = await _contents(connection, admin, target)
+            if not found.empty and not force:
+                raise _not_empty(target, found)
+            if force:
+                with database_errors(f"counting the sessions connected to {target!r}"):
+                    sessions = int(await admin.fetchval(_SESSIONS, target))
+                if sessions:
+                    say(
+                        f"{target!r} has {sessions} client session(s) connected now; --force terminates every "
+                        "session connected to it when the restored copy replaces it"
+                    )
         pg_restore = connection.binary("pg_restore", server_major)
-        with database_errors("creating the scratch database for the restore"):
-            await admin.execute(f"create database {quote_ident(scratch)} template template0")
-        try:
-            stats_bytes = await _pg_restore_into(scratch, backup, store, keyring, connection, pg_restore, no_owner)
-        except BaseException:
-            with anyio.move_on_after(CLEANUP_DEADLINE, shield=True), contextlib.suppress(Exception):
-                await admin.execute(f"drop database if exists {quote_ident(scratch)} with (force)")
-            raise
-        # The restored copy is complete. From here on it is the only good copy once the old target is
-        # dropped, so the swap is shielded from cancellation and a failure never drops the scratch database.
-        with anyio.CancelScope(shield=True):
-            await _swap_in(admin, scratch, target, replace=exists)
+        async with held(admin, scratch):
+            with database_errors("creating the scratch database for the restore"):
+                await admin.execute(f"create database {quote_ident(scratch)} template template0")
+            try:
+                stats_bytes = await _pg_restore_into(scratch, backup, store, keyring, connection, pg_restore, no_owner)
+            except BaseException:
+                await drop_scratch(admin, scratch)
+                raise
+            # The restored copy is complete. From here on it is the only good copy once the old target is
+            # dropped, so the swap is shielded from cancellation and a failure never drops the scratch
+            # database after the old target is gone.
+            with anyio.CancelScope(shield=True):
+                terminated = await _swap_in(connection, admin, scratch, target, replace=exists, force=force, say=say)
     return RestoreResult(
         backup_id=backup.id,
         target_database=target,
         replaced_existing=exists,
         dump_bytes=stats_bytes,
         seconds=round(time.monotonic() - started, 3),
+        terminated_sessions=terminated,
+        notices=notices,
     )
 
 
-async def _swap_in(admin: Any, scratch: str, target: str, *, replace: bool) -> None:
+async def _swap_in(
+    connection: Connection, admin: Any, scratch: str, target: str, *, replace: bool, force: bool, say: Notice
+) -> int:
+    """Drop the old target (if any) and rename the scratch copy; the number of sessions terminated."""
     dropped = False
+    terminated = 0
     try:
         if replace:
-            await admin.execute(f"drop database {quote_ident(target)} with (force)")
+            if not force:
+                # It was empty when the restore began; somebody may have used it since.
+                found = await _contents(connection, admin, target)
+                if not found.empty:
+                    raise _not_empty(target, found)
+                await admin.execute(f"drop database {quote_ident(target)}")
+            else:
+                terminated = int(await admin.fetchval(_SESSIONS, target))
+                if terminated:
+                    say(f"terminating {terminated} client session(s) connected to {target!r} to replace it")
+                await admin.execute(f"drop database {quote_ident(target)} with (force)")
             dropped = True
         await admin.execute(f"alter database {quote_ident(scratch)} rename to {quote_ident(target)}")
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+    except (*DATABASE_ERRORS, KybdrError) as exc:
         if not dropped:
-            with anyio.move_on_after(CLEANUP_DEADLINE), contextlib.suppress(Exception):
-                await admin.execute(f"drop database if exists {quote_ident(scratch)} with (force)")
-            raise DumpError(f"could not put the restored database in place of {target!r}: {exc}") from None
+            await drop_scratch(admin, scratch)
+            if isinstance(exc, KybdrError):
+                raise
+            raise DumpError(f"could not put the restored database in place of {target!r}: {pg_message(exc)}") from None
+        await mark_keep(admin, scratch, f"the restored copy of {target}; rename it to {target}")
         raise DumpError(
-            f"the old {target!r} was dropped but renaming the restored copy failed ({exc}); the restored data "
-            f"is complete in database {scratch!r}: rename it with ALTER DATABASE {quote_ident(scratch)} "
-            f"RENAME TO {quote_ident(target)}"
+            f"the old {target!r} was dropped but renaming the restored copy failed ({pg_message(exc)}); the "
+            f"restored data is complete in database {scratch!r}, which sweeps will not drop: rename it with "
+            f"ALTER DATABASE {quote_ident(scratch)} RENAME TO {quote_ident(target)}"
         ) from None
+    return terminated
 
 
 async def _pg_restore_into(

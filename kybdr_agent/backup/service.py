@@ -7,32 +7,33 @@ configuration reload therefore only swaps the settings the next operation sees.
 
 from __future__ import annotations
 
-import secrets
 import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from typing import Any
 
 import anyio
 
 from kybdr_agent import wiring
-from kybdr_agent.backup import catalog, facts
-from kybdr_agent.backup.manifest import MANIFEST_NAME, Manifest, database_key, manifest_key_path
-from kybdr_agent.backup.pgdump import Connection
+from kybdr_agent.backup import catalog
+from kybdr_agent.backup.drill import drill_one
+from kybdr_agent.backup.lease import pid_alive, this_process
+from kybdr_agent.backup.manifest import Manifest, database_key, manifest_key_path
+from kybdr_agent.backup.pgdump import Connection, database_errors
 from kybdr_agent.backup.pipeline import BackupProgress, backup_and_record
-from kybdr_agent.backup.restore import RestoreResult, quote_ident, restore_backup
+from kybdr_agent.backup.restore import Notice, RestoreResult, check_user_target, restore_backup
 from kybdr_agent.backup.retention import BackupRecord, RetentionPolicy, decide
+from kybdr_agent.backup.scratch import ScratchSweep, sweep_scratch
 from kybdr_agent.backup.streamfmt import Compression
+from kybdr_agent.backup.sweep import sweep_repository
 from kybdr_agent.backup.verify import Level, ValidationResult, validate_backup
 from kybdr_agent.config import AgentSettings, PolicySettings
 from kybdr_agent.errors import ConfigError, KybdrError
 from kybdr_agent.journal import Journal
 from kybdr_agent.storage.base import BlobStore
-
-SCRATCH_PREFIX: Final = "kybdr_drill_"
 
 
 @dataclass(frozen=True)
@@ -177,8 +178,15 @@ class BackupService:
     # --- restore and validation ---------------------------------------------------------------
 
     async def restore(
-        self, backup_id: str, target: str, *, force: bool = False, no_owner: bool = False
+        self,
+        backup_id: str,
+        target: str,
+        *,
+        force: bool = False,
+        no_owner: bool = False,
+        notice: Notice | None = None,
     ) -> RestoreResult:
+        check_user_target(target)
         async with wiring.open_store(self.settings.repository) as store:
             found = await catalog.find_backup(store, backup_id)
             return await restore_backup(
@@ -190,6 +198,7 @@ class BackupService:
                 target=target,
                 force=force,
                 no_owner=no_owner,
+                notice=notice or (lambda _message: None),
             )
 
     async def validate(self, backup_id: str, level: Level) -> ValidationResult:
@@ -240,55 +249,10 @@ class BackupService:
                 raise KybdrError(f"no backup of database {database!r} to drill")
             if not newest:
                 raise KybdrError("the repository holds no backups to drill")
+            keys = wiring.keyring(self.settings)
             for m in newest.values():
-                results.append(await self._drill_one(store, connection, maintenance, m))
+                results.append(await drill_one(store, connection, maintenance, keys, m))
         return results
-
-    async def _drill_one(
-        self, store: BlobStore, connection: Connection, maintenance: str, m: Manifest
-    ) -> dict[str, Any]:
-        scratch = f"{SCRATCH_PREFIX}{secrets.token_hex(6)}"
-        started = time.monotonic()
-        result: dict[str, Any] = {"database": m.database, "backup_id": m.id, "scratch_database": scratch}
-        try:
-            restored = await restore_backup(
-                m,
-                store=store,
-                keyring=wiring.keyring(self.settings),
-                connection=connection,
-                maintenance_database=maintenance,
-                target=scratch,
-                no_owner=True,
-            )
-            result["restore_seconds"] = restored.seconds
-            async with connection.connect(scratch) as copy:
-                counts = await facts.row_counts(copy, only=set(m.row_counts))
-            mismatches = {
-                table: {"expected": expected, "restored": counts.get(table)}
-                for table, expected in m.row_counts.items()
-                if counts.get(table) != expected
-            }
-            result["tables_compared"] = len(m.row_counts)
-            result["mismatches"] = mismatches
-            result["passed"] = not mismatches
-            if mismatches:
-                result["error"] = f"{len(mismatches)} table(s) differ from the row counts taken at backup time"
-        except KybdrError as exc:
-            result["passed"] = False
-            result["error"] = str(exc)
-        finally:
-            # Whatever happened, cancellation included, the scratch database goes; a failure to drop it
-            # is recorded, never allowed to replace the drill's own verdict.
-            with anyio.move_on_after(60, shield=True) as scope:
-                try:
-                    async with connection.connect(maintenance) as admin:
-                        await admin.execute(f"drop database if exists {quote_ident(scratch)} with (force)")
-                except Exception as exc:  # noqa: BLE001 - reported in the result, see above
-                    result["cleanup_error"] = f"could not drop {scratch}: {exc}"
-            if scope.cancelled_caught:
-                result["cleanup_error"] = f"dropping {scratch} timed out"
-        result["seconds"] = round(time.monotonic() - started, 3)
-        return result
 
     # --- retention ----------------------------------------------------------------------------
 
@@ -385,34 +349,46 @@ class BackupService:
 
     # --- housekeeping -------------------------------------------------------------------------
 
-    async def sweep(self, older_than: timedelta, busy_databases: frozenset[str] = frozenset()) -> dict[str, Any]:
-        """Remove what a killed agent left: unfinished uploads, and data objects with no manifest.
+    async def sweep(
+        self, older_than: timedelta, busy_databases: frozenset[str] = frozenset(), *, databases: bool = False
+    ) -> dict[str, Any]:
+        """Remove what dead backups left in the repository (and, with ``databases``, dead scratch databases).
 
-        Databases with a backup running in this agent are skipped: a long backup's upload is old but alive.
+        Whether a leftover is dead is decided by its lease (``sweep.py``), not its age: a killed backup's
+        remains go at once, a running one's are never touched, wherever it runs. ``older_than`` is only the
+        grace for leftovers that carry no lease at all. ``busy_databases`` (this agent's running backups)
+        are skipped outright, as a second line of defence.
         """
-        cutoff = self._now() - older_than
-        aborted: list[str] = []
-        orphans: list[str] = []
         busy_prefixes = tuple(f"backups/{database_key(db)}/" for db in busy_databases)
         async with wiring.open_store(self.settings.repository) as store:
-            for upload in await store.incomplete_uploads("backups/"):
-                if upload.key.startswith(busy_prefixes):
-                    continue
-                if upload.initiated < cutoff:
-                    await store.abort_incomplete(upload)
-                    aborted.append(upload.key)
-            objects: dict[str, dict[str, Any]] = defaultdict(dict)
-            async for info in store.list_objects("backups/"):
-                prefix, _, name = info.key.rpartition("/")
-                objects[prefix][name] = info
-            for prefix, names in objects.items():
-                if MANIFEST_NAME in names or (prefix + "/").startswith(busy_prefixes):
-                    continue
-                for info in names.values():
-                    if info.modified < cutoff:
-                        await store.delete(info.key)
-                        orphans.append(info.key)
-        return {"aborted_uploads": aborted, "removed_orphans": orphans}
+            report = await sweep_repository(
+                store,
+                now=self._now(),
+                grace=older_than,
+                here=this_process(),
+                pid_alive=pid_alive,
+                skip=lambda prefix: (prefix + "/").startswith(busy_prefixes),
+            )
+        swept: dict[str, Any] = report.as_dict()
+        if databases:
+            swept.update(await self.sweep_scratch())
+        return swept
+
+    async def sweep_scratch(self) -> dict[str, Any]:
+        """Drop scratch databases no restore or drill holds, on the database server and the drill server."""
+        merged = ScratchSweep()
+        seen: set[str] = set()
+        for connection in (wiring.connection(self.settings), self._drill_connection()):
+            if connection.describe() in seen:
+                continue
+            seen.add(connection.describe())
+            async with connection.connect(self.settings.database.maintenance_database) as admin:
+                with database_errors("sweeping scratch databases"):
+                    found = await sweep_scratch(admin)
+            merged.dropped += found.dropped
+            merged.in_use += found.in_use
+            merged.failed.update(found.failed)
+        return merged.as_dict()
 
     # --- statistics ---------------------------------------------------------------------------
 
