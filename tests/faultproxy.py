@@ -32,7 +32,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final, Literal
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import aiohttp
 
@@ -119,8 +119,9 @@ class Fault:
         }[self.action]
         return f"{what} on {'/'.join(sorted(self.kinds))}"
 
-    def matches(self, kind: str, path: str) -> bool:
-        return (kind in self.kinds or ALL_KINDS in self.kinds) and self.where in path
+    def matches(self, kind: str, target: str) -> bool:
+        """``target`` is the request's path and query, unquoted: ``where`` can name a bucket or a prefix."""
+        return (kind in self.kinds or ALL_KINDS in self.kinds) and self.where in target
 
     def fires(self, rng: random.Random) -> bool:
         """Called for each matching request, in arrival order: does this one get the fault?"""
@@ -259,11 +260,11 @@ class FaultProxy:
         pairs = [(k.strip(), v.strip()) for k, v in raw]
         return _Request(method, target, version, {k.lower(): v for k, v in pairs}, pairs)
 
-    def _choose(self, kind: str, path: str) -> Fault | None:
+    def _choose(self, kind: str, target: str) -> Fault | None:
         with self._lock:
             chosen = None
             for rule in self.faults:
-                if rule.matches(kind, path) and rule.fires(self._rng) and chosen is None:
+                if rule.matches(kind, target) and rule.fires(self._rng) and chosen is None:
                     chosen = rule
             if chosen is not None:
                 self.injected[chosen.name] += 1
@@ -280,7 +281,7 @@ class FaultProxy:
         if "chunked" in request.headers.get("transfer-encoding", "").lower():
             await self._respond(writer, 501, [], s3_error_body("NotImplemented", "chunked bodies"), None)
             return False
-        rule = self._choose(kind, urlsplit(request.target).path)
+        rule = self._choose(kind, unquote(request.target))
         if rule is None and kind == "UploadPart" and self.fail_upload_part:
             rule = fault(kind, "error", every=1, status=500, code="InternalError")
         action = rule.action if rule else None

@@ -3,17 +3,26 @@
 Uploads are multipart with bounded concurrency and a bounded buffer, so memory is about
 (concurrency + 2) × part size whatever the dump's size. Each part carries its own SHA-256 where the store
 supports additional checksums; ``checksums = "when_required"`` sends none beyond what the API demands, for
-compatible stores that reject botocore's default CRCs. Retries, backoff and a stall deadline per request
-are ours (botocore's own retries are off, so the two never multiply). Any failure or cancellation aborts the
-multipart upload, shielded and time-bounded, so no orphaned parts accrue storage charges.
+compatible stores that reject botocore's default CRCs. Retries, backoff and the stall deadline are ours
+(botocore's own retries are off, so the two never multiply): a request is cut only when no byte moved for
+``request_timeout`` seconds — bodies go out through ``_WatchedBody``, which reports each chunk the socket
+takes, and answers are timed per read by aiohttp — never because a big part on a slow link takes long.
+Any failure or cancellation aborts the multipart upload, shielded and time-bounded, so no orphaned parts
+accrue storage charges; a lost answer to a create, complete or abort is recognised rather than left behind.
+Every failure leaves this module as a ``StoreError`` (or ``NotFound``) with a one-line reason.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import fcntl
 import hashlib
+import io
 import random
+import struct
+import termios
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -21,19 +30,25 @@ from datetime import datetime
 from typing import Any, Final, Literal
 
 import aiohttp
+import aiohttp.abc
+import aiohttp.payload
 import anyio
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, ReadTimeoutError
 
 from kybdr_agent.backup.manifest import PartRun
 from kybdr_agent.errors import NotFound, StoreError
 from kybdr_agent.storage.base import BlobWriter, IncompleteUpload, ObjectInfo, UploadResult
 from kybdr_agent.storage.parts import S3_MAX_PARTS, initial_part_size, part_size_for
-from kybdr_agent.storage.retry import AttemptTimeout, RetryPolicy, call_with_retries
+from kybdr_agent.storage.retry import AttemptTimeout, AttemptWatch, RetryPolicy, call_with_retries, current_watch
 from kybdr_agent.telemetry import get_logger
 
 ABORT_DEADLINE: Final = 60.0
+BODY_CHUNK: Final = 64 * 1024
+_DRAIN_POLL_MAX: Final = 0.05
+_NOT_FOUND_CODES: Final = frozenset({"NoSuchKey", "404", "NotFound", "NoSuchUpload"})
+_SWEEP_NOTE: Final = "the next sweep (the agent's next housekeeping tick, or the next kybdr-agent command) aborts it"
 _COPY_SINGLE_LIMIT: Final = 5 << 30
 _COPY_PART: Final = 1 << 30
 log = get_logger("kybdr_agent.s3")
@@ -63,11 +78,102 @@ def is_retryable(exc: BaseException) -> bool:
     return isinstance(exc, BotoCoreError | aiohttp.ClientError | OSError | AttemptTimeout)
 
 
-def _describe(exc: BaseException) -> str:
+def _describe(exc: BaseException, options: S3Options) -> str:
+    """One line an operator can act on; timeouts say what did not move, and for how long."""
     if isinstance(exc, ClientError):
         err = exc.response.get("Error", {})
         return f"{err.get('Code', 'error')}: {err.get('Message', '')}".rstrip(": ")
-    return f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, AttemptTimeout):
+        return f"{exc} (sending the request)" if str(exc).startswith("no bytes") else str(exc)
+    if isinstance(exc, ReadTimeoutError | TimeoutError):
+        return f"no bytes moved for {options.request_timeout:g} s (awaiting the answer)"
+    if isinstance(exc, ConnectTimeoutError):
+        return f"could not connect within {options.connect_timeout:g} s"
+    if isinstance(exc, BotoCoreError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}".rstrip(": ")
+
+
+def _unsent(writer: aiohttp.abc.AbstractStreamWriter) -> int | None:
+    """Bytes written but not yet acknowledged by the peer: the transport's buffer plus the socket's queue.
+
+    None where that cannot be known (no transport, or a platform without ``TIOCOUTQ``).
+    """
+    transport = getattr(writer, "transport", None)
+    if transport is None or transport.is_closing():
+        return None
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return None
+    try:
+        queued = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except (OSError, AttributeError):
+        return None
+    return int(transport.get_write_buffer_size()) + int(queued)
+
+
+class _WatchedBody(aiohttp.payload.Payload):
+    """A request body that tells the attempt's watch about every chunk the connection accepts.
+
+    aiohttp writes a plain ``bytes`` body in one go, so a stall deadline could only bound the whole request.
+    This body goes out in 64 KiB views of the same buffer (no copies); each ``writer.write`` returns once
+    the transport has room again, so a returning write means bytes moved. The last bytes can sit in the
+    kernel's socket buffer, megabytes of it on a slow link; aiohttp starts its per-read answer timeout as
+    soon as the body is written, so before returning we wait until what is still unacknowledged could
+    leave within half a stall deadline at the floor throughput, counting every drop as progress.
+    """
+
+    def __init__(self, data: bytes | bytearray | memoryview, watch: AttemptWatch) -> None:
+        super().__init__(data)
+        self._size = len(data)
+        self._watch = watch
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        return bytes(self._value).decode(encoding, errors)
+
+    async def write(self, writer: aiohttp.abc.AbstractStreamWriter) -> None:
+        await self.write_with_length(writer, None)
+
+    async def write_with_length(self, writer: aiohttp.abc.AbstractStreamWriter, content_length: int | None) -> None:
+        view = memoryview(self._value)
+        end = len(view) if content_length is None else min(content_length, len(view))
+        for start in range(0, end, BODY_CHUNK):
+            chunk = view[start : min(start + BODY_CHUNK, end)]
+            await writer.write(chunk)
+            self._watch.moved(len(chunk))
+        await self._drain(writer)
+        self._watch.sent()
+
+    async def _drain(self, writer: aiohttp.abc.AbstractStreamWriter) -> None:
+        unsent = _unsent(writer)
+        pause = 0.001
+        while unsent is not None and unsent > self._watch.tail_allowance:
+            await anyio.sleep(pause)
+            now = _unsent(writer)
+            if now is not None and now < unsent:
+                self._watch.moved(unsent - now)
+            unsent = now
+            pause = min(pause * 2, _DRAIN_POLL_MAX)
+
+
+def _watch_request(request: Any, **_: Any) -> None:
+    """botocore's ``before-send`` event, after signing: send the body through ``_WatchedBody``.
+
+    botocore measured, hashed and signed the bytes; only how they reach the socket changes. It hands
+    PutObject and UploadPart bodies over as a ``BytesIO`` around our bytes, whose ``getvalue`` is that same
+    object (no copy). A request without a body is sent at once, so its watch hands over to the answer's
+    per-read timeout.
+    """
+    watch = current_watch()
+    if watch is None:
+        return
+    body = request.body
+    if isinstance(body, io.BytesIO):
+        body = memoryview(body.getvalue())[body.tell() :]
+    if isinstance(body, bytes | bytearray | memoryview) and len(body):
+        request.body = _WatchedBody(body, watch)
+    elif not body:
+        watch.sent()
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +189,7 @@ class S3Options:
     max_parts: int = S3_MAX_PARTS
     upload_concurrency: int = 2
     connect_timeout: float = 10.0
-    request_timeout: float = 120.0
+    request_timeout: float = 120.0  # seconds without a byte moving, either way, before an attempt is cut
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
 
@@ -104,6 +210,7 @@ class _MultipartUpload:
         self._inflight: set[asyncio.Task[None]] = set()
         self._completed: dict[int, dict[str, Any]] = {}
         self._sizes: list[int] = []
+        self._completed_upload = False
 
     def _current_part_size(self) -> int:
         return part_size_for(
@@ -151,8 +258,10 @@ class _MultipartUpload:
     async def _reap(self, when: str) -> None:
         done, _ = await asyncio.wait(self._inflight, return_when=when)
         self._inflight -= done
-        for task in done:
-            task.result()
+        # Every finished task's error is retrieved (two parts can fail together); the first one is raised.
+        errors = [exc for task in done if (exc := _outcome(task)) is not None]
+        if errors:
+            raise errors[0]
 
     async def _upload_part(self, number: int, body: bytes) -> None:
         kwargs: dict[str, Any] = {}
@@ -169,6 +278,8 @@ class _MultipartUpload:
             Body=body,
             **kwargs,
         )
+        if "ETag" not in response:
+            raise StoreError(f"{self._store.describe()} answered part {number} of {self._key} without an ETag")
         entry: dict[str, Any] = {"PartNumber": number, "ETag": response["ETag"]}
         if "ChecksumSHA256" in kwargs:
             entry["ChecksumSHA256"] = response.get("ChecksumSHA256", kwargs["ChecksumSHA256"])
@@ -180,14 +291,26 @@ class _MultipartUpload:
         while self._inflight:
             await self._reap(asyncio.ALL_COMPLETED)
         parts = [self._completed[n] for n in sorted(self._completed)]
-        await self._store.call(
-            f"completing the upload of {self._key}",
-            "complete_multipart_upload",
-            Bucket=self._store.options.bucket,
-            Key=self._store.full_key(self._key),
-            UploadId=self._upload_id,
-            MultipartUpload={"Parts": parts},
-        )
+        retried: list[int] = []
+        try:
+            await self._store.call(
+                f"completing the upload of {self._key}",
+                "complete_multipart_upload",
+                work=self._result.size,
+                retried=retried,
+                Bucket=self._store.options.bucket,
+                Key=self._store.full_key(self._key),
+                UploadId=self._upload_id,
+                MultipartUpload={"Parts": parts},
+            )
+        except NotFound:
+            # An earlier attempt may have completed it and only the answer was lost: then the upload is
+            # gone because it became the object. The key is this backup's own, so an object there of the
+            # right size is this upload.
+            if not retried or not await self._store.has_object(self._key, self._result.size):
+                raise
+            log.info("s3.complete_answer_lost", key=self._key, note="an earlier attempt completed the upload")
+        self._completed_upload = True
         self._result.parts = _runs(self._sizes)
         self._result.checksum_algorithm = "SHA256" if self._store.options.checksums == "sha256" else None
 
@@ -196,14 +319,19 @@ class _MultipartUpload:
             task.cancel()
         if self._inflight:
             await asyncio.wait(self._inflight)
+        for task in self._inflight:
+            _outcome(task)  # retrieved: the error that is being reported is the one that caused the abort
         self._inflight.clear()
-        await self._store.call(
-            f"aborting the upload of {self._key}",
-            "abort_multipart_upload",
-            Bucket=self._store.options.bucket,
-            Key=self._store.full_key(self._key),
-            UploadId=self._upload_id,
-        )
+        if self._completed_upload:
+            return
+        await self._store.abort_upload(self._key, self._upload_id)
+
+
+def _outcome(task: asyncio.Task[None]) -> BaseException | None:
+    """A finished task's error, retrieved (so asyncio never reports it as lost); None if it succeeded."""
+    if task.cancelled():
+        return None
+    return task.exception()
 
 
 def _runs(sizes: list[int]) -> list[PartRun]:
@@ -240,6 +368,7 @@ class S3Store:
         store._client = await store._exit.enter_async_context(
             session.create_client("s3", region_name=options.region, endpoint_url=options.endpoint_url, config=config)
         )
+        store._client.meta.events.register("before-send.s3", _watch_request)
         return store
 
     def describe(self) -> str:
@@ -249,44 +378,101 @@ class S3Store:
     def full_key(self, key: str) -> str:
         return f"{self.options.prefix}/{key}" if self.options.prefix else key
 
-    async def call(self, what: str, method: str, **kwargs: Any) -> Any:
+    async def call(
+        self, what: str, method: str, *, work: int | None = None, retried: list[int] | None = None, **kwargs: Any
+    ) -> Any:
+        """One S3 operation with our retries, as a ``StoreError`` (``NotFound``) when it fails for good.
+
+        ``work`` is the bytes the attempt's total cap is sized for (default: the body's); ``retried``, when
+        given, collects the numbers of the attempts that failed and were retried.
+        """
         operation = getattr(self._client, method)
+        body = kwargs.get("Body")
+        size = work if work is not None else len(body) if isinstance(body, bytes | bytearray) else 0
+        failed = retried if retried is not None else []
+        policy = self.options.retry
+
+        def on_retry(attempt: int, error: BaseException, delay: float) -> None:
+            failed.append(attempt)
+            log.info(
+                "s3.retry",
+                operation=what,
+                attempt=attempt,
+                attempts=policy.attempts,
+                reason=_describe(error, self.options),
+                backoff_seconds=round(delay, 3),
+            )
+
         try:
             return await call_with_retries(
-                lambda: operation(**kwargs), policy=self.options.retry, retryable=is_retryable
+                lambda: operation(**kwargs), policy=policy, retryable=is_retryable, size=size, on_retry=on_retry
             )
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
-            if code in ("NoSuchKey", "404", "NotFound", "NoSuchUpload"):
+            if code in _NOT_FOUND_CODES:
                 raise NotFound(f"{what}: not found in {self.describe()}") from exc
-            raise StoreError(f"{what} in {self.describe()} failed: {_describe(exc)}") from exc
+            raise StoreError(self._failure(what, exc, len(failed) + 1)) from exc
         except (BotoCoreError, aiohttp.ClientError, OSError) as exc:
-            raise StoreError(
-                f"{what} in {self.describe()} failed after {self.options.retry.attempts} attempts: {_describe(exc)}"
-            ) from exc
+            raise StoreError(self._failure(what, exc, len(failed) + 1)) from exc
+
+    def _failure(self, what: str, exc: BaseException, tries: int) -> str:
+        after = f" after {tries} attempts" if tries > 1 else ""
+        return f"{what} in {self.describe()} failed{after}: {_describe(exc, self.options)}"
+
+    async def has_object(self, key: str, size: int) -> bool:
+        info = await self.stat(key)
+        return info is not None and info.size == size
+
+    async def abort_upload(self, key: str, upload_id: str) -> None:
+        """Abort one multipart upload; one already gone (an earlier attempt's lost answer) is aborted."""
+        with contextlib.suppress(NotFound):
+            await self.call(
+                f"aborting the upload of {key}",
+                "abort_multipart_upload",
+                Bucket=self.options.bucket,
+                Key=self.full_key(key),
+                UploadId=upload_id,
+            )
+
+    async def _create_upload(self, key: str, **extra: Any) -> str:
+        """Start a multipart upload. When an attempt's answer was lost, the store may hold an upload we
+        never learned the id of: the key is ours alone, so any other open upload on it is aborted."""
+        retried: list[int] = []
+        created = await self.call(
+            f"starting the upload of {key}",
+            "create_multipart_upload",
+            retried=retried,
+            Bucket=self.options.bucket,
+            Key=self.full_key(key),
+            **extra,
+        )
+        upload_id = str(created["UploadId"])
+        if retried:
+            try:
+                for stray in await self.incomplete_uploads(key):
+                    if stray.key == key and stray.upload_id != upload_id:
+                        await self.abort_upload(key, stray.upload_id)
+            except StoreError as exc:
+                log.warning("s3.abort_failed", key=key, error=str(exc), note=_SWEEP_NOTE)
+        return upload_id
 
     @asynccontextmanager
     async def open_upload(self, key: str, *, size_hint: int | None, result: UploadResult) -> AsyncIterator[BlobWriter]:
         opts = self.options
         base = opts.part_size or initial_part_size(size_hint, opts.max_parts, opts.min_part_size)
         extra: dict[str, Any] = {"ChecksumAlgorithm": "SHA256"} if opts.checksums == "sha256" else {}
-        created = await self.call(
-            f"starting the upload of {key}",
-            "create_multipart_upload",
-            Bucket=opts.bucket,
-            Key=self.full_key(key),
-            **extra,
-        )
-        upload = _MultipartUpload(self, key, created["UploadId"], base, result)
+        upload = _MultipartUpload(self, key, await self._create_upload(key, **extra), base, result)
         try:
             yield upload
             await upload.finish()
         except BaseException:
-            with anyio.move_on_after(ABORT_DEADLINE, shield=True):
+            with anyio.move_on_after(ABORT_DEADLINE, shield=True) as scope:
                 try:
                     await upload.abort()
                 except Exception as exc:  # noqa: BLE001 - the original error is the one to report
-                    log.warning("s3.abort_failed", key=key, error=str(exc), note="the start-up sweep retries")
+                    log.warning("s3.abort_failed", key=key, error=str(exc), note=_SWEEP_NOTE)
+            if scope.cancelled_caught:
+                log.warning("s3.abort_failed", key=key, error=f"not done within {ABORT_DEADLINE:g} s", note=_SWEEP_NOTE)
             raise
 
     async def copy_from(self, source: S3Store, key: str, size: int) -> None:
@@ -296,12 +482,11 @@ class S3Store:
         any failure like an upload. No byte passes through this host.
         """
         src = {"Bucket": source.options.bucket, "Key": source.full_key(key)}
-        dest = {"Bucket": self.options.bucket, "Key": self.full_key(key)}
+        dest: dict[str, Any] = {"Bucket": self.options.bucket, "Key": self.full_key(key)}
         if size <= _COPY_SINGLE_LIMIT:
-            await self.call(f"copying {key} to {self.describe()}", "copy_object", CopySource=src, **dest)
+            await self.call(f"copying {key} to {self.describe()}", "copy_object", work=size, CopySource=src, **dest)
             return
-        created = await self.call(f"starting the copy of {key}", "create_multipart_upload", **dest)
-        upload_id = created["UploadId"]
+        upload_id = await self._create_upload(key)
         try:
             parts = []
             for number, start in enumerate(range(0, size, _COPY_PART), start=1):
@@ -309,6 +494,7 @@ class S3Store:
                 answer = await self.call(
                     f"copying part {number} of {key}",
                     "upload_part_copy",
+                    work=end + 1 - start,
                     CopySource=src,
                     CopySourceRange=f"bytes={start}-{end}",
                     UploadId=upload_id,
@@ -319,6 +505,7 @@ class S3Store:
             await self.call(
                 f"completing the copy of {key}",
                 "complete_multipart_upload",
+                work=size,
                 UploadId=upload_id,
                 MultipartUpload={"Parts": parts},
                 **dest,
@@ -326,9 +513,9 @@ class S3Store:
         except BaseException:
             with anyio.move_on_after(ABORT_DEADLINE, shield=True):
                 try:
-                    await self.call(f"aborting the copy of {key}", "abort_multipart_upload", UploadId=upload_id, **dest)
+                    await self.abort_upload(key, upload_id)
                 except Exception as exc:  # noqa: BLE001 - the original error is the one to report
-                    log.warning("s3.abort_failed", key=key, error=str(exc), note="the start-up sweep retries")
+                    log.warning("s3.abort_failed", key=key, error=str(exc), note=_SWEEP_NOTE)
             raise
 
     async def put_bytes(self, key: str, data: bytes) -> None:
@@ -355,12 +542,17 @@ class S3Store:
         return b"".join(chunks)
 
     async def read(self, key: str, *, start: int = 0, chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
-        """Stream with ranged GETs, resuming at the last byte received when a read fails or stalls."""
+        """Stream with ranged GETs, resuming at the last byte received when a read fails or stalls.
+
+        Each read waits at most ``request_timeout`` for *some* bytes (a read returns what has arrived, up
+        to ``chunk_size``), so a slow but steady stream is never cut; failures in a row are bounded by the
+        retry policy and every resume is logged.
+        """
         offset = start
         failures = 0
         policy = self.options.retry
         while True:
-            extra = {"Range": f"bytes={offset}-"} if offset else {}
+            extra: dict[str, Any] = {"Range": f"bytes={offset}-"} if offset else {}
             response = await self.call(
                 f"reading {key}", "get_object", Bucket=self.options.bucket, Key=self.full_key(key), **extra
             )
@@ -376,11 +568,22 @@ class S3Store:
                     yield chunk
             except (TimeoutError, BotoCoreError, aiohttp.ClientError, OSError) as exc:
                 failures += 1
+                reason = _describe(exc, self.options)
                 if failures >= policy.attempts:
                     raise StoreError(
-                        f"reading {key} from {self.describe()} failed at byte {offset}: {_describe(exc)}"
+                        f"reading {key} from {self.describe()} failed at byte {offset} after {failures} attempts: "
+                        f"{reason}"
                     ) from exc
-                await anyio.sleep(policy.delay(failures, _JITTER))
+                delay = policy.delay(failures, _JITTER)
+                log.info(
+                    "s3.retry",
+                    operation=f"reading {key} from byte {offset}",
+                    attempt=failures,
+                    attempts=policy.attempts,
+                    reason=reason,
+                    backoff_seconds=round(delay, 3),
+                )
+                await anyio.sleep(delay)
             finally:
                 body.close()
 
@@ -397,7 +600,7 @@ class S3Store:
         token: str | None = None
         strip = len(self.full_key(""))
         while True:
-            extra = {"ContinuationToken": token} if token else {}
+            extra: dict[str, Any] = {"ContinuationToken": token} if token else {}
             page = await self.call(
                 f"listing {prefix or '/'}",
                 "list_objects_v2",
@@ -417,7 +620,7 @@ class S3Store:
     async def incomplete_uploads(self, prefix: str) -> list[IncompleteUpload]:
         found: list[IncompleteUpload] = []
         strip = len(self.full_key(""))
-        markers: dict[str, str] = {}
+        markers: dict[str, Any] = {}
         while True:
             page = await self.call(
                 "listing open multipart uploads",
@@ -434,13 +637,7 @@ class S3Store:
             markers = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
 
     async def abort_incomplete(self, upload: IncompleteUpload) -> None:
-        await self.call(
-            f"aborting the upload of {upload.key}",
-            "abort_multipart_upload",
-            Bucket=self.options.bucket,
-            Key=self.full_key(upload.key),
-            UploadId=upload.upload_id,
-        )
+        await self.abort_upload(upload.key, upload.upload_id)
 
     async def aclose(self) -> None:
         await self._exit.aclose()

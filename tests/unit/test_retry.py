@@ -1,7 +1,8 @@
-"""Bounded retries with jittered backoff and per-attempt deadlines (kybdr_agent/storage/retry.py).
+"""Bounded retries with jittered backoff, and the watch that cuts an attempt only when no byte moved
+(kybdr_agent/storage/retry.py).
 
-Time is injected: a fake ``sleep`` records the backoff delays, so nothing here waits for a backoff. Only the
-deadline tests really wait, for a 0.05 s deadline each.
+Time is injected: a fake ``sleep`` records the backoff delays, so nothing here waits for a backoff, and the
+watch's judgement is tested with made-up clocks. Only the deadline tests really wait, a fraction of a second.
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kybdr_agent.storage.retry import AttemptTimeout, RetryPolicy, call_with_retries
+from kybdr_agent.storage.retry import (
+    ANSWER_ALLOWANCE,
+    AttemptTimeout,
+    AttemptWatch,
+    RetryPolicy,
+    call_with_retries,
+    current_watch,
+)
 
 
 @pytest.fixture
@@ -169,10 +177,9 @@ async def test_base_exceptions_are_never_retried() -> None:
 async def test_stalled_attempt_times_out() -> None:
     sleep = FakeSleep()
     op = Script(stall)
-    with pytest.raises(AttemptTimeout, match=r"no progress within 0\.05 s") as info:
+    with pytest.raises(AttemptTimeout, match=r"no bytes moved for 0\.05 s") as info:
         await run(op, policy=RetryPolicy(attempts=1, attempt_deadline=0.05), sleep=sleep)
     assert isinstance(info.value, TimeoutError)
-    assert isinstance(info.value.__cause__, TimeoutError)
     assert op.calls == 1
     assert sleep.delays == []
 
@@ -269,3 +276,202 @@ def test_policy_defaults() -> None:
     assert policy.attempts >= 1
     assert 0 < policy.base_delay <= policy.max_delay
     assert policy.attempt_deadline > 0
+
+
+# --- the watch: time without progress, not time per request --------------------------------------------
+
+
+class Clock:
+    def __init__(self, now: float = 100.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_watch(clock: Clock, *, stall: float = 5.0, cap: float = 60.0, floor: float = 1000.0) -> AttemptWatch:
+    return AttemptWatch(stall=stall, cap=cap, floor=floor, now=clock.now, clock=clock)
+
+
+def test_watch_cuts_after_the_stall_deadline_without_progress() -> None:
+    clock = Clock()
+    watch = make_watch(clock)
+    assert watch.verdict(104.9) is None
+    assert watch.next_check() == 105.0
+    assert watch.verdict(105.0) == "no bytes moved for 5 s"
+
+
+def test_progress_restarts_the_stall_deadline() -> None:
+    """The issue's case: bytes keep moving for far longer than the deadline, and nothing is cut."""
+    clock = Clock()
+    watch = make_watch(clock, stall=5.0, cap=1000.0)
+    for _ in range(100):  # 400 s of a 4 s-per-chunk trickle against a 5 s deadline
+        clock.now += 4.0
+        assert watch.verdict(clock.now) is None
+        watch.moved(65536)
+        assert watch.next_check() == clock.now + 5.0
+    assert watch.bytes_moved == 100 * 65536
+    assert watch.verdict(clock.now + 5.0) == "no bytes moved for 5 s"
+
+
+def test_once_sent_only_the_cap_applies() -> None:
+    """Waiting for the answer is the HTTP client's per-read timeout's job, not the sending watch's."""
+    clock = Clock()
+    watch = make_watch(clock, stall=5.0, cap=60.0)
+    clock.now += 3.0
+    watch.sent()
+    assert not watch.sending
+    assert watch.verdict(clock.now + 50.0) is None
+    assert watch.next_check() == 160.0
+    assert watch.verdict(160.0) == "still unfinished after 60 s, the most one attempt of this size may take"
+
+
+def test_the_cap_holds_even_while_bytes_move() -> None:
+    clock = Clock()
+    watch = make_watch(clock, stall=5.0, cap=20.0)
+    for _ in range(5):
+        clock.now += 4.0
+        watch.moved(1)
+    assert clock.now == 120.0
+    assert watch.next_check() == 120.0
+    assert watch.verdict(clock.now) is not None
+    assert "still unfinished after 20 s" in str(watch.verdict(clock.now))
+
+
+def test_tail_allowance_is_half_a_deadline_at_the_floor() -> None:
+    assert make_watch(Clock(), stall=2.0, floor=65536.0).tail_allowance == 65536
+
+
+@given(size=st.integers(0, 6 << 40), deadline=st.floats(0.1, 3600), floor=st.floats(1024, 1e9))
+def test_attempt_cap_scales_with_size(size: int, deadline: float, floor: float) -> None:
+    policy = RetryPolicy(attempt_deadline=deadline, min_throughput=floor)
+    cap = policy.attempt_cap(size)
+    assert cap >= 2 * deadline
+    assert cap == pytest.approx(2 * deadline + (size + ANSWER_ALLOWANCE) / floor)
+    assert policy.attempt_cap(size + (1 << 20)) > cap
+
+
+def test_attempt_cap_for_the_issues_part_size() -> None:
+    """~840 MiB parts (a 1 TiB database) at the 120 s default: hours, not 120 s."""
+    cap = RetryPolicy().attempt_cap(840 << 20)
+    assert cap > 3 * 3600
+
+
+def test_policy_rejects_a_non_positive_floor() -> None:
+    with pytest.raises(ValueError, match="throughput"):
+        RetryPolicy(min_throughput=0)
+
+
+def test_no_watch_outside_an_attempt() -> None:
+    assert current_watch() is None
+
+
+@pytest.mark.anyio
+async def test_a_steadily_progressing_attempt_outlives_the_deadline() -> None:
+    async def trickle() -> object:
+        watch = current_watch()
+        assert watch is not None
+        for _ in range(20):  # 0.4 s in all against a 0.25 s deadline
+            await anyio.sleep(0.02)
+            watch.moved(1)
+        return "done"
+
+    assert await run(Script(trickle), policy=RetryPolicy(attempts=1, attempt_deadline=0.25)) == "done"
+
+
+@pytest.mark.anyio
+async def test_progress_that_stops_is_cut() -> None:
+    async def stops() -> object:
+        watch = current_watch()
+        assert watch is not None
+        for _ in range(3):
+            await anyio.sleep(0.02)
+            watch.moved(1)
+        await anyio.sleep(5)
+        return "too late"
+
+    with pytest.raises(AttemptTimeout, match=r"no bytes moved for 0\.1 s"):
+        await run(Script(stops), policy=RetryPolicy(attempts=1, attempt_deadline=0.1))
+
+
+@pytest.mark.anyio
+async def test_a_sent_request_waits_for_its_answer_past_the_deadline() -> None:
+    async def slow_answer() -> object:
+        watch = current_watch()
+        assert watch is not None
+        watch.sent()
+        await anyio.sleep(0.2)
+        return "answer"
+
+    assert await run(Script(slow_answer), policy=RetryPolicy(attempts=1, attempt_deadline=0.05)) == "answer"
+
+
+@pytest.mark.anyio
+async def test_the_total_cap_cuts_a_trickle() -> None:
+    async def forever() -> object:
+        watch = current_watch()
+        assert watch is not None
+        while True:
+            await anyio.sleep(0.01)
+            watch.moved(1)
+
+    # cap = 2 × 0.05 + 1 MiB / 1 GiB/s ≈ 0.1 s
+    policy = RetryPolicy(attempts=1, attempt_deadline=0.05, min_throughput=float(1 << 30))
+    with pytest.raises(AttemptTimeout, match="still unfinished"):
+        await run(Script(forever), policy=policy)
+
+
+@pytest.mark.anyio
+async def test_each_attempt_has_its_own_watch() -> None:
+    seen: list[AttemptWatch] = []
+
+    async def record() -> object:
+        watch = current_watch()
+        assert watch is not None
+        seen.append(watch)
+        if len(seen) < 3:
+            raise Transient("again")
+        return "ok"
+
+    assert await run(Script(record)) == "ok"
+    assert len({id(w) for w in seen}) == 3
+    assert current_watch() is None
+
+
+@pytest.mark.anyio
+async def test_every_retry_is_reported_with_its_attempt_and_reason() -> None:
+    reported: list[tuple[int, str, float]] = []
+    sleep = FakeSleep()
+    errors = [Transient("first"), Transient("second")]
+    result = await call_with_retries(
+        Script(*errors, "ok"),
+        policy=POLICY,
+        retryable=is_transient,
+        sleep=sleep,
+        rng=random.Random(3),
+        on_retry=lambda attempt, error, delay: reported.append((attempt, str(error), delay)),
+    )
+    assert result == "ok"
+    assert [(a, e) for a, e, _ in reported] == [(1, "first"), (2, "second")]
+    assert [d for _, _, d in reported] == sleep.delays
+
+
+@pytest.mark.anyio
+async def test_the_last_failure_is_not_reported_as_a_retry() -> None:
+    reported: list[int] = []
+    with pytest.raises(Transient):
+        await call_with_retries(
+            Script(Transient("x")),
+            policy=RetryPolicy(attempts=3),
+            retryable=is_transient,
+            sleep=FakeSleep(),
+            on_retry=lambda attempt, error, delay: reported.append(attempt),
+        )
+    assert reported == [1, 2]
+
+
+@pytest.mark.anyio
+async def test_an_outer_cancellation_is_not_turned_into_a_timeout() -> None:
+    with anyio.move_on_after(0.05) as scope:
+        await run(Script(stall), policy=RetryPolicy(attempts=3, attempt_deadline=10.0))
+    assert scope.cancelled_caught
