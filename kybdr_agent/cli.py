@@ -3,6 +3,9 @@
 Results go to stdout (a table for people, ``--json`` for scripts); logs and errors go to stderr. Exit
 status: 0 success, 1 the operation failed, 2 bad usage, 78 bad configuration, 130 interrupted. Every
 failure an operator can cause prints one paragraph saying what happened and what to do — no traceback.
+That holds for failures that are not ours too (an OSError, a library's ValueError, a driver's error): they
+end as one line "kybdr-agent: COMMAND failed: …", and the traceback is printed only with ``-v``. A bug
+says "internal error" and asks for ``-v``.
 """
 
 from __future__ import annotations
@@ -15,18 +18,19 @@ import json
 import os
 import signal
 import sys
+import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
 import anyio
 
-from kybdr_agent import __version__, wiring
-from kybdr_agent.asyncutil import primary_error
+from kybdr_agent import __version__, secret_files, wiring
+from kybdr_agent.asyncutil import leaf_exceptions, primary_error
 from kybdr_agent.backup.keys import generate_master_key_file
 from kybdr_agent.backup.manifest import InvalidBackupId, check_backup_id
 from kybdr_agent.config import DEFAULT_CONFIG_PATH, AgentSettings, load_settings
-from kybdr_agent.control.client import ControlClient, agent_listening
+from kybdr_agent.control.client import ControlClient, agent_listening, check_socket_location
 from kybdr_agent.errors import ConfigError, KybdrError
 from kybdr_agent.operations import LocalOperations, Operations, RemoteOperations, terminal_progress
 from kybdr_agent.telemetry import configure_logging, get_logger
@@ -137,10 +141,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(verbose=args.verbose)
     try:
         return _dispatch(args)
-    except ConfigError as exc:
+    except BaseExceptionGroup as group:  # a task group's leftovers: judge the error that started it
+        return _report(args, _unwrap(group))
+    except BaseException as exc:  # noqa: BLE001 - every way out of a command ends in one line (see _report)
+        return _report(args, exc)
+
+
+def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    leaves = list(leaf_exceptions(group))
+    if any(isinstance(leaf, KeyboardInterrupt | Interrupted) for leaf in leaves):
+        return Interrupted()
+    return primary_error(group)
+
+
+_OPERATIONAL: Final = (OSError, TimeoutError, EOFError, UnicodeError)
+
+
+def _report(args: argparse.Namespace, exc: BaseException) -> int:
+    """One paragraph for whatever ended the command, with the documented exit status.
+
+    ``KybdrError`` messages are written for operators. Other errors are either the environment failing
+    in a way no adapter translated (a disk, a socket, a driver: exit 1 with the library's own message)
+    or a bug (exit 1, "internal error"); their traceback goes to stderr only with ``-v``.
+    """
+    if isinstance(exc, SystemExit):
+        raise exc
+    if isinstance(exc, BrokenPipeError):
+        # stdout's reader went away (`kybdr-agent list | head -1`): not an error worth a message, but
+        # Python would otherwise complain again when it flushes stdout at exit.
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAILED
+    if isinstance(exc, KybdrError) and args.verbose and exc.__cause__ is not None:
+        traceback.print_exception(exc.__cause__, file=sys.stderr)
+    if isinstance(exc, ConfigError):
         print(f"kybdr-agent: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except Interrupted:
+    if isinstance(exc, Interrupted | KeyboardInterrupt):
         if getattr(args, "remote", False):
             print(
                 "kybdr-agent: interrupted; the job keeps running in the agent (see `kybdr-agent status`)",
@@ -151,12 +189,36 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "kybdr-agent: interrupted; the operation was cancelled and nothing half-done was kept", file=sys.stderr
             )
         return EXIT_INTERRUPTED
-    except InvalidBackupId as exc:
+    if isinstance(exc, InvalidBackupId):
         print(f"kybdr-agent: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KybdrError as exc:
+    if isinstance(exc, KybdrError):
         print(f"kybdr-agent: {args.command} failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    if args.verbose:
+        traceback.print_exception(exc, file=sys.stderr)
+    print(f"kybdr-agent: {args.command} failed: {_unexpected(exc, verbose=args.verbose)}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def _unexpected(exc: BaseException, *, verbose: bool) -> str:
+    """What an error no adapter translated says: its own words for the environment's, none for a bug's.
+
+    An OSError or a driver's error describes the world (a disk, a socket, a refused login) and its message
+    is what the operator needs; the class is named so it can be looked up. A TypeError or KeyError
+    describes our code, and its message would only confuse.
+    """
+    hint = "" if verbose else " (run with -v for details)"
+    if isinstance(exc, OSError):
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"{exc.strerror or exc}{where}"
+    module = type(exc).__module__.split(".")[0]
+    if isinstance(exc, _OPERATIONAL) or module in ("asyncpg", "aiohttp", "botocore", "aiobotocore"):
+        text = " ".join(str(exc).split()) or "no details"
+        return f"{type(exc).__name__}: {text[:500]}"
+    if isinstance(exc, RecursionError | MemoryError):
+        return f"{type(exc).__name__}: the input is too large or too deeply nested{hint}"
+    return f"internal error: {type(exc).__name__}{hint}"
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -173,7 +235,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         workdir = args.workdir.resolve()
         configured = (
             args.config is not None
-            or DEFAULT_CONFIG_PATH.exists()
+            or _default_config_present()
             or any(name.startswith("KYBDR_DATABASE__") for name in os.environ)
         )
         demo_settings = load_settings(args.config) if configured else None
@@ -194,6 +256,18 @@ def _dispatch(args: argparse.Namespace) -> int:
     command = COMMANDS[args.command]
     ops = _operations(settings, args)
     return _run(lambda: command(ops, args))
+
+
+def _default_config_present() -> bool:
+    """Whether the default config file is there; one we may not even look at counts (load_settings then
+    says why it cannot be read) instead of raising PermissionError out of ``Path.exists``."""
+    try:
+        os.stat(DEFAULT_CONFIG_PATH)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def _run(entry: Callable[[], Awaitable[int]]) -> int:
@@ -248,8 +322,10 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def _config_check(settings: AgentSettings, args: argparse.Namespace) -> int:
-    wiring.keyring(settings)  # the key files must load, not just be named
-    wiring.connection(settings)  # and the password file must be readable
+    """Validate as ``run`` would start: every secret file read and checked, the socket's place judged."""
+    secret_files.check_all(settings)  # keys, passwords and tokens: read, with run's rules
+    wiring.connection(settings)  # the DSN and password make a connection description
+    check_socket_location(settings.control.socket, secret_files.trusted_owners(settings.daemon.service_user))
     if args.json:
         _print_json(settings.masked())
     else:
@@ -263,11 +339,25 @@ def _config_check(settings: AgentSettings, args: argparse.Namespace) -> int:
 
 
 def _operations(settings: AgentSettings, args: argparse.Namespace) -> Operations:
-    """The running agent when one listens on the control socket (unless --local), else this process."""
-    if not args.local and agent_listening(settings.control.socket):
-        args.remote = True
-        return RemoteOperations(ControlClient(settings.control.socket), progress=terminal_progress())
+    """The running agent when one listens on the control socket (unless --local), else this process.
+
+    The socket must be one the agent could have made (``agent_listening`` with the trusted owners): a
+    socket anyone else may have put there is refused, and the command is not quietly run here instead.
+    """
+    if not args.local:
+        owners = secret_files.trusted_owners(settings.daemon.service_user)
+        if agent_listening(settings.control.socket, owners):
+            args.remote = True
+            return RemoteOperations(ControlClient(settings.control.socket), progress=terminal_progress())
+    if args.command in _USES_SECRETS:
+        # Checked before any I/O, with run's rules: a bad key or password file is exit 78 here too, not a
+        # failure halfway through (or a success with a key file anyone may read).
+        secret_files.load_keyring(settings)
+        secret_files.check_password_files(settings, drill=args.command == "test")
     return LocalOperations(settings)
+
+
+_USES_SECRETS: Final = frozenset({"backup", "restore", "validate", "test"})
 
 
 async def _backup(ops: Operations, args: argparse.Namespace) -> int:

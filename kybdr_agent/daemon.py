@@ -31,10 +31,13 @@ from kybdr_agent import __version__, sdnotify
 from kybdr_agent.backup.schedule import CronSpec, jitter, missed_run, next_run
 from kybdr_agent.backup.service import BackupOverrides, BackupService
 from kybdr_agent.config import AgentSettings, load_settings
-from kybdr_agent.control.server import ControlContext, Role, build_app, load_tokens
+from kybdr_agent.control.client import check_socket_location
+from kybdr_agent.control.server import ControlContext, Role, build_app
 from kybdr_agent.errors import ConfigError, KybdrError
 from kybdr_agent.jobs import Busy, Job, JobFailed, JobManager
 from kybdr_agent.journal import Journal
+from kybdr_agent.secret_files import check_all as check_secret_files
+from kybdr_agent.secret_files import load_tokens, trusted_owners
 from kybdr_agent.telemetry import get_logger
 
 TICK_SECONDS: Final = 0.5
@@ -43,7 +46,10 @@ log = get_logger("kybdr_agent.daemon")
 
 
 def _tokens(settings: AgentSettings) -> dict[str, Role]:
-    return load_tokens([(t.role, t.token_file) for t in settings.control.tokens])
+    """The control tokens, each file checked like every secret (mode, owner, UTF-8, length)."""
+    return load_tokens(
+        [(t.role, t.token_file) for t in settings.control.tokens], trusted_owners(settings.daemon.service_user)
+    )
 
 
 @dataclass
@@ -64,9 +70,14 @@ class AgentState:
 # --- the control socket -------------------------------------------------------------------------
 
 
-def _claim_socket_path(path: Path) -> None:
+def _claim_socket_path(path: Path, owners: frozenset[int]) -> None:
     """A socket file left by a crashed agent is removed; one a live agent answers on is an error;
-    anything else at that path (a file, a symlink) is never touched."""
+    anything else at that path (a file, a symlink) is never touched.
+
+    The directory is checked first (``check_socket_location``): in a directory others may write, "another
+    agent is already listening" would be whoever got there first, and removing or reusing the name there
+    would race them."""
+    check_socket_location(path, owners)
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
@@ -87,12 +98,16 @@ def _claim_socket_path(path: Path) -> None:
 
 async def start_control(ctx: ControlContext, settings: AgentSettings) -> web.AppRunner:
     control = settings.control
+    owners = trusted_owners(settings.daemon.service_user)
+    path = control.socket
+    check_socket_location(path, owners)  # before anything is created
     runner = web.AppRunner(build_app(ctx), handle_signals=False, access_log=None)
     await runner.setup()
-    path = control.socket
+    listening = f"cannot listen on {path}"
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _claim_socket_path(path)
+        # Owner-only: a directory the agent creates must pass the same check it just made of its parent.
+        path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+        _claim_socket_path(path, owners)
         # The socket is created with the umask's mode: make that as strict as the target mode, so there
         # is no moment at which it is more open than configured.
         old_umask = os.umask(0o777 & ~control.socket_mode)
@@ -102,11 +117,15 @@ async def start_control(ctx: ControlContext, settings: AgentSettings) -> web.App
             os.umask(old_umask)
         os.chmod(path, control.socket_mode)
         if control.tcp_listen:
+            listening = f"control.tcp_listen {control.tcp_listen}: cannot listen"
             host, _, port = control.tcp_listen.rpartition(":")
             await web.TCPSite(runner, host.strip("[]"), int(port)).start()
     except OSError as exc:
         await runner.cleanup()
-        raise ConfigError(f"cannot listen on {path}: {exc.strerror}") from None
+        raise ConfigError(f"{listening}: {exc.strerror or exc}") from None
+    except (ValueError, UnicodeError) as exc:  # a host name getaddrinfo/IDNA refuses (UnicodeError: too long)
+        await runner.cleanup()
+        raise ConfigError(f"{listening}: {exc}") from None
     except BaseException:
         await runner.cleanup()
         raise
@@ -274,6 +293,7 @@ def _job_record(job: Job) -> dict[str, Any]:
 def _reload(state: AgentState, ctx: ControlContext, jobs: JobManager) -> None:
     try:
         settings = load_settings(state.config_path)
+        check_secret_files(settings)  # a reload must not swap in keys or passwords that start-up would refuse
         tokens = _tokens(settings)
     except ConfigError as exc:
         log.warning("config.reload_rejected", error=str(exc), note="keeping the running configuration")
@@ -292,6 +312,10 @@ def _reload(state: AgentState, ctx: ControlContext, jobs: JobManager) -> None:
 
 async def run_daemon(config_path: Path | None, now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> int:
     settings = load_settings(config_path)
+    # Every secret file is read and checked before anything else happens: a key, password or token that
+    # would fail every backup (or leak) stops the start here, with exit 78, not at 02:00 after READY=1.
+    check_secret_files(settings)
+    check_socket_location(settings.control.socket, trusted_owners(settings.daemon.service_user))
     journal = Journal(settings.backup.backup_dir / "journal.jsonl")
     state = AgentState(config_path, settings, journal)
     jobs = JobManager(max_parallel=settings.backup.max_parallel, history=settings.control.job_history)

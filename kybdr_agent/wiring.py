@@ -6,7 +6,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
-from kybdr_agent.backup.keys import KeyMaterialError, KeyRing, load_master_key
+from kybdr_agent import secret_files
+from kybdr_agent.backup.keys import KeyRing
 from kybdr_agent.backup.pgdump import Connection
 from kybdr_agent.backup.pipeline import BackupOptions
 from kybdr_agent.backup.streamfmt import Compression
@@ -73,18 +74,18 @@ async def open_store(repo: RepositorySettings) -> AsyncIterator[BlobStore]:
 
 
 def keyring(settings: AgentSettings) -> KeyRing | None:
-    """The configured key ring, or None when no key file is set (unencrypted backups only)."""
-    enc = settings.encryption
-    if enc.key_file is None:
-        return None
-    try:
-        return KeyRing(load_master_key(enc.key_file), tuple(load_master_key(p) for p in enc.old_key_files))
-    except KeyMaterialError as exc:
-        raise ConfigError(f"encryption: {exc}") from None
+    """The configured key ring, or None when no key file is set (unencrypted backups only).
+
+    Every key file is checked as ``config check`` and ``run`` check it (``secret_files``: regular file,
+    trusted owner, mode 0600/0640, 32 bytes), so a one-shot command refuses exactly what the agent would.
+    """
+    return secret_files.load_keyring(settings)
 
 
 def connection(settings: AgentSettings) -> Connection:
+    """How to reach the database; ``database.password_file`` is checked like every secret file first."""
     db = settings.database
+    secret_files.check_password_files(settings, drill=False)
     return Connection.from_settings(db.dsn, db.password_file, db.pg_bin_dir, db.connect_timeout_seconds)
 
 

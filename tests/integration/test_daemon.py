@@ -203,6 +203,7 @@ def test_tcp_requires_tokens_and_roles(pg: Cluster, tmp_path: Path, key_file: Pa
     for role in ("viewer", "operator", "admin"):
         tokens[role] = secrets.token_urlsafe(24)
         (tmp_path / f"{role}.token").write_text(tokens[role] + "\n")
+        (tmp_path / f"{role}.token").chmod(0o600)  # token files are secrets: others may not read them
         entries += f'\n[[control.tokens]]\nrole = "{role}"\ntoken_file = "{tmp_path / f"{role}.token"}"\n'
     config, socket_path = daemon_config(tmp_path, pg, key_file, databases=[app_db])
     text = config.read_text().replace("[control]\n", f'[control]\ntcp_listen = "127.0.0.1:{port}"\n')

@@ -192,6 +192,7 @@ def test_missing_database_fails_cleanly(
 def test_bad_password_fails_without_leaking_it(pg: Cluster, tmp_path: Path, key_file: Path, small_db: str) -> None:
     password_file = tmp_path / "pgpass"
     password_file.write_text("definitely-wrong-password\n")
+    password_file.chmod(0o600)  # a secret file others may read is refused before any connection
     repo = tmp_path / "repo"
     config = agent_config(tmp_path, pg, repository=f'url = "file://{repo}"', key_file=key_file)
     config.write_text(
