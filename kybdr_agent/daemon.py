@@ -319,11 +319,17 @@ async def run_daemon(config_path: Path | None, now: Callable[[], datetime] = lam
     journal = Journal(settings.backup.backup_dir / "journal.jsonl")
     state = AgentState(config_path, settings, journal)
     jobs = JobManager(max_parallel=settings.backup.max_parallel, history=settings.control.job_history)
+    from kybdr_agent.backup.stats import DaemonStats
+
+    # Outcome statistics from memory, built once from the journal and updated as jobs finish (not re-read
+    # from the journal on every GET /v1/backup/stats).
+    stats = await DaemonStats.load(journal)
     ctx = ControlContext(
         service=lambda: state.service,
         jobs=jobs,
         tokens=_tokens(settings),
         max_body_bytes=settings.control.max_body_bytes,
+        stats=stats,
     )
 
     runner = await start_control(ctx, settings)
@@ -332,6 +338,7 @@ async def run_daemon(config_path: Path | None, now: Callable[[], datetime] = lam
         # Synchronous on purpose: a job's outcome must reach the journal even when the job was cancelled
         # by shutdown; one small fsynced append per finished job does not stall the loop noticeably.
         jobs.on_finish.append(lambda job: journal.append(_job_record(job)))
+        jobs.on_finish.append(stats.job_finished)  # after the journal append: same record, same order
         try:
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 tg.start_soon(scheduler_loop, state, jobs, now, name="scheduler")

@@ -393,45 +393,13 @@ class BackupService:
     # --- statistics ---------------------------------------------------------------------------
 
     async def stats(self) -> dict[str, Any]:
+        """Statistics built from scratch: the catalog, and every outcome the journal remembers.
+
+        Right for a one-shot CLI; the daemon answers from memory instead (``backup.stats.DaemonStats``), and
+        both render through ``render_stats``, so the document is the same either way."""
+        from kybdr_agent.backup.stats import OutcomeTally, render_stats  # here: that module imports this one
+
         now = self._now()
         found = await self.catalog()
-        per_db: dict[str, dict[str, Any]] = {}
-        for m in found.backups:
-            entry = per_db.setdefault(m.database, {"count": 0, "stored_bytes": 0})
-            entry["count"] += 1
-            entry["stored_bytes"] += m.stored_bytes
-            entry["last_good_id"] = m.id
-            entry["last_good_at"] = m.finished_at.isoformat()
-            entry["last_good_age_seconds"] = round((now - m.finished_at).total_seconds(), 1)
-        outcomes = {"succeeded": 0, "failed": 0, "cancelled": 0}
-        last_failure: dict[str, Any] | None = None
-        journal = self.journal
-        backup_records = await anyio.to_thread.run_sync(lambda: list(journal.records("backup"))) if journal else []
-        drills = await anyio.to_thread.run_sync(lambda: list(journal.records("test"))) if journal else []
-        for record in backup_records:
-            status = str(record.get("status"))
-            if status in outcomes:
-                outcomes[status] += 1
-            if status == "failed":
-                last_failure = {
-                    "at": record.get("finished_at"),
-                    "database": record.get("database"),
-                    "error": record.get("error"),
-                }
-        attempts = sum(outcomes.values())
-        return {
-            "generated_at": now.isoformat(),
-            "backups": {
-                "count": len(found.backups),
-                "stored_bytes": sum(m.stored_bytes for m in found.backups),
-                "dump_bytes": sum(m.dump_bytes for m in found.backups),
-            },
-            "by_outcome": outcomes,
-            "success_rate": round(outcomes["succeeded"] / attempts, 4) if attempts else None,
-            "duration_seconds": percentiles([m.duration_seconds for m in found.backups]),
-            "stored_bytes": percentiles([float(m.stored_bytes) for m in found.backups]),
-            "databases": per_db,
-            "last_failure": last_failure,
-            "last_drill": drills[-1] if drills else None,
-            "unreadable_manifests": len(found.unreadable),
-        }
+        tally = await anyio.to_thread.run_sync(OutcomeTally.from_journal, self.journal)  # off the loop
+        return render_stats(found, tally, now)

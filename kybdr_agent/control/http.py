@@ -1,0 +1,142 @@
+"""The control API's request pipeline: who is calling, and everything the request carries, checked first.
+
+Every route goes through ``guard``: the caller's role, then the path parameters, the query string and the
+body (``requests``) are all checked — and refused with a 4xx problem document naming what is wrong —
+before the handler runs. A handler therefore never starts work for a request that something later would
+refuse (a bad ``timeout`` used to be noticed after the restore had already created its database).
+"""
+
+from __future__ import annotations
+
+import hmac
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+from aiohttp import web
+
+from kybdr_agent.backup.service import BackupService
+from kybdr_agent.control.problems import Problem, RawHandler
+from kybdr_agent.control.requests import (
+    MAX_WAIT_SECONDS,
+    B,
+    Body,
+    QueryParam,
+    check_backup_id_param,
+    parse_query,
+    read_body,
+)
+from kybdr_agent.jobs import JobManager
+
+if TYPE_CHECKING:
+    from kybdr_agent.backup.stats import DaemonStats
+
+Role = Literal["viewer", "operator", "admin"]
+_RANK: Final = {"viewer": 0, "operator": 1, "admin": 2}
+
+
+@dataclass
+class ControlContext:
+    """What the handlers may touch: the current service (swapped on reload), the jobs, the tokens, and the
+    daemon's in-memory statistics (None: answered by ``BackupService.stats`` from scratch)."""
+
+    service: Callable[[], BackupService]
+    jobs: JobManager
+    tokens: dict[str, Role] = field(default_factory=dict)
+    max_body_bytes: int = 65536
+    started: float = field(default_factory=time.monotonic)
+    stats: DaemonStats | None = None
+
+
+CONTEXT: Final = web.AppKey("context", ControlContext)
+
+
+@dataclass(frozen=True)
+class RouteSpec:
+    method: str
+    path: str
+    role: Role
+    summary: str
+    body: type[Body] | None = None
+    job: bool = False
+    name: str = ""
+    query: tuple[QueryParam, ...] = ()
+    response: str = ""  # the 200 answer's schema in components/schemas ("" for a job route: Jobs)
+    repository: bool = False  # reads the repository: 502 when it cannot, 422 when the configuration forbids
+
+
+@dataclass
+class Call:
+    """A request that passed every check: the caller's role and the parsed path, query and body."""
+
+    request: web.Request
+    ctx: ControlContext
+    role: Role
+    query: dict[str, Any]
+    body: Body | None
+    backup_id: str = ""
+
+    def body_as(self, model: type[B]) -> B:
+        assert isinstance(self.body, model), self.body
+        return self.body
+
+    @property
+    def wait(self) -> float | None:
+        """Seconds to wait for the jobs (``?wait=true``), or None to answer 202 at once."""
+        if not self.query.get("wait"):
+            return None
+        timeout: float = self.query.get("timeout", MAX_WAIT_SECONDS)
+        return timeout
+
+
+Handler = Callable[[Call], Awaitable[web.StreamResponse]]
+
+
+def _peer_is_unix(request: web.Request) -> bool:
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    return sock is not None and sock.family == socket.AF_UNIX
+
+
+def authorise(request: web.Request, needed: Role) -> Role:
+    """Unix-socket peers are admins; TCP needs exactly ``Authorization: Bearer <token>``.
+
+    The scheme is case-insensitive (RFC 6750 / RFC 9110), followed by exactly one space and the token, with
+    nothing around it: a header that only almost matches is refused, never repaired.
+    """
+    if _peer_is_unix(request):
+        return "admin"
+    ctx = request.app[CONTEXT]
+    header = request.headers.get("Authorization", "")
+    scheme, space, presented = header.partition(" ")
+    if scheme.lower() != "bearer" or space != " " or not presented or presented != presented.strip(" \t"):
+        raise Problem(401, "unauthorized", "a bearer token is required", "send exactly: Authorization: Bearer <token>")
+    if any(ch.isspace() for ch in presented):
+        raise Problem(401, "unauthorized", "the token is not valid")
+    # aiohttp keeps undecodable header bytes as surrogates: encode them back, never raise on them.
+    given = presented.encode("utf-8", "surrogateescape")
+    role: Role | None = None
+    for token, token_role in ctx.tokens.items():
+        # Compare against every token, in constant time, so timing reveals neither match nor position.
+        if hmac.compare_digest(token.encode(), given):
+            role = token_role
+    if role is None:
+        raise Problem(401, "unauthorized", "the token is not valid")
+    if _RANK[role] < _RANK[needed]:
+        raise Problem(403, "forbidden", f"this needs the {needed} role", f"the token's role is {role}")
+    return role
+
+
+def guard(spec: RouteSpec, handler: Handler) -> RawHandler:
+    """Check the role, the path, the query and the body, in that order, before the handler runs."""
+
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        ctx = request.app[CONTEXT]
+        role = authorise(request, spec.role)
+        backup_id = check_backup_id_param(request) if "{backup_id}" in spec.path else ""
+        query = parse_query(request, spec.query)
+        body = await read_body(request, spec.body, ctx.max_body_bytes)
+        return await handler(Call(request, ctx, role, query, body, backup_id))
+
+    return guarded
