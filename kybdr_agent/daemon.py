@@ -27,7 +27,7 @@ from zoneinfo import ZoneInfo
 import anyio
 from aiohttp import web
 
-from kybdr_agent import __version__, sdnotify
+from kybdr_agent import __version__, sdnotify, wiring
 from kybdr_agent.backup.schedule import CronSpec, jitter, missed_run, next_run
 from kybdr_agent.backup.service import BackupOverrides, BackupService
 from kybdr_agent.config import AgentSettings, load_settings
@@ -104,6 +104,7 @@ async def start_control(ctx: ControlContext, settings: AgentSettings) -> web.App
     runner = web.AppRunner(build_app(ctx), handle_signals=False, access_log=None)
     await runner.setup()
     listening = f"cannot listen on {path}"
+    bound = False
     try:
         # Owner-only: a directory the agent creates must pass the same check it just made of its parent.
         path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
@@ -113,6 +114,7 @@ async def start_control(ctx: ControlContext, settings: AgentSettings) -> web.App
         old_umask = os.umask(0o777 & ~control.socket_mode)
         try:
             await web.UnixSite(runner, str(path)).start()
+            bound = True
         finally:
             os.umask(old_umask)
         os.chmod(path, control.socket_mode)
@@ -120,14 +122,15 @@ async def start_control(ctx: ControlContext, settings: AgentSettings) -> web.App
             listening = f"control.tcp_listen {control.tcp_listen}: cannot listen"
             host, _, port = control.tcp_listen.rpartition(":")
             await web.TCPSite(runner, host.strip("[]"), int(port)).start()
-    except OSError as exc:
+    except BaseException as exc:
         await runner.cleanup()
-        raise ConfigError(f"{listening}: {exc.strerror or exc}") from None
-    except (ValueError, UnicodeError) as exc:  # a host name getaddrinfo/IDNA refuses (UnicodeError: too long)
-        await runner.cleanup()
-        raise ConfigError(f"{listening}: {exc}") from None
-    except BaseException:
-        await runner.cleanup()
+        if bound:  # the socket file is ours: a refused start leaves no stale socket behind
+            with contextlib.suppress(OSError):
+                path.unlink()
+        if isinstance(exc, OSError):
+            raise ConfigError(f"{listening}: {exc.strerror or exc}") from None
+        if isinstance(exc, ValueError):  # a host getaddrinfo/IDNA refuses (UnicodeError, a ValueError: too long)
+            raise ConfigError(f"{listening}: {exc}") from None
         raise
     log.info("control.listening", socket=str(path), tcp=control.tcp_listen)
     return runner
@@ -316,6 +319,7 @@ async def run_daemon(config_path: Path | None, now: Callable[[], datetime] = lam
     # would fail every backup (or leak) stops the start here, with exit 78, not at 02:00 after READY=1.
     check_secret_files(settings)
     check_socket_location(settings.control.socket, trusted_owners(settings.daemon.service_user))
+    wiring.check_state_dir(settings)
     journal = Journal(settings.backup.backup_dir / "journal.jsonl")
     state = AgentState(config_path, settings, journal)
     jobs = JobManager(max_parallel=settings.backup.max_parallel, history=settings.control.job_history)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
@@ -80,6 +82,28 @@ def keyring(settings: AgentSettings) -> KeyRing | None:
     trusted owner, mode 0600/0640, 32 bytes), so a one-shot command refuses exactly what the agent would.
     """
     return secret_files.load_keyring(settings)
+
+
+def check_state_dir(settings: AgentSettings) -> None:
+    """``backup.backup_dir`` is (or can become) a directory this user may write: checked by ``run`` before
+    it says it is ready, since the journal of every job and the scheduler's state go there. Nothing is
+    created here; the directory that exists (it, or the nearest parent) is what must be writable."""
+    wanted = settings.backup.backup_dir
+    probe = wanted
+    while True:
+        try:
+            info = os.stat(probe)
+            break
+        except FileNotFoundError:
+            if probe == probe.parent:
+                raise ConfigError(f"backup.backup_dir {wanted}: no directory of it exists") from None
+            probe = probe.parent
+        except OSError as exc:
+            raise ConfigError(f"backup.backup_dir {wanted}: cannot inspect {probe}: {exc.strerror}") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise ConfigError(f"backup.backup_dir {wanted}: {probe} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"backup.backup_dir {wanted}: {probe} is not writable by this user")
 
 
 def connection(settings: AgentSettings) -> Connection:
