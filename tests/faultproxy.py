@@ -11,6 +11,7 @@ path contains a string (a bucket), so tests with different faults can share one 
   the response — the lost-answer case: the client cannot tell whether its request happened;
 - ``stall``: read the request, then never answer (nothing is forwarded);
 - ``stall_body``: read part of the request body, then stop reading: the sender's window closes;
+- ``stall_response``: forward the request, send part of the answer, then send nothing more;
 - ``throttle``: relay both bodies at ``rate`` bytes/s, steadily.
 
 The proxy speaks HTTP/1.1 itself on raw asyncio streams (keep-alive, Content-Length bodies — what botocore
@@ -38,7 +39,7 @@ import aiohttp
 
 from kybdr_agent.pgcluster import free_port
 
-Action = Literal["error", "reset_request", "reset_response", "stall", "stall_body", "throttle"]
+Action = Literal["error", "reset_request", "reset_response", "stall", "stall_body", "stall_response", "throttle"]
 ALL_KINDS: Final = "*"
 _HOP_HEADERS: Final = {"host", "content-length", "transfer-encoding", "connection", "expect", "keep-alive"}
 _RECEIVE_BUFFER: Final = 64 * 1024
@@ -115,6 +116,7 @@ class Fault:
             "reset_response": "reset mid-response",
             "stall": "stall (no answer)",
             "stall_body": "stall mid-request body",
+            "stall_response": "stall mid-response",
             "throttle": f"throttled to {self.rate // 1000} kB/s",
         }[self.action]
         return f"{what} on {'/'.join(sorted(self.kinds))}"
@@ -195,6 +197,10 @@ class FaultProxy:
         with self._lock:
             self.faults.append(rule)
         return rule
+
+    def remove(self, rule: Fault) -> None:
+        with self._lock:
+            self.faults = [installed for installed in self.faults if installed is not rule]
 
     def __enter__(self) -> FaultProxy:
         self._thread.start()
@@ -309,11 +315,14 @@ class FaultProxy:
         if kind == "UploadPart" and self.delay_upload_part:
             await asyncio.sleep(self.delay_upload_part)
         status, headers, answer = await self._forward(request, body)
-        if action == "reset_response":
+        if action in ("reset_response", "stall_response"):
             wire = self._encode(status, headers, answer, request.method)
             writer.write(wire[: max(len(wire) // 2, 1)] if answer else wire[: wire.index(b"\r\n") + 2])
             await writer.drain()
-            self._reset(writer)
+            if action == "reset_response":
+                self._reset(writer)
+            else:
+                await self._wait_for_close(reader)
             raise _Closed
         await self._respond(writer, status, headers, answer, rate, head_only=head_only)
         return request.keep_alive
