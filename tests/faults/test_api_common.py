@@ -138,7 +138,8 @@ def body_of(raw: bytes) -> Any:
 
 
 def databases(pg: Cluster) -> set[str]:
-    return set(pg.psql("postgres", "select datname from pg_database").split())
+    # One name a line: names may hold any other whitespace (NBSP, NEL), so never str.split() them.
+    return set(pg.psql("postgres", "select datname from pg_database").rstrip("\n").split("\n"))
 
 
 def rss_kib(pid: int) -> int:

@@ -21,7 +21,7 @@ import pytest
 from kybdr_agent.pgcluster import Cluster
 from tests.daemon_support import Response
 from tests.faults.report import FaultTally
-from tests.faults.test_api_common import Agent, rss_kib, start_agent, wait_until_idle
+from tests.faults.test_api_common import Agent, databases, rss_kib, start_agent, wait_until_idle
 from tests.support import create_incompressible_database, create_mixed_database, unique_db
 
 FLOOD: int = 60
@@ -187,7 +187,7 @@ def test_floods_of_other_kinds_are_refused_beyond_their_bounds(
             refused += [a for a in answers if a.status != 202]
             wait_until_idle(agent)
         jobs = agent.jobs()
-        restored = [t for t in targets if t in pg.psql("postgres", "select datname from pg_database").split()]
+        restored = [t for t in targets if t in databases(pg)]
         tally = FaultTally(
             fault="api: floods of backups, drills, restores",
             injected=3 * FLOOD,
