@@ -648,12 +648,21 @@ def _shown_value(value: object) -> str:
     return ""
 
 
+def _redacted(message: str, value: object) -> str:
+    """A validator's message with the offending string taken out: some quote it (a cron parser saying what
+    it could not parse), and a string in the wrong field may be a DSN with a password in it."""
+    if isinstance(value, str) and len(value) >= 3:
+        for shown in (repr(value), value):
+            message = message.replace(shown, "(the value)")
+    return message
+
+
 def _describe_errors(source: Path | None, exc: ValidationError) -> str:
     errors = exc.errors()
     lines = [f"{_where(source)}: {len(errors)} problem(s):"]
     for err in errors[:MAX_PROBLEMS_SHOWN]:
         loc = _printable(".".join(str(part) for part in err["loc"]) or "(top level)", 120)
-        message = _printable(err["msg"].removeprefix("Value error, "), 300)
+        message = _printable(_redacted(err["msg"].removeprefix("Value error, "), err.get("input")), 300)
         shown = ""
         if err["type"] not in ("missing", "extra_forbidden"):
             shown = _shown_value(err.get("input"))

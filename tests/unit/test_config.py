@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -337,3 +338,97 @@ def test_masked_from_environment_dsn(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("KYBDR_DATABASE__DSN", f"postgresql://backup:{SECRET}@db/app")
     settings = load_settings(write(tmp_path, NO_ENCRYPTION))
     assert SECRET not in json.dumps(settings.masked())
+
+
+# ----------------------------------------------------------------------------- bounds (issue 7, item 11)
+
+
+@pytest.mark.parametrize(
+    ("toml", "field", "problem"),
+    [
+        ("[daemon]\nhousekeeping_interval = -5\n", "daemon.housekeeping_interval", "between 10s and 1d"),
+        ('[daemon]\nhousekeeping_interval = "0s"\n', "daemon.housekeeping_interval", "between 10s and 1d"),
+        ('[daemon]\nhousekeeping_interval = "2d"\n', "daemon.housekeeping_interval", "between 10s and 1d"),
+        ('[daemon]\nsweep_older_than = "31d"\n', "daemon.sweep_older_than", "between 0s and 30d"),
+        ('[daemon]\nsweep_older_than = "99999999999999y"\n', "daemon.sweep_older_than", "at most 100 years"),
+        ("[daemon]\nsweep_older_than = 1e400\n", "daemon.sweep_older_than", "at most 100 years"),
+        ("[backup]\nencryption = false\nretention_days = 36501\n", "backup.retention_days", "less than or equal"),
+        ('[daemon]\nservice_user = "bad user"\n', "daemon.service_user", "should match pattern"),
+        ('[control]\nsocket = "relative.sock"\n', "control.socket", "absolute path"),
+        ('[control]\nsocket = "/' + "s" * 120 + '"\n', "control.socket", "at most 107 bytes"),
+        ('[database]\ndatabases = ["' + "d" * 64 + '"]\n', "database.databases", "1 to 63 bytes"),
+        ('[repository]\nurl = "s3://bad bucket/x"\n', "repository.url", "bucket name"),
+        ('[repository]\nendpoint_url = "ftp://minio:21"\n', "repository.endpoint_url", "http:// or https://"),
+        ('[repository]\nendpoint_url = "http://minio:0"\n', "repository.endpoint_url", "port"),
+        ('[repository]\nendpoint_url = "http://minio:99999"\n', "repository.endpoint_url", "not a valid URL"),
+        ('[repository]\nregion = "eu west"\n', "repository.region", "should match pattern"),
+        ('[control]\ntcp_listen = "bad host:80"\n', "control.tcp_listen", "not a valid host"),
+    ],
+)
+def test_bounded_values(tmp_path: Path, toml: str, field: str, problem: str) -> None:
+    text = toml if "[backup]" in toml else NO_ENCRYPTION + toml
+    message = error_for(write(tmp_path, text))
+    lines = [line for line in message.splitlines() if line.startswith(f"  {field}: ")]
+    assert lines, message
+    assert problem in lines[0], lines[0]
+
+
+def test_sweep_grace_defaults_to_zero_and_durations_accept_seconds(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, NO_ENCRYPTION + "[daemon]\nhousekeeping_interval = 90\n"))
+    assert settings.daemon.sweep_older_than.total_seconds() == 0
+    assert settings.daemon.housekeeping_interval.total_seconds() == 90
+    assert settings.daemon.service_user == "kybdr"
+
+
+def test_endpoint_url_with_credentials_is_refused_without_echoing_them(tmp_path: Path) -> None:
+    toml = NO_ENCRYPTION + f'[repository]\nurl = "s3://b/p"\nendpoint_url = "https://admin:{SECRET}@minio:9000"\n'
+    message = error_for(write(tmp_path, toml))
+    assert "repository.endpoint_url: must not contain credentials" in message
+    assert SECRET not in message
+
+
+def test_mask_url_hides_a_password() -> None:
+    assert config_module.mask_url(f"https://admin:{SECRET}@minio:9000/x") == "https://admin:********@minio:9000/x"
+    assert config_module.mask_url("https://minio:9000") == "https://minio:9000"
+
+
+def test_validator_messages_never_quote_the_string(tmp_path: Path) -> None:
+    """The cron parser quotes what it could not parse; a DSN pasted into schedule must not come back."""
+    toml = f'[backup]\nencryption = false\nschedule = "postgresql://u:{SECRET}@db/app"\n'
+    message = error_for(write(tmp_path, toml))
+    assert "backup.schedule" in message
+    assert SECRET not in message
+
+
+def test_config_is_read_once_so_a_pipe_works(tmp_path: Path) -> None:
+    """``--config <(generate-config)``: the file can be read only once."""
+    fifo = tmp_path / "agent.fifo"
+    os.mkfifo(fifo)
+
+    def feed() -> None:
+        with open(fifo, "w") as fh:
+            fh.write(NO_ENCRYPTION + "[repository]\nmax_parts = 1000\n")
+
+    writer = threading.Thread(target=feed)
+    writer.start()
+    settings = load_settings(fifo)
+    writer.join()
+    assert settings.repository.max_parts == 1000
+
+
+def test_a_huge_config_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(NO_ENCRYPTION + "#" * (2 << 20) + "\n")
+    assert "larger than 1 MiB" in error_for(path)
+
+
+def test_a_directory_as_config_is_one_error(tmp_path: Path) -> None:
+    assert "Is a directory" in error_for(tmp_path)
+
+
+def test_problems_are_capped_and_control_characters_escaped(tmp_path: Path) -> None:
+    toml = NO_ENCRYPTION + "".join(f'"bad\\u001b[31mkey{n}" = 1\n' for n in range(40))
+    message = error_for(write(tmp_path, toml))
+    assert "40 problem(s)" in message
+    assert "… and 20 more" in message
+    assert "\x1b" not in message
