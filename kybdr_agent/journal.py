@@ -158,8 +158,11 @@ class Journal:
         line = json.dumps(record, default=str, separators=(",", ":")) + "\n"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._lock:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
             try:
+                end = os.fstat(fd).st_size
+                if end and os.pread(fd, 1, end - 1) != b"\n":
+                    line = "\n" + line  # a crash tore the last line: never glue this record onto it
                 os.write(fd, line.encode())
                 os.fsync(fd)
                 size = os.fstat(fd).st_size
