@@ -11,10 +11,11 @@ legitimately takes many minutes — but how long *no byte moved*:
 - a total cap per attempt, proportional to the bytes it carries at a floor throughput
   (``RetryPolicy.attempt_cap``), bounds a peer that trickles just fast enough never to stall.
 
-An operation that reports no progress at all is cut ``attempt_deadline`` seconds after it started, as before.
-The watch is found through a context variable (``current_watch``), so the transport needs no plumbing
-through the client library. Its judgement is pure (``AttemptWatch.verdict``) and is tested with made-up
-clocks; ``sleep`` is injected so tests need not wait for backoffs.
+An operation that reports no progress at all is cut ``attempt_deadline`` seconds after it started. The
+watch is found through a context variable (``current_watch``), so the transport needs no plumbing through
+the client library, and judged by a timer on the event loop (the agent runs on asyncio), not a polling
+task. Its judgement is pure (``AttemptWatch.verdict``) and is tested with made-up clocks; ``sleep`` is
+injected so tests need not wait for backoffs.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ class AttemptWatch:
         if now - self.started >= self.cap:
             return f"still unfinished after {self.cap:.0f} s, the most one attempt of this size may take"
         if self.sending and now - self.last_moved >= self.stall:
-            return f"no bytes moved for {self.stall:g} s"
+            return f"no bytes moved for {self.stall:g} s (sending the request)"
         return None
 
     def next_check(self) -> float:

@@ -84,7 +84,7 @@ def _describe(exc: BaseException, options: S3Options) -> str:
         err = exc.response.get("Error", {})
         return f"{err.get('Code', 'error')}: {err.get('Message', '')}".rstrip(": ")
     if isinstance(exc, AttemptTimeout):
-        return f"{exc} (sending the request)" if str(exc).startswith("no bytes") else str(exc)
+        return str(exc)
     if isinstance(exc, ReadTimeoutError | TimeoutError):
         return f"no bytes moved for {options.request_timeout:g} s (awaiting the answer)"
     if isinstance(exc, ConnectTimeoutError):
@@ -424,7 +424,8 @@ class S3Store:
         return info is not None and info.size == size
 
     async def abort_upload(self, key: str, upload_id: str) -> None:
-        """Abort one multipart upload; one already gone (an earlier attempt's lost answer) is aborted."""
+        """Abort one multipart upload. One already gone counts as aborted: an earlier attempt may have
+        aborted it and only its answer was lost."""
         with contextlib.suppress(NotFound):
             await self.call(
                 f"aborting the upload of {key}",

@@ -151,6 +151,15 @@ READS = [
 ]
 
 
+READ_PERMANENT = [
+    Plan(
+        "503 SlowDown on GetObject (every attempt), restore",
+        1,
+        lambda where: [fault("GetObject", "error", every=1, where=where)],
+    ),
+]
+
+
 @pytest.fixture(scope="module")
 def suite(pg: Cluster, moto_server: MotoServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
     workdir: Path = tmp_path_factory.mktemp("s3-faults")
@@ -171,8 +180,9 @@ def restored(suite: Suite, written: dict[str, Outcome]) -> dict[str, Outcome]:
         (run for outcome in written.values() for run in outcome.runs if run.backup_id and not run.problems),
         key=lambda run: -len(run.events("s3.retry")),
     )
-    assert len(survivors) >= sum(plan.count for plan in READS), describe(r for o in written.values() for r in o.runs)
-    outcomes = run_restores(suite, survivors, *READS)
+    plans = [*READS, *READ_PERMANENT]
+    assert len(survivors) >= sum(plan.count for plan in plans), describe(r for o in written.values() for r in o.runs)
+    outcomes = run_restores(suite, survivors, *plans)
     return {outcome.plan.fault: outcome for outcome in outcomes}
 
 
@@ -247,3 +257,12 @@ def test_restores_through_read_faults_equal_the_source(restored: dict[str, Outco
     assert resumed, describe(run for outcome in outcomes for run in outcome.runs)
     (throttled,) = outcomes[3].runs
     assert throttled.events("s3.retry") == [], throttled.stderr[-2000:]
+
+
+def test_a_restore_that_cannot_read_fails_cleanly(restored: dict[str, Outcome]) -> None:
+    """No traceback, one line, and no target database (nor a scratch one) left behind."""
+    (outcome,) = check(restored, READ_PERMANENT, all_complete=False)
+    (run,) = outcome.runs
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert run.message.startswith("kybdr-agent: restore failed: "), run.message
+    assert "after 3 attempts: SlowDown" in run.message, run.message

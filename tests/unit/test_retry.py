@@ -298,7 +298,7 @@ def test_watch_cuts_after_the_stall_deadline_without_progress() -> None:
     watch = make_watch(clock)
     assert watch.verdict(104.9) is None
     assert watch.next_check() == 105.0
-    assert watch.verdict(105.0) == "no bytes moved for 5 s"
+    assert watch.verdict(105.0) == "no bytes moved for 5 s (sending the request)"
 
 
 def test_progress_restarts_the_stall_deadline() -> None:
@@ -311,7 +311,7 @@ def test_progress_restarts_the_stall_deadline() -> None:
         watch.moved(65536)
         assert watch.next_check() == clock.now + 5.0
     assert watch.bytes_moved == 100 * 65536
-    assert watch.verdict(clock.now + 5.0) == "no bytes moved for 5 s"
+    assert watch.verdict(clock.now + 5.0) == "no bytes moved for 5 s (sending the request)"
 
 
 def test_once_sent_only_the_cap_applies() -> None:
