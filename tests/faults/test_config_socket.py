@@ -10,11 +10,13 @@ its own process.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
 import secrets
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -133,6 +135,7 @@ def _start_impostor(place: Path, logs: Path) -> tuple[subprocess.Popen[bytes], P
         ["runuser", "-u", "nobody", "--", str(SYSTEM_PYTHON), str(script), str(socket_path), str(log)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,  # runuser forks: the impostor is its child, stopped with the whole group
     )
     deadline = time.monotonic() + 20
     while not Path(f"{log}.ready").exists():
@@ -187,8 +190,7 @@ def test_cli_refuses_an_impostor_and_does_not_run_in_process(
         assert local.returncode == 0, local.stderr
         assert json.loads(local.stdout) == []
     finally:
-        impostor.kill()
-        impostor.wait()
+        _stop_group(impostor, signal.SIGKILL)
 
 
 @pytest.mark.skipif(not can_run_unprivileged(), reason="no unprivileged user can run the system Python here")
@@ -226,6 +228,7 @@ def test_unprivileged_agent_is_trusted_by_itself_and_by_root_only_as_service_use
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         cwd="/",
+        start_new_session=True,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 30
@@ -244,8 +247,7 @@ def test_unprivileged_agent_is_trusted_by_itself_and_by_root_only_as_service_use
         trusted = run_cli(as_nobody, "status", "--json")
         assert trusted.returncode == 0, trusted.stderr
     finally:
-        agent.terminate()
-        agent.wait(timeout=60)
+        _stop_group(agent, signal.SIGTERM)
 
     shared = shared_dir(0o777)
     dirs.append(shared)
@@ -255,6 +257,17 @@ def test_unprivileged_agent_is_trusted_by_itself_and_by_root_only_as_service_use
     refused = run_as("nobody", "--config", str(config), "config", "check")
     assert refused.returncode == 78, refused.stderr
     assert "writable by others" in one_line(refused.stderr)
+
+
+def _stop_group(proc: subprocess.Popen[bytes], signum: int) -> None:
+    """Signal runuser and what it started (a session of their own), then reap runuser."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signum)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def _pythonpath() -> str:
