@@ -285,25 +285,33 @@ class BackupService:
     def retention_plan(
         self, backups: list[Manifest], now: datetime, invalid: set[str] | None = None
     ) -> tuple[set[str], set[str], dict[str, str]]:
-        """Kept if any policy covering the database keeps it; uncovered databases only age out."""
+        """Kept if any policy covering the database keeps it; uncovered databases only age out.
+
+        A backup labelled with a policy this agent does not have was made by another agent sharing the
+        repository (or under a policy since renamed): this agent's policies do not judge it, only age does,
+        so two agents on one repository never delete what the other's policies keep.
+        """
         invalid = self._invalid_ids() if invalid is None else invalid
+        own = {p.name for p in self.settings.effective_policies()} | {"manual", "scheduled"}
         by_db: dict[str, list[BackupRecord]] = defaultdict(list)
+        foreign: dict[str, list[BackupRecord]] = defaultdict(list)
         for m in backups:
-            by_db[m.database].append(BackupRecord(m.id, m.database, m.finished_at, m.id not in invalid))
+            record = BackupRecord(m.id, m.database, m.finished_at, m.id not in invalid)
+            (foreign if m.labels and not own & set(m.labels) else by_db)[m.database].append(record)
         covered = self._policies_by_database()
         default_max = timedelta(days=self.settings.backup.retention_days)
         keep: set[str] = set()
         reasons: dict[str, list[str]] = defaultdict(list)
+        age_only = list(foreign.values()) + [records for db, records in by_db.items() if not covered.get(db)]
+        for records in age_only:
+            # Backups no policy of this agent judges (made by hand, or by another agent): only age removes them.
+            kept = _age_only(records, default_max, now)
+            keep |= kept
+            for r in records:
+                reasons[r.id].append(f"younger than {default_max.days} days" if r.id in kept else "older than max_age")
         for db, records in by_db.items():
             policies = covered.get(db, [])
             if not policies:
-                # Backups of a database no policy covers (made by hand): only age removes them.
-                kept = _age_only(records, default_max, now)
-                keep |= kept
-                for r in records:
-                    reasons[r.id].append(
-                        f"younger than {default_max.days} days" if r.id in kept else "older than max_age"
-                    )
                 continue
             for p in policies:
                 policy = RetentionPolicy(
