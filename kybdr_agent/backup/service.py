@@ -20,7 +20,7 @@ import anyio
 from kybdr_agent import wiring
 from kybdr_agent.backup import catalog
 from kybdr_agent.backup.drill import drill_one
-from kybdr_agent.backup.lease import pid_alive, this_process
+from kybdr_agent.backup.lease import hold_lease, pid_alive, this_process
 from kybdr_agent.backup.manifest import Manifest, database_key, manifest_key_path
 from kybdr_agent.backup.pgdump import Connection, database_errors
 from kybdr_agent.backup.pipeline import BackupProgress, backup_and_record
@@ -342,9 +342,11 @@ class BackupService:
             if not dry_run:
                 for backup_id in sorted(delete):
                     m = by_id[backup_id]
-                    # Manifest first: a half-deleted backup must never be listed as good.
-                    await store.delete(manifest_key_path(m.database, m.id))
-                    await store.delete(m.object_key)
+                    # Manifest first: a half-deleted backup must never be listed as good. Under a lease,
+                    # so that if this process dies between the two, the next sweep removes the data at once.
+                    async with hold_lease(store, m.database, m.id, now=self._now):
+                        await store.delete(manifest_key_path(m.database, m.id))
+                        await store.delete(m.object_key)
                     deleted.append(backup_id)
         return {
             "dry_run": dry_run,

@@ -149,7 +149,8 @@ class LocalStore:
                 os.replace(temp, path)
                 _fsync_dir(path.parent)
             finally:
-                temp.unlink(missing_ok=True)
+                if temp.exists():
+                    self._remove(temp)  # a failed write (a full disk) leaves no temp file or empty folder
 
         try:
             await anyio.to_thread.run_sync(write)
