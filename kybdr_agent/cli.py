@@ -437,6 +437,8 @@ async def _restore(ops: Operations, args: argparse.Namespace) -> int:
         _print_json(result)
     else:
         replaced = " (replaced the existing database)" if result["replaced_existing"] else ""
+        if result.get("terminated_sessions"):
+            replaced += f", terminating {result['terminated_sessions']} client session(s) connected to it"
         print(
             f"restored {result['backup_id']} into {result['target_database']}{replaced} "
             f"in {result['seconds']:.1f} s ({_human_bytes(result['dump_bytes'])} of dump)"

@@ -46,7 +46,7 @@ def _aws_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     for name in list(os.environ):
-        if name.startswith("KYBDR_") and name != "KYBDR_CHECKOV":
+        if name.startswith("KYBDR_") and name not in ("KYBDR_CHECKOV", "KYBDR_FAULT_REPORT"):
             monkeypatch.delenv(name)
 
 

@@ -47,12 +47,18 @@ async def row_counts(
         if only is None and (size > max_table_bytes or size > budget):
             continue
         budget -= size
+        # A savepoint, so a failing count (a lock timeout, a policy) never aborts the snapshot's
+        # transaction that pg_dump depends on; such a table is just not counted. By hand, because the
+        # snapshot's transaction is begun by hand (asyncpg refuses its savepoint helper inside one).
+        in_transaction = conn.is_in_transaction()
+        if in_transaction:
+            await conn.execute("savepoint kybdr_count")
         try:
-            # A savepoint, so a failing count (a lock timeout, a policy) never aborts the snapshot's
-            # transaction that pg_dump depends on; such a table is just not counted.
-            async with conn.transaction():
-                query = f"select count(*) from {name}"  # noqa: S608 - name comes from quote_ident
-                counts[name] = int(await conn.fetchval(query))
+            query = f"select count(*) from {name}"  # noqa: S608 - name comes from quote_ident
+            counts[name] = int(await conn.fetchval(query))
         except asyncpg.PostgresError:
-            continue
+            if in_transaction:
+                await conn.execute("rollback to savepoint kybdr_count")
+        if in_transaction:
+            await conn.execute("release savepoint kybdr_count")
     return counts

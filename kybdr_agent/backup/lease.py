@@ -120,12 +120,15 @@ def _read(path: str) -> str:
 
 
 def process_start(pid: int) -> int | None:
-    """The pid's start time in clock ticks since boot (field 22 of /proc/<pid>/stat), None if no such pid."""
+    """The pid's start time in clock ticks since boot (field 22 of /proc/<pid>/stat); None if no process
+    runs under that pid."""
     raw = _read(f"/proc/{pid}/stat")
     if not raw:
         return None
     # The command name (field 2) is in parentheses and may itself contain spaces or parentheses.
     fields = raw.rpartition(")")[2].split()
+    if not fields or fields[0] in ("Z", "X"):
+        return None  # a zombie (killed, not yet reaped) or dead task runs nothing any more
     try:
         return int(fields[19])
     except (IndexError, ValueError):

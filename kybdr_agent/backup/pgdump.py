@@ -29,6 +29,9 @@ from kybdr_agent.errors import ConfigError, DumpError
 PG_LIB_ROOT: Final = Path("/usr/lib/postgresql")
 PIPE_LIMIT: Final = 4 << 20
 _SCRUBBED_ENV: Final = ("PGPASSWORD", "PGDATABASE")
+# What a libpq client needs from the agent's environment besides PG*: HOME for ~/.pgpass and
+# ~/.postgresql/ certificates, the locale for messages, TMPDIR, and the PATH and identity basics.
+_CHILD_ENV: Final = frozenset({"PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR"})
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,9 @@ class Connection:
         return cls(env=env, bin_dir=bin_dir, connect_timeout=connect_timeout)
 
     def child_env(self, database: str) -> dict[str, str]:
-        base = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        """pg_dump's and pg_restore's whole environment: an allow-list, so the agent's own secrets (AWS
+        credentials, KYBDR_* settings) never reach a child that has no use for them."""
+        base = {k: v for k, v in os.environ.items() if k in _CHILD_ENV or k.startswith("LC_")}
         return {**base, **self.env, "PGDATABASE": database}
 
     def asyncpg_kwargs(self, database: str) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import anyio
 from kybdr_agent import wiring
 from kybdr_agent.backup import catalog
 from kybdr_agent.backup.drill import drill_one
-from kybdr_agent.backup.lease import pid_alive, this_process
+from kybdr_agent.backup.lease import hold_lease, pid_alive, this_process
 from kybdr_agent.backup.manifest import Manifest, database_key, manifest_key_path
 from kybdr_agent.backup.pgdump import Connection, database_errors
 from kybdr_agent.backup.pipeline import BackupProgress, backup_and_record
@@ -285,25 +285,33 @@ class BackupService:
     def retention_plan(
         self, backups: list[Manifest], now: datetime, invalid: set[str] | None = None
     ) -> tuple[set[str], set[str], dict[str, str]]:
-        """Kept if any policy covering the database keeps it; uncovered databases only age out."""
+        """Kept if any policy covering the database keeps it; uncovered databases only age out.
+
+        A backup labelled with a policy this agent does not have was made by another agent sharing the
+        repository (or under a policy since renamed): this agent's policies do not judge it, only age does,
+        so two agents on one repository never delete what the other's policies keep.
+        """
         invalid = self._invalid_ids() if invalid is None else invalid
+        own = {p.name for p in self.settings.effective_policies()} | {"manual", "scheduled"}
         by_db: dict[str, list[BackupRecord]] = defaultdict(list)
+        foreign: dict[str, list[BackupRecord]] = defaultdict(list)
         for m in backups:
-            by_db[m.database].append(BackupRecord(m.id, m.database, m.finished_at, m.id not in invalid))
+            record = BackupRecord(m.id, m.database, m.finished_at, m.id not in invalid)
+            (foreign if m.labels and not own & set(m.labels) else by_db)[m.database].append(record)
         covered = self._policies_by_database()
         default_max = timedelta(days=self.settings.backup.retention_days)
         keep: set[str] = set()
         reasons: dict[str, list[str]] = defaultdict(list)
+        age_only = list(foreign.values()) + [records for db, records in by_db.items() if not covered.get(db)]
+        for records in age_only:
+            # Backups no policy of this agent judges (made by hand, or by another agent): only age removes them.
+            kept = _age_only(records, default_max, now)
+            keep |= kept
+            for r in records:
+                reasons[r.id].append(f"younger than {default_max.days} days" if r.id in kept else "older than max_age")
         for db, records in by_db.items():
             policies = covered.get(db, [])
             if not policies:
-                # Backups of a database no policy covers (made by hand): only age removes them.
-                kept = _age_only(records, default_max, now)
-                keep |= kept
-                for r in records:
-                    reasons[r.id].append(
-                        f"younger than {default_max.days} days" if r.id in kept else "older than max_age"
-                    )
                 continue
             for p in policies:
                 policy = RetentionPolicy(
@@ -334,9 +342,11 @@ class BackupService:
             if not dry_run:
                 for backup_id in sorted(delete):
                     m = by_id[backup_id]
-                    # Manifest first: a half-deleted backup must never be listed as good.
-                    await store.delete(manifest_key_path(m.database, m.id))
-                    await store.delete(m.object_key)
+                    # Manifest first: a half-deleted backup must never be listed as good. Under a lease,
+                    # so that if this process dies between the two, the next sweep removes the data at once.
+                    async with hold_lease(store, m.database, m.id, now=self._now):
+                        await store.delete(manifest_key_path(m.database, m.id))
+                        await store.delete(m.object_key)
                     deleted.append(backup_id)
         return {
             "dry_run": dry_run,

@@ -4,8 +4,8 @@ A backup folder ``backups/<db>/<id>/`` without a manifest is either a backup in 
 of one that died (a killed process, a failed abort, a cleanup cut short). The lease beside it tells which
 (``lease.py``). What is dead is removed on the spot — open multipart uploads aborted, temp files and data
 objects deleted, the lease last — by the daemon at start and on each housekeeping tick, and by every
-one-shot command before it starts. Leftovers with no lease at all (an agent older than leases, or a lease
-that was already removed) wait ``grace`` and then go too.
+one-shot command before it starts. Leftovers with no lease at all (an agent older than leases, a cleanup
+cut short) wait ``grace`` (``daemon.sweep_older_than``, default none) and then go too.
 
 Listing and deciding are separate: ``plan`` is pure. Before removing anything the sweeper reads the lease
 and then the manifest again, in that order: a backup deletes its lease only after its manifest is written,
@@ -23,9 +23,11 @@ from kybdr_agent.backup.lease import LEASE_NAME, MAX_LEASE_BYTES, Lease, Owner, 
 from kybdr_agent.backup.manifest import BACKUP_ID_PATTERN, BACKUPS_PREFIX, MANIFEST_NAME
 from kybdr_agent.errors import NotFound
 from kybdr_agent.storage.base import BlobStore, IncompleteUpload, ObjectInfo
+from kybdr_agent.storage.local import TEMP_MARKER
 from kybdr_agent.telemetry import get_logger
 
 LEASELESS_FLOOR: Final = timedelta(minutes=2)
+LEASE_TEMP: Final = f"{TEMP_MARKER}{LEASE_NAME}"
 log = get_logger("kybdr_agent.sweep")
 
 
@@ -44,6 +46,9 @@ class Folder:
     @property
     def has_lease(self) -> bool:
         return LEASE_NAME in self.objects
+
+    def lease_being_written(self) -> bool:
+        return any(u.key.rpartition("/")[2].startswith(LEASE_TEMP) for u in self.uploads)
 
     def newest(self) -> datetime | None:
         times = [o.modified for o in self.objects.values()] + [u.initiated for u in self.uploads]
@@ -95,11 +100,18 @@ def plan(objects: list[ObjectInfo], uploads: list[IncompleteUpload]) -> list[Fol
 
 
 def leaseless_due(folder: Folder, now: datetime, grace: timedelta) -> bool:
-    """PURE. A folder with no lease is swept once its newest trace is older than ``grace`` (at least
-    ``LEASELESS_FLOOR``: a folder store writes the lease itself through a temp file, which must not be
-    mistaken for a leftover in the instant before the lease appears)."""
+    """PURE. A folder with no lease is swept once its newest trace is older than ``grace``.
+
+    One leaseless state is legitimate: a folder store writes the lease itself through a temp file, so in
+    the instant before the lease appears its folder holds only that temp file. Such a folder waits
+    ``LEASELESS_FLOOR`` whatever the grace (S3 writes the lease in one atomic request: no such state).
+    """
     newest = folder.newest()
-    return newest is None or newest <= now - max(grace, LEASELESS_FLOOR)
+    if newest is None:
+        return True
+    if folder.lease_being_written() and newest > now - LEASELESS_FLOOR:
+        return False
+    return newest <= now - grace
 
 
 async def _read_lease(store: BlobStore, prefix: str) -> Lease | None:

@@ -131,10 +131,9 @@ class LocalStore:
         os.replace(temp, path)
         _fsync_dir(path.parent)
 
-    @staticmethod
-    def _discard(fh: IO[bytes], temp: Path) -> None:
+    def _discard(self, fh: IO[bytes], temp: Path) -> None:
         fh.close()
-        temp.unlink(missing_ok=True)
+        self._remove(temp)
 
     async def put_bytes(self, key: str, data: bytes) -> None:
         path = self._path(key)
@@ -150,7 +149,8 @@ class LocalStore:
                 os.replace(temp, path)
                 _fsync_dir(path.parent)
             finally:
-                temp.unlink(missing_ok=True)
+                if temp.exists():
+                    self._remove(temp)  # a failed write (a full disk) leaves no temp file or empty folder
 
         try:
             await anyio.to_thread.run_sync(write)
@@ -229,23 +229,26 @@ class LocalStore:
         for item in items:
             yield item
 
+    def _remove(self, path: Path) -> None:
+        """Unlink ``path`` and every folder above it that this leaves empty: a folder repository keeps no
+        empty backup folders behind, as an S3 prefix would not."""
+        path.unlink(missing_ok=True)
+        parent = path.parent
+        while parent != self._root:
+            try:
+                parent.rmdir()
+            except FileNotFoundError:
+                pass  # a concurrent delete got there first
+            except OSError as exc:
+                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                    break
+                raise
+            parent = parent.parent
+
     async def delete(self, key: str) -> None:
         path = self._path(key)
-
-        def remove() -> None:
-            path.unlink(missing_ok=True)
-            parent = path.parent
-            while parent != self._root:
-                try:
-                    parent.rmdir()
-                except OSError as exc:
-                    if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                        break
-                    raise
-                parent = parent.parent
-
         try:
-            await anyio.to_thread.run_sync(remove)
+            await anyio.to_thread.run_sync(self._remove, path)
         except OSError as exc:
             raise StoreError(f"deleting {path} failed: {exc.strerror}") from exc
 
@@ -278,7 +281,10 @@ class LocalStore:
         path = self._path(upload.key)
         if not path.name.startswith(TEMP_MARKER):
             raise StoreError(f"refusing to remove {upload.key}: not a temp file")
-        await anyio.to_thread.run_sync(lambda: path.unlink(missing_ok=True))
+        try:
+            await anyio.to_thread.run_sync(self._remove, path)
+        except OSError as exc:
+            raise StoreError(f"removing {path} failed: {exc.strerror}") from exc
 
     async def aclose(self) -> None:
         return None
