@@ -7,6 +7,7 @@ the client; only a bug (500) is logged with one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -25,6 +26,11 @@ log = get_logger("kybdr_agent.control")
 
 
 class Problem(Exception):
+    """A refusal or failure, raised anywhere under a handler and answered by ``problems``.
+
+    ``retry_after`` adds a Retry-After header (refusals for load); ``close`` closes the connection after
+    the answer (a body that was not, or could not be, read whole leaves it unusable)."""
+
     def __init__(
         self,
         status: int,
@@ -64,7 +70,7 @@ def busy_problem(exc: Busy) -> Problem:
     while stopping; each with Retry-After."""
     retry = exc.retry_after or 30
     if isinstance(exc, Overloaded):
-        return Problem(429, "overloaded", "too many jobs of this kind", str(exc), retry_after=retry)
+        return Problem(429, "overloaded", "too many jobs; try again later", str(exc), retry_after=retry)
     if isinstance(exc, Conflict):
         return Problem(409, "conflict", "the same work is already queued or running", str(exc), retry_after=retry)
     if isinstance(exc, ShuttingDown):
@@ -76,6 +82,16 @@ def json_response(data: Any, status: int = 200) -> web.Response:
     return web.Response(status=status, body=json.dumps(data, default=str).encode(), content_type="application/json")
 
 
+async def _answer_and_close(request: web.Request, response: web.Response) -> None:
+    """Send the answer now and close the connection, without aiohttp's "lingering" read of the rest of an
+    unread body (up to 10 s more): a client refused for its body (too large, too slow) gets its answer and
+    no further time on the connection."""
+    with contextlib.suppress(ConnectionError):
+        await response.prepare(request)
+        await response.write_eof()
+    request.protocol.force_close()  # the answer is in the transport's buffer; close() flushes it first
+
+
 @web.middleware
 async def problems(request: web.Request, handler: RawHandler) -> web.StreamResponse:
     started = time.monotonic()
@@ -83,6 +99,8 @@ async def problems(request: web.Request, handler: RawHandler) -> web.StreamRespo
         response = await handler(request)
     except Problem as problem:
         response = problem.response()
+        if problem.close:
+            await _answer_and_close(request, response)
     except Busy as exc:
         response = busy_problem(exc).response()
     except NotFound as exc:

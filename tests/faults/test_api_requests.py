@@ -273,6 +273,7 @@ def test_a_slow_partial_body_is_timed_out_and_the_agent_stays_responsive(agent: 
     assert statuses == [408] * len(held), statuses
     assert body_of(answers[0])["type"].endswith("/request-timeout")
     assert agent.healthy()
+    assert "Traceback" not in agent.daemon.log()
     tally.assert_clean()
 
 
