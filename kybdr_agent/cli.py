@@ -5,7 +5,7 @@ status: 0 success, 1 the operation failed, 2 bad usage, 78 bad configuration, 13
 failure an operator can cause prints one paragraph saying what happened and what to do — no traceback.
 That holds for failures that are not ours too (an OSError, a library's ValueError, a driver's error): they
 end as one line "kybdr-agent: COMMAND failed: …", and the traceback is printed only with ``-v``. A bug
-says "internal error" and asks for ``-v``.
+says "internal error" and asks for ``-v``. How a successful result is printed is ``cli_output``'s job.
 """
 
 from __future__ import annotations
@@ -14,18 +14,17 @@ import argparse
 import contextlib
 import ctypes
 import ctypes.util
-import json
 import os
 import signal
 import sys
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import anyio
 
-from kybdr_agent import __version__, secret_files, wiring
+from kybdr_agent import __version__, cli_output, secret_files, wiring
 from kybdr_agent.asyncutil import leaf_exceptions, primary_error
 from kybdr_agent.backup.keys import generate_master_key_file
 from kybdr_agent.backup.manifest import InvalidBackupId, check_backup_id
@@ -302,39 +301,12 @@ def _run(entry: Callable[[], Awaitable[int]]) -> int:
         raise primary_error(group) from None
 
 
-def _print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2, default=str))
-
-
-def _human_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
-
-
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
-    return "\n".join(lines)
-
-
 def _config_check(settings: AgentSettings, args: argparse.Namespace) -> int:
     """Validate as ``run`` would start: every secret file read and checked, the socket's place judged."""
     secret_files.check_all(settings)  # keys, passwords and tokens: read, with run's rules
     wiring.connection(settings)  # the DSN and password make a connection description
     check_socket_location(settings.control.socket, secret_files.trusted_owners(settings.daemon.service_user))
-    if args.json:
-        _print_json(settings.masked())
-    else:
-        for section, values in settings.masked().items():
-            print(f"[{section}]")
-            for key, value in values.items():
-                print(f"{key} = {json.dumps(value)}")
-            print()
-        print("configuration is valid")
+    cli_output.print_config(settings.masked(), args)
     return EXIT_OK
 
 
@@ -361,181 +333,50 @@ _USES_SECRETS: Final = frozenset({"backup", "restore", "validate", "test"})
 
 
 async def _backup(ops: Operations, args: argparse.Namespace) -> int:
-    made = await ops.backup(args.database, args.description)
-    if args.json:
-        _print_json(made[0] if len(made) == 1 else made)
-    else:
-        for m in made:
-            print(m["id"])
+    cli_output.print_backups(await ops.backup(args.database, args.description), args)
     return EXIT_OK
 
 
 async def _list(ops: Operations, args: argparse.Namespace) -> int:
-    found = await ops.list(args.database)
-    for item in found["unreadable"]:
-        print(
-            f"kybdr-agent: warning: {item['key']} is not a valid manifest ({item['problem']}); not listed",
-            file=sys.stderr,
-        )
-    backups = found["backups"]
-    if args.json:
-        _print_json(backups)
-        return EXIT_OK
-    if not backups:
-        print("no backups")
-        return EXIT_OK
-    rows = [
-        [
-            m["id"],
-            m["database"],
-            m["status"],
-            m["finished_at"][:19].replace("T", " ") + "Z",
-            _human_bytes(m["stored_bytes"]),
-            m["compression"],
-            m["encryption"]["cipher"],
-        ]
-        for m in backups
-    ]
-    print(_table(rows, ["ID", "DATABASE", "STATUS", "FINISHED", "STORED", "COMPRESSION", "CIPHER"]))
+    cli_output.print_backup_list(await ops.list(args.database), args)
     return EXIT_OK
 
 
 async def _show(ops: Operations, args: argparse.Namespace) -> int:
-    m = await ops.show(args.backup_id)
-    if args.json:
-        _print_json(m)
-        return EXIT_OK
-    ratio = m["dump_bytes"] / m["stored_bytes"] if m["stored_bytes"] else 0
-    rows = [
-        ["id", m["id"]],
-        ["database", m["database"]],
-        ["status", m["status"]],
-        ["started", m["started_at"]],
-        ["finished", m["finished_at"]],
-        ["duration", f"{m['duration_seconds']:.1f} s"],
-        ["server", m["server_version"]],
-        ["pg_dump", m["pg_dump_version"]],
-        ["dump size", _human_bytes(m["dump_bytes"])],
-        ["stored size", f"{_human_bytes(m['stored_bytes'])} ({ratio:.2f}x)"],
-        ["compression", m["compression"]],
-        ["cipher", m["encryption"]["cipher"]],
-        ["key id", m["encryption"]["key_id"] or "-"],
-        ["sha256", m["sha256"]],
-        ["object", m["object_key"]],
-        ["parts", str(m["part_count"] or "-")],
-        ["tables counted", str(len(m["row_counts"]))],
-        ["labels", ", ".join(m["labels"]) or "-"],
-        ["description", m["description"] or "-"],
-    ]
-    print(_table(rows, ["FIELD", "VALUE"]))
+    cli_output.print_manifest(await ops.show(args.backup_id), args)
     return EXIT_OK
 
 
 async def _restore(ops: Operations, args: argparse.Namespace) -> int:
-    result = await ops.restore(args.backup_id, args.target_database, args.force, args.no_owner)
-    if args.json:
-        _print_json(result)
-    else:
-        replaced = " (replaced the existing database)" if result["replaced_existing"] else ""
-        if result.get("terminated_sessions"):
-            replaced += f", terminating {result['terminated_sessions']} client session(s) connected to it"
-        print(
-            f"restored {result['backup_id']} into {result['target_database']}{replaced} "
-            f"in {result['seconds']:.1f} s ({_human_bytes(result['dump_bytes'])} of dump)"
-        )
+    cli_output.print_restore(await ops.restore(args.backup_id, args.target_database, args.force, args.no_owner), args)
     return EXIT_OK
 
 
 async def _validate(ops: Operations, args: argparse.Namespace) -> int:
     result = await ops.validate(args.backup_id, args.level)
-    if args.json:
-        _print_json(result)
-    else:
-        for check in result["checks"]:
-            print(f"ok    {check}")
-        if result["ok"]:
-            print(f"backup {args.backup_id} is valid ({args.level}, {result['seconds']:.1f} s)")
-        else:
-            print(f"FAIL  {result['error']}")
-    if not result["ok"]:
-        print(f"kybdr-agent: validate failed: {result['error']}", file=sys.stderr)
+    cli_output.print_validation(result, args)
     return EXIT_OK if result["ok"] else EXIT_FAILED
 
 
 async def _cleanup(ops: Operations, args: argparse.Namespace) -> int:
-    result = await ops.cleanup(args.dry_run)
-    if args.json:
-        _print_json(result)
-        return EXIT_OK
-    gone = result["would_delete"] if args.dry_run else result["deleted"]
-    verb = "would delete" if args.dry_run else "deleted"
-    for backup_id in gone:
-        print(f"{verb:12}  {backup_id}  ({result['reasons'].get(backup_id, '')})")
-    for backup_id in result["kept"]:
-        print(f"{'keep':12}  {backup_id}  ({result['reasons'].get(backup_id, '')})")
-    print(
-        f"{verb} {len(gone)} backup(s), kept {len(result['kept'])}, "
-        f"{_human_bytes(result['freed_bytes'])} {'to free' if args.dry_run else 'freed'}"
-    )
+    cli_output.print_cleanup(await ops.cleanup(args.dry_run), args)
     return EXIT_OK
 
 
 async def _stats(ops: Operations, args: argparse.Namespace) -> int:
-    stats = await ops.stats()
-    if args.json:
-        _print_json(stats)
-        return EXIT_OK
-    rate = stats["success_rate"]
-    print(
-        f"backups: {stats['backups']['count']} stored, {_human_bytes(stats['backups']['stored_bytes'])}; "
-        f"success rate {'-' if rate is None else f'{rate:.1%}'} {stats['by_outcome']}"
-    )
-    if stats["duration_seconds"]:
-        d = stats["duration_seconds"]
-        print(f"duration: p50 {d['p50']:.1f} s, p90 {d['p90']:.1f} s, max {d['max']:.1f} s")
-    rows = [
-        [
-            db,
-            str(e["count"]),
-            _human_bytes(e["stored_bytes"]),
-            e["last_good_id"],
-            f"{e['last_good_age_seconds'] / 3600:.1f} h",
-        ]
-        for db, e in sorted(stats["databases"].items())
-    ]
-    if rows:
-        print(_table(rows, ["DATABASE", "BACKUPS", "STORED", "LAST GOOD", "AGE"]))
+    cli_output.print_stats(await ops.stats(), args)
     return EXIT_OK
 
 
 async def _test(ops: Operations, args: argparse.Namespace) -> int:
     result = await ops.test(args.database)
-    if args.json:
-        _print_json(result)
-    else:
-        for drill in result["drills"]:
-            verdict = "PASS" if drill["passed"] else "FAIL"
-            detail = f"restored in {drill.get('restore_seconds', 0):.1f} s, {drill.get('tables_compared', 0)} tables"
-            print(f"{verdict}  {drill['database']}  {drill['backup_id']}  {drill.get('error') or detail}")
+    cli_output.print_drills(result, args)
     failed = [d for d in result["drills"] if not d["passed"]]
-    if failed:
-        print(f"kybdr-agent: test failed: {len(failed)} restore drill(s) failed", file=sys.stderr)
     return EXIT_FAILED if failed else EXIT_OK
 
 
 async def _status(ops: Operations, args: argparse.Namespace) -> int:
-    status = await ops.status()
-    if args.json:
-        _print_json(status)
-        return EXIT_OK
-    agent = status["agent"]
-    print(
-        f"agent {agent['status']}: version {agent['version']}, up {agent['uptime_seconds']:.0f} s, "
-        f"{agent['jobs_running']} job(s) running"
-    )
-    rows = [[j["id"], j["kind"], j["status"], j["database"] or "-", j["created_at"][:19]] for j in status["jobs"]]
-    if rows:
-        print(_table(rows, ["JOB", "KIND", "STATUS", "DATABASE", "CREATED"]))
+    cli_output.print_status(await ops.status(), args)
     return EXIT_OK
 
 

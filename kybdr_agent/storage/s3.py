@@ -5,24 +5,20 @@ Uploads are multipart with bounded concurrency and a bounded buffer, so memory i
 supports additional checksums; ``checksums = "when_required"`` sends none beyond what the API demands, for
 compatible stores that reject botocore's default CRCs. Retries, backoff and the stall deadline are ours
 (botocore's own retries are off, so the two never multiply): a request is cut only when no byte moved for
-``request_timeout`` seconds — bodies go out through ``_WatchedBody``, which reports each chunk the socket
+``request_timeout`` seconds — bodies go out through ``s3_body``, which reports each chunk the socket
 takes, and answers are timed per read by aiohttp — never because a big part on a slow link takes long.
 Any failure or cancellation aborts the multipart upload, shielded and time-bounded, so no orphaned parts
 accrue storage charges; a lost answer to a create, complete or abort is recognised rather than left behind.
-Every failure leaves this module as a ``StoreError`` (or ``NotFound``) with a one-line reason.
+Every failure leaves this module as a ``StoreError`` (or ``NotFound``) with a one-line reason. This module
+is the store and its retry classification; a multipart upload in flight is ``s3_upload``'s.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
-import fcntl
 import hashlib
-import io
 import random
-import struct
-import termios
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -30,23 +26,20 @@ from datetime import datetime
 from typing import Any, Final, Literal
 
 import aiohttp
-import aiohttp.abc
-import aiohttp.payload
 import anyio
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, ReadTimeoutError
 
-from kybdr_agent.backup.manifest import PartRun
 from kybdr_agent.errors import NotFound, StoreError
 from kybdr_agent.storage.base import BlobWriter, IncompleteUpload, ObjectInfo, UploadResult
-from kybdr_agent.storage.parts import S3_MAX_PARTS, initial_part_size, part_size_for
-from kybdr_agent.storage.retry import AttemptTimeout, AttemptWatch, RetryPolicy, call_with_retries, current_watch
+from kybdr_agent.storage.parts import S3_MAX_PARTS, initial_part_size
+from kybdr_agent.storage.retry import AttemptTimeout, RetryPolicy, call_with_retries
+from kybdr_agent.storage.s3_body import watch_request
+from kybdr_agent.storage.s3_upload import MultipartUpload
 from kybdr_agent.telemetry import get_logger
 
 ABORT_DEADLINE: Final = 60.0
-BODY_CHUNK: Final = 64 * 1024
-_DRAIN_POLL_MAX: Final = 0.05
 _NOT_FOUND_CODES: Final = frozenset({"NoSuchKey", "404", "NotFound", "NoSuchUpload"})
 _SWEEP_NOTE: Final = "the next sweep (the agent's next housekeeping tick, or the next kybdr-agent command) aborts it"
 _COPY_SINGLE_LIMIT: Final = 5 << 30
@@ -94,88 +87,6 @@ def _describe(exc: BaseException, options: S3Options) -> str:
     return f"{type(exc).__name__}: {exc}".rstrip(": ")
 
 
-def _unsent(writer: aiohttp.abc.AbstractStreamWriter) -> int | None:
-    """Bytes written but not yet acknowledged by the peer: the transport's buffer plus the socket's queue.
-
-    None where that cannot be known (no transport, or a platform without ``TIOCOUTQ``).
-    """
-    transport = getattr(writer, "transport", None)
-    if transport is None or transport.is_closing():
-        return None
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return None
-    try:
-        queued = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
-    except (OSError, AttributeError):
-        return None
-    return int(transport.get_write_buffer_size()) + int(queued)
-
-
-class _WatchedBody(aiohttp.payload.Payload):
-    """A request body that tells the attempt's watch about every chunk the connection accepts.
-
-    aiohttp writes a plain ``bytes`` body in one go, so a stall deadline could only bound the whole request.
-    This body goes out in 64 KiB views of the same buffer (no copies); each ``writer.write`` returns once
-    the transport has room again, so a returning write means bytes moved. The last bytes can sit in the
-    kernel's socket buffer, megabytes of it on a slow link; aiohttp starts its per-read answer timeout as
-    soon as the body is written, so before returning we wait until what is still unacknowledged could
-    leave within half a stall deadline at the floor throughput, counting every drop as progress.
-    """
-
-    def __init__(self, data: bytes | bytearray | memoryview, watch: AttemptWatch) -> None:
-        super().__init__(data)
-        self._size = len(data)
-        self._watch = watch
-
-    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
-        return bytes(self._value).decode(encoding, errors)
-
-    async def write(self, writer: aiohttp.abc.AbstractStreamWriter) -> None:
-        await self.write_with_length(writer, None)
-
-    async def write_with_length(self, writer: aiohttp.abc.AbstractStreamWriter, content_length: int | None) -> None:
-        view = memoryview(self._value)
-        end = len(view) if content_length is None else min(content_length, len(view))
-        for start in range(0, end, BODY_CHUNK):
-            chunk = view[start : min(start + BODY_CHUNK, end)]
-            await writer.write(chunk)
-            self._watch.moved(len(chunk))
-        await self._drain(writer)
-        self._watch.sent()
-
-    async def _drain(self, writer: aiohttp.abc.AbstractStreamWriter) -> None:
-        unsent = _unsent(writer)
-        pause = 0.001
-        while unsent is not None and unsent > self._watch.tail_allowance:
-            await anyio.sleep(pause)
-            now = _unsent(writer)
-            if now is not None and now < unsent:
-                self._watch.moved(unsent - now)
-            unsent = now
-            pause = min(pause * 2, _DRAIN_POLL_MAX)
-
-
-def _watch_request(request: Any, **_: Any) -> None:
-    """botocore's ``before-send`` event, after signing: send the body through ``_WatchedBody``.
-
-    botocore measured, hashed and signed the bytes; only how they reach the socket changes. It hands
-    PutObject and UploadPart bodies over as a ``BytesIO`` around our bytes, whose ``getvalue`` is that same
-    object (no copy). A request without a body is sent at once, so its watch hands over to the answer's
-    per-read timeout.
-    """
-    watch = current_watch()
-    if watch is None:
-        return
-    body = request.body
-    if isinstance(body, io.BytesIO):
-        body = memoryview(body.getvalue())[body.tell() :]
-    if isinstance(body, bytes | bytearray | memoryview) and len(body):
-        request.body = _WatchedBody(body, watch)
-    elif not body:
-        watch.sent()
-
-
 @dataclass(frozen=True, slots=True)
 class S3Options:
     bucket: str
@@ -191,157 +102,6 @@ class S3Options:
     connect_timeout: float = 10.0
     request_timeout: float = 120.0  # seconds without a byte moving, either way, before an attempt is cut
     retry: RetryPolicy = field(default_factory=RetryPolicy)
-
-
-class _MultipartUpload:
-    """One multipart upload in flight: buffers bytes into parts and keeps at most N part uploads running."""
-
-    def __init__(self, store: S3Store, key: str, upload_id: str, base_part_size: int, result: UploadResult):
-        self._store = store
-        self._key = key
-        self._upload_id = upload_id
-        self._base = base_part_size
-        self._result = result
-        # Pending bytes as the chunks that arrived: a part is assembled by one join, so a part costs one
-        # copy of its size, not a growing buffer plus slices of it.
-        self._pending: list[bytes] = []
-        self._pending_size = 0
-        self._next_part = 1
-        self._inflight: set[asyncio.Task[None]] = set()
-        self._completed: dict[int, dict[str, Any]] = {}
-        self._sizes: list[int] = []
-        self._completed_upload = False
-
-    def _current_part_size(self) -> int:
-        return part_size_for(
-            min(self._next_part, self._store.options.max_parts), self._base, self._store.options.max_parts
-        )
-
-    async def write(self, data: bytes) -> None:
-        self._result.size += len(data)
-        self._pending.append(data)
-        self._pending_size += len(data)
-        while self._pending_size >= (size := self._current_part_size()):
-            await self._submit(self._take(size))
-
-    def _take(self, size: int) -> bytes:
-        """The first ``size`` pending bytes as one object; the rest stays pending."""
-        taken: list[bytes] = []
-        need = size
-        while need:
-            chunk = self._pending[0]
-            if len(chunk) <= need:
-                taken.append(self._pending.pop(0))
-                need -= len(chunk)
-            else:
-                view = memoryview(chunk)
-                taken.append(bytes(view[:need]))
-                self._pending[0] = bytes(view[need:])
-                need = 0
-        self._pending_size -= size
-        return b"".join(taken)
-
-    async def _submit(self, part: bytes) -> None:
-        opts = self._store.options
-        if self._next_part > opts.max_parts:
-            raise StoreError(
-                f"the dump outgrew {opts.max_parts} parts of up to {self._current_part_size()} bytes; "
-                "raise repository.part_size_mib or repository.max_parts"
-            )
-        while len(self._inflight) >= opts.upload_concurrency:
-            await self._reap(asyncio.FIRST_COMPLETED)
-        number = self._next_part
-        self._next_part += 1
-        self._sizes.append(len(part))
-        self._inflight.add(asyncio.create_task(self._upload_part(number, part)))
-
-    async def _reap(self, when: str) -> None:
-        done, _ = await asyncio.wait(self._inflight, return_when=when)
-        self._inflight -= done
-        # Every finished task's error is retrieved (two parts can fail together); the first one is raised.
-        errors = [exc for task in done if (exc := _outcome(task)) is not None]
-        if errors:
-            raise errors[0]
-
-    async def _upload_part(self, number: int, body: bytes) -> None:
-        kwargs: dict[str, Any] = {}
-        if self._store.options.checksums == "sha256":
-            digest = await anyio.to_thread.run_sync(lambda: hashlib.sha256(body).digest())
-            kwargs["ChecksumSHA256"] = base64.b64encode(digest).decode()
-        response = await self._store.call(
-            f"uploading part {number} of {self._key}",
-            "upload_part",
-            Bucket=self._store.options.bucket,
-            Key=self._store.full_key(self._key),
-            UploadId=self._upload_id,
-            PartNumber=number,
-            Body=body,
-            **kwargs,
-        )
-        if "ETag" not in response:
-            raise StoreError(f"{self._store.describe()} answered part {number} of {self._key} without an ETag")
-        entry: dict[str, Any] = {"PartNumber": number, "ETag": response["ETag"]}
-        if "ChecksumSHA256" in kwargs:
-            entry["ChecksumSHA256"] = response.get("ChecksumSHA256", kwargs["ChecksumSHA256"])
-        self._completed[number] = entry
-
-    async def finish(self) -> None:
-        if self._pending_size or self._next_part == 1:
-            await self._submit(self._take(self._pending_size))
-        while self._inflight:
-            await self._reap(asyncio.ALL_COMPLETED)
-        parts = [self._completed[n] for n in sorted(self._completed)]
-        retried: list[int] = []
-        try:
-            await self._store.call(
-                f"completing the upload of {self._key}",
-                "complete_multipart_upload",
-                work=self._result.size,
-                retried=retried,
-                Bucket=self._store.options.bucket,
-                Key=self._store.full_key(self._key),
-                UploadId=self._upload_id,
-                MultipartUpload={"Parts": parts},
-            )
-        except NotFound:
-            # An earlier attempt may have completed it and only the answer was lost: then the upload is
-            # gone because it became the object. The key is this backup's own, so an object there of the
-            # right size is this upload.
-            if not retried or not await self._store.has_object(self._key, self._result.size):
-                raise
-            log.info("s3.complete_answer_lost", key=self._key, note="an earlier attempt completed the upload")
-        self._completed_upload = True
-        self._result.parts = _runs(self._sizes)
-        self._result.checksum_algorithm = "SHA256" if self._store.options.checksums == "sha256" else None
-
-    async def abort(self) -> None:
-        for task in self._inflight:
-            task.cancel()
-        if self._inflight:
-            await asyncio.wait(self._inflight)
-        for task in self._inflight:
-            _outcome(task)  # retrieved: the error that is being reported is the one that caused the abort
-        self._inflight.clear()
-        if self._completed_upload:
-            return
-        await self._store.abort_upload(self._key, self._upload_id)
-
-
-def _outcome(task: asyncio.Task[None]) -> BaseException | None:
-    """A finished task's error, retrieved (so asyncio never reports it as lost); None if it succeeded."""
-    if task.cancelled():
-        return None
-    return task.exception()
-
-
-def _runs(sizes: list[int]) -> list[PartRun]:
-    runs: list[PartRun] = []
-    for size in sizes:
-        if runs and runs[-1].size == size:
-            runs[-1] = PartRun(size=size, count=runs[-1].count + 1)
-        else:
-            runs.append(PartRun(size=size, count=1))
-    return runs
 
 
 class S3Store:
@@ -368,7 +128,7 @@ class S3Store:
         store._client = await store._exit.enter_async_context(
             session.create_client("s3", region_name=options.region, endpoint_url=options.endpoint_url, config=config)
         )
-        store._client.meta.events.register("before-send.s3", _watch_request)
+        store._client.meta.events.register("before-send.s3", watch_request)
         return store
 
     def describe(self) -> str:
@@ -462,7 +222,7 @@ class S3Store:
         opts = self.options
         base = opts.part_size or initial_part_size(size_hint, opts.max_parts, opts.min_part_size)
         extra: dict[str, Any] = {"ChecksumAlgorithm": "SHA256"} if opts.checksums == "sha256" else {}
-        upload = _MultipartUpload(self, key, await self._create_upload(key, **extra), base, result)
+        upload = MultipartUpload(self, key, await self._create_upload(key, **extra), base, result)
         try:
             yield upload
             await upload.finish()

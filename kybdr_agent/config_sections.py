@@ -1,0 +1,307 @@
+"""The tables of ``agent.toml``: one frozen model per section, its fields' bounds and its cross-field rules.
+
+Every section forbids unknown keys, so a typo is an error rather than a silently ignored setting; how one
+value is parsed or checked lives in ``config_values``, and the whole settings object in ``config``.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import Final, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from kybdr_agent.backup.streamfmt import MAX_FRAME_SIZE, MIN_FRAME_SIZE
+from kybdr_agent.config_values import (
+    HUNDRED_YEARS_DAYS,
+    Age,
+    DatabaseNames,
+    Interval,
+    MaxAge,
+    SweepGrace,
+    check_cron,
+    check_dsn,
+    check_endpoint,
+    check_listen_address,
+    check_repository_url,
+    check_zone,
+)
+
+DEFAULT_REPOSITORY_URL: Final = "file:///var/lib/kybdr/repo"
+SEVEN_YEARS_DAYS: Final = 7 * 365 + 2
+# sockaddr_un.sun_path holds 108 bytes on Linux, including the terminating NUL.
+MAX_SOCKET_PATH_BYTES: Final = 107
+MAX_KEEP: Final = 100_000
+# A region is one DNS label; botocore refuses anything else (with a ValueError at client creation).
+_REGION: Final = r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$"
+
+
+def _no_nul(value: object) -> object:
+    """No NUL anywhere: the OS refuses it in paths, environment variables and argv, and Python says so by
+    raising ValueError deep inside whatever first uses the value (an exec, an open), long after start-up."""
+    if isinstance(value, str | Path) and "\x00" in str(value):
+        raise ValueError("must not contain a NUL character")
+    if isinstance(value, list | tuple):
+        for item in value:
+            _no_nul(item)
+    return value
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_nul_bytes(cls, value: object) -> object:
+        return _no_nul(value)
+
+
+class PolicySettings(_Section):
+    """A schedule for some databases and how long what it makes is kept (``[[backup.policies]]``)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    schedule: str
+    databases: DatabaseNames = Field(min_length=1)
+    timezone: str = "UTC"
+    jitter_seconds: float = Field(0.0, ge=0, le=86400)
+    keep_daily: int = Field(7, ge=0, le=MAX_KEEP)
+    keep_weekly: int = Field(4, ge=0, le=MAX_KEEP)
+    keep_monthly: int = Field(12, ge=0, le=MAX_KEEP)
+    keep_yearly: int = Field(7, ge=0, le=MAX_KEEP)
+    min_age: Age = timedelta(hours=1)
+    max_age: MaxAge | None = timedelta(days=SEVEN_YEARS_DAYS)
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron_parses(cls, value: str) -> str:
+        return check_cron(value)
+
+    @model_validator(mode="after")
+    def _ages_consistent(self) -> PolicySettings:
+        if self.max_age is not None and self.max_age < self.min_age:
+            raise ValueError("max_age is shorter than min_age: the two rules would contradict each other")
+        return self
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone_exists(cls, value: str) -> str:
+        return check_zone(value)
+
+
+class BackupSettings(_Section):
+    """The seed's ``BackupConfig``. ``EncryptionKey`` lives in ``[encryption] key_file`` (a path, not a value)."""
+
+    enabled: bool = True
+    backup_dir: Path = Field(
+        Path("/var/lib/kybdr-agent"), description="the agent's working directory (state, journals)"
+    )
+    retention_days: int = Field(
+        SEVEN_YEARS_DAYS, ge=1, le=HUNDRED_YEARS_DAYS, description="maximum age of any backup (at most 100 years)"
+    )
+    compression: bool = True
+    encryption: bool = True
+    cross_region: bool = Field(False, description="copy every backup to cross_region_bucket (server-side)")
+    cross_region_bucket: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+    cross_region_region: str | None = Field(
+        None, pattern=_REGION, description="the DR bucket's region (default: repository's)"
+    )
+    schedule: str = Field("0 2 * * *", description="schedule of the implicit policy when none is listed")
+    policies: list[PolicySettings] = Field(default_factory=list)
+    max_parallel: int = Field(2, ge=1, le=64, description="backup jobs running at once (all databases)")
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron_parses(cls, value: str) -> str:
+        return check_cron(value)
+
+    @field_validator("policies")
+    @classmethod
+    def _unique_names(cls, value: list[PolicySettings]) -> list[PolicySettings]:
+        names = [p.name for p in value]
+        if len(names) != len(set(names)):
+            raise ValueError("policy names must be unique")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_region_needs_bucket(self) -> BackupSettings:
+        if self.cross_region and not self.cross_region_bucket:
+            raise ValueError("cross_region = true needs cross_region_bucket")
+        return self
+
+
+class CompressionSettings(_Section):
+    algorithm: Literal["zstd", "gzip"] = "zstd"
+    level: int | None = Field(None, description="codec level; zstd 1-22 (default 3), gzip 1-9 (default 6)")
+    threads: int = Field(1, ge=0, le=16, description="libzstd worker threads (0 = compress in the calling thread)")
+
+    @model_validator(mode="after")
+    def _level_in_range(self) -> CompressionSettings:
+        if self.level is not None:
+            low, high = (1, 22) if self.algorithm == "zstd" else (1, 9)
+            if not low <= self.level <= high:
+                raise ValueError(f"{self.algorithm} level must be {low}..{high}")
+        return self
+
+
+class EncryptionSettings(_Section):
+    key_file: Path | None = Field(None, description="32-byte master key: raw, hex or base64; mode 0600")
+    old_key_files: list[Path] = Field(default_factory=list, description="earlier keys, to open older backups")
+    frame_size_kib: int = Field(1024, description="plaintext bytes per authenticated frame, in KiB")
+
+    @field_validator("frame_size_kib")
+    @classmethod
+    def _frame_in_range(cls, value: int) -> int:
+        if not MIN_FRAME_SIZE <= value * 1024 <= MAX_FRAME_SIZE:
+            raise ValueError(f"must be between 1 and {MAX_FRAME_SIZE // 1024}")
+        return value
+
+
+class RepositorySettings(_Section):
+    url: str = DEFAULT_REPOSITORY_URL
+    endpoint_url: str | None = Field(None, description="an S3-compatible store's endpoint; no credentials in it")
+    region: str | None = Field(None, pattern=_REGION)
+    addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    checksums: Literal["sha256", "when_required"] = Field(
+        "sha256", description="per-part SHA-256, or only what the API requires (for picky compatible stores)"
+    )
+    part_size_mib: int = Field(0, ge=0, le=5120, description="0 = size parts from the database's size")
+    min_part_size_mib: int = Field(8, ge=5, le=5120)
+    max_parts: int = Field(10_000, ge=4, le=10_000, description="1000 for stores with that limit")
+    upload_concurrency: int = Field(2, ge=1, le=32)
+    connect_timeout_seconds: float = Field(10.0, gt=0, le=300)
+    request_timeout_seconds: float = Field(120.0, gt=0, le=3600, description="stall deadline per request")
+    max_attempts: int = Field(5, ge=1, le=20)
+
+    @field_validator("url")
+    @classmethod
+    def _url_scheme(cls, value: str) -> str:
+        return check_repository_url(value)
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        return check_endpoint(value)
+
+    @field_validator("part_size_mib")
+    @classmethod
+    def _part_minimum(cls, value: int) -> int:
+        if value and value < 5:
+            raise ValueError("S3 parts are at least 5 MiB (0 sizes them automatically)")
+        return value
+
+    @property
+    def scheme(self) -> str:
+        return urlsplit(self.url).scheme
+
+    @property
+    def local_path(self) -> Path:
+        return Path(urlsplit(self.url).path)
+
+    @property
+    def bucket(self) -> str:
+        return urlsplit(self.url).netloc
+
+    @property
+    def prefix(self) -> str:
+        return urlsplit(self.url).path.strip("/")
+
+
+class DatabaseSettings(_Section):
+    dsn: str | None = Field(None, description="libpq DSN; else the PG* environment, as pg_dump uses it")
+    password_file: Path | None = Field(None, description="the password, alone in a file of mode 0600 or 0640")
+    databases: DatabaseNames = Field(default_factory=list, description="databases backed up by default")
+    maintenance_database: str = Field(
+        "postgres", min_length=1, max_length=63, description="where restore runs CREATE/DROP DATABASE"
+    )
+    pg_bin_dir: Path | None = Field(None, description="pg_dump/pg_restore location; default: by server version")
+    connect_timeout_seconds: float = Field(15.0, gt=0, le=600)
+
+    @field_validator("dsn")
+    @classmethod
+    def _dsn_parses(cls, value: str | None) -> str | None:
+        return check_dsn(value)
+
+
+class TokenSettings(_Section):
+    role: Literal["viewer", "operator", "admin"]
+    token_file: Path
+
+
+class ControlSettings(_Section):
+    socket: Path = Field(
+        Path("/run/kybdr-agent/control.sock"),
+        description="absolute path; its directory writable only by its owner (root or the agent's user)",
+    )
+    socket_mode: int = Field(0o660, ge=0, le=0o777, description="never world-accessible")
+    tcp_listen: str | None = Field(None, description='"127.0.0.1:8080" to listen on TCP too (tokens required)')
+    tokens: list[TokenSettings] = Field(default_factory=list)
+    max_body_bytes: int = Field(65536, ge=1024, le=1 << 20)
+    job_history: int = Field(200, ge=10, le=10000)
+
+    @field_validator("socket_mode")
+    @classmethod
+    def _not_world(cls, value: int) -> int:
+        if value & 0o007:
+            raise ValueError("the control socket must not be accessible to others (use 0660 or tighter)")
+        return value
+
+    @field_validator("socket")
+    @classmethod
+    def _socket_path(cls, value: Path) -> Path:
+        if not value.is_absolute():
+            raise ValueError("must be an absolute path, e.g. /run/kybdr-agent/control.sock")
+        if len(os.fsencode(value)) > MAX_SOCKET_PATH_BYTES:
+            raise ValueError(f"a unix socket path is at most {MAX_SOCKET_PATH_BYTES} bytes")
+        return value
+
+    @field_validator("tcp_listen")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        return check_listen_address(value)
+
+    @model_validator(mode="after")
+    def _tcp_needs_tokens(self) -> ControlSettings:
+        if self.tcp_listen and not self.tokens:
+            raise ValueError("tcp_listen needs at least one [[control.tokens]] entry: TCP requests need a token")
+        return self
+
+
+class DaemonSettings(_Section):
+    shutdown_grace_seconds: float = Field(30.0, ge=0, le=3600)
+    sweep_older_than: SweepGrace = Field(
+        timedelta(0),
+        description="grace before leftovers no live job holds a lease on are removed (0s..30d; 0s = at once)",
+    )
+    housekeeping_interval: Interval = Field(timedelta(hours=1), description="time between sweeps (10s..1d)")
+    service_user: str | None = Field(
+        "kybdr",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$",
+        description="the user the service runs as (systemd User=); it may own the control socket and secret files",
+    )
+
+
+class DrillSettings(_Section):
+    """Restore drills: restore the newest backup of each database into a scratch database and compare."""
+
+    schedule: str | None = Field("0 5 * * 0", description="cron; unset = only on request")
+    timezone: str = "UTC"
+    dsn: str | None = Field(None, description="server for scratch databases; default: the source server")
+    password_file: Path | None = Field(None, description="the password, alone in a file of mode 0600 or 0640")
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone_exists(cls, value: str) -> str:
+        return check_zone(value)
+
+    @field_validator("dsn")
+    @classmethod
+    def _dsn_parses(cls, value: str | None) -> str | None:
+        return check_dsn(value)
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron_parses(cls, value: str | None) -> str | None:
+        return check_cron(value) if value else value

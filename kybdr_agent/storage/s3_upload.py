@@ -1,0 +1,176 @@
+"""One multipart upload in flight, for ``S3Store.open_upload``.
+
+Kept apart from the store because it is the part with state: bytes buffered into parts, at most
+``upload_concurrency`` part uploads running, their answers collected for the completing request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from kybdr_agent.backup.manifest import PartRun
+from kybdr_agent.errors import NotFound, StoreError
+from kybdr_agent.storage.base import UploadResult
+from kybdr_agent.storage.parts import part_size_for
+from kybdr_agent.telemetry import get_logger
+
+if TYPE_CHECKING:
+    from kybdr_agent.storage.s3 import S3Store
+
+log = get_logger("kybdr_agent.s3")
+
+
+class MultipartUpload:
+    """One multipart upload in flight: buffers bytes into parts and keeps at most N part uploads running."""
+
+    def __init__(self, store: S3Store, key: str, upload_id: str, base_part_size: int, result: UploadResult):
+        self._store = store
+        self._key = key
+        self._upload_id = upload_id
+        self._base = base_part_size
+        self._result = result
+        # Pending bytes as the chunks that arrived: a part is assembled by one join, so a part costs one
+        # copy of its size, not a growing buffer plus slices of it.
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._next_part = 1
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._completed: dict[int, dict[str, Any]] = {}
+        self._sizes: list[int] = []
+        self._completed_upload = False
+
+    def _current_part_size(self) -> int:
+        return part_size_for(
+            min(self._next_part, self._store.options.max_parts), self._base, self._store.options.max_parts
+        )
+
+    async def write(self, data: bytes) -> None:
+        self._result.size += len(data)
+        self._pending.append(data)
+        self._pending_size += len(data)
+        while self._pending_size >= (size := self._current_part_size()):
+            await self._submit(self._take(size))
+
+    def _take(self, size: int) -> bytes:
+        """The first ``size`` pending bytes as one object; the rest stays pending."""
+        taken: list[bytes] = []
+        need = size
+        while need:
+            chunk = self._pending[0]
+            if len(chunk) <= need:
+                taken.append(self._pending.pop(0))
+                need -= len(chunk)
+            else:
+                view = memoryview(chunk)
+                taken.append(bytes(view[:need]))
+                self._pending[0] = bytes(view[need:])
+                need = 0
+        self._pending_size -= size
+        return b"".join(taken)
+
+    async def _submit(self, part: bytes) -> None:
+        opts = self._store.options
+        if self._next_part > opts.max_parts:
+            raise StoreError(
+                f"the dump outgrew {opts.max_parts} parts of up to {self._current_part_size()} bytes; "
+                "raise repository.part_size_mib or repository.max_parts"
+            )
+        while len(self._inflight) >= opts.upload_concurrency:
+            await self._reap(asyncio.FIRST_COMPLETED)
+        number = self._next_part
+        self._next_part += 1
+        self._sizes.append(len(part))
+        self._inflight.add(asyncio.create_task(self._upload_part(number, part)))
+
+    async def _reap(self, when: str) -> None:
+        done, _ = await asyncio.wait(self._inflight, return_when=when)
+        self._inflight -= done
+        # Every finished task's error is retrieved (two parts can fail together); the first one is raised.
+        errors = [exc for task in done if (exc := _outcome(task)) is not None]
+        if errors:
+            raise errors[0]
+
+    async def _upload_part(self, number: int, body: bytes) -> None:
+        kwargs: dict[str, Any] = {}
+        if self._store.options.checksums == "sha256":
+            digest = await anyio.to_thread.run_sync(lambda: hashlib.sha256(body).digest())
+            kwargs["ChecksumSHA256"] = base64.b64encode(digest).decode()
+        response = await self._store.call(
+            f"uploading part {number} of {self._key}",
+            "upload_part",
+            Bucket=self._store.options.bucket,
+            Key=self._store.full_key(self._key),
+            UploadId=self._upload_id,
+            PartNumber=number,
+            Body=body,
+            **kwargs,
+        )
+        if "ETag" not in response:
+            raise StoreError(f"{self._store.describe()} answered part {number} of {self._key} without an ETag")
+        entry: dict[str, Any] = {"PartNumber": number, "ETag": response["ETag"]}
+        if "ChecksumSHA256" in kwargs:
+            entry["ChecksumSHA256"] = response.get("ChecksumSHA256", kwargs["ChecksumSHA256"])
+        self._completed[number] = entry
+
+    async def finish(self) -> None:
+        if self._pending_size or self._next_part == 1:
+            await self._submit(self._take(self._pending_size))
+        while self._inflight:
+            await self._reap(asyncio.ALL_COMPLETED)
+        parts = [self._completed[n] for n in sorted(self._completed)]
+        retried: list[int] = []
+        try:
+            await self._store.call(
+                f"completing the upload of {self._key}",
+                "complete_multipart_upload",
+                work=self._result.size,
+                retried=retried,
+                Bucket=self._store.options.bucket,
+                Key=self._store.full_key(self._key),
+                UploadId=self._upload_id,
+                MultipartUpload={"Parts": parts},
+            )
+        except NotFound:
+            # An earlier attempt may have completed it and only the answer was lost: then the upload is
+            # gone because it became the object. The key is this backup's own, so an object there of the
+            # right size is this upload.
+            if not retried or not await self._store.has_object(self._key, self._result.size):
+                raise
+            log.info("s3.complete_answer_lost", key=self._key, note="an earlier attempt completed the upload")
+        self._completed_upload = True
+        self._result.parts = _runs(self._sizes)
+        self._result.checksum_algorithm = "SHA256" if self._store.options.checksums == "sha256" else None
+
+    async def abort(self) -> None:
+        for task in self._inflight:
+            task.cancel()
+        if self._inflight:
+            await asyncio.wait(self._inflight)
+        for task in self._inflight:
+            _outcome(task)  # retrieved: the error that is being reported is the one that caused the abort
+        self._inflight.clear()
+        if self._completed_upload:
+            return
+        await self._store.abort_upload(self._key, self._upload_id)
+
+
+def _outcome(task: asyncio.Task[None]) -> BaseException | None:
+    """A finished task's error, retrieved (so asyncio never reports it as lost); None if it succeeded."""
+    if task.cancelled():
+        return None
+    return task.exception()
+
+
+def _runs(sizes: list[int]) -> list[PartRun]:
+    runs: list[PartRun] = []
+    for size in sizes:
+        if runs and runs[-1].size == size:
+            runs[-1] = PartRun(size=size, count=runs[-1].count + 1)
+        else:
+            runs.append(PartRun(size=size, count=1))
+    return runs
