@@ -199,6 +199,11 @@ def print_status(status: dict[str, Any], args: argparse.Namespace) -> None:
         f"agent {agent['status']}: version {agent['version']}, up {agent['uptime_seconds']:.0f} s, "
         f"{agent['jobs_running']} job(s) running"
     )
+    housekeeping = agent.get("housekeeping") or {}
+    if housekeeping.get("error"):
+        print(f"last sweep failed: {housekeeping['error']}")
+    for name, why in (housekeeping.get("scratch_not_dropped") or {}).items():
+        print(f"scratch database {name} was not dropped: {why}")
     rows = [[j["id"], j["kind"], j["status"], j["database"] or "-", j["created_at"][:19]] for j in status["jobs"]]
     if rows:
         print(table(rows, ["JOB", "KIND", "STATUS", "DATABASE", "CREATED"]))

@@ -275,7 +275,7 @@ class DaemonSettings(_Section):
         timedelta(0),
         description="grace before leftovers no live job holds a lease on are removed (0s..30d; 0s = at once)",
     )
-    housekeeping_interval: Interval = Field(timedelta(hours=1), description="time between sweeps (10s..1d)")
+    housekeeping_interval: Interval = Field(timedelta(hours=1), description="time between sweeps (1s..1d)")
     service_user: str | None = Field(
         "kybdr",
         pattern=r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$",

@@ -73,7 +73,7 @@ Duration = Annotated[timedelta, BeforeValidator(parse_duration), _between(timede
 Age = Annotated[timedelta, BeforeValidator(parse_duration), _between(timedelta(0), _MAX_DURATION)]
 MaxAge = Annotated[timedelta, BeforeValidator(parse_duration), _between(timedelta(hours=1), _MAX_DURATION)]
 SweepGrace = Annotated[timedelta, BeforeValidator(parse_duration), _between(timedelta(0), timedelta(days=30))]
-Interval = Annotated[timedelta, BeforeValidator(parse_duration), _between(timedelta(seconds=10), timedelta(days=1))]
+Interval = Annotated[timedelta, BeforeValidator(parse_duration), _between(timedelta(seconds=1), timedelta(days=1))]
 
 
 def _database_names(value: list[str]) -> list[str]:

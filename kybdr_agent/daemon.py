@@ -334,6 +334,7 @@ async def run_daemon(config_path: Path | None, now: Callable[[], datetime] = lam
         tokens=_tokens(settings),
         max_body_bytes=settings.control.max_body_bytes,
         stats=stats,
+        housekeeping=lambda: state.housekeeping,
     )
 
     runner = await start_control(ctx, settings)

@@ -48,6 +48,7 @@ class ControlContext:
     max_body_bytes: int = 65536
     started: float = field(default_factory=time.monotonic)
     stats: DaemonStats | None = None
+    housekeeping: Callable[[], dict[str, Any]] = dict  # the last sweep's outcome, shown by /healthz
 
 
 CONTEXT: Final = web.AppKey("context", ControlContext)

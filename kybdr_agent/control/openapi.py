@@ -123,6 +123,11 @@ def _fixed_schemas() -> dict[str, Any]:
                 "uptime_seconds": {"type": "number"},
                 "jobs_running": {"type": "integer"},
                 "jobs_queued": {"type": "integer"},
+                "housekeeping": {
+                    "type": "object",
+                    "description": "the last sweep: leftovers removed, live backups, and scratch databases "
+                    "it could not drop (scratch_not_dropped: name → why)",
+                },
             },
             "required": ["status", "version", "uptime_seconds", "jobs_running"],
         },

@@ -155,7 +155,13 @@ async def post_restore(call: Call) -> web.Response:
 
     async def work(job: Job) -> Any:
         job.progress.stage = "restoring"
-        result = await service.restore(backup_id, body.target_database, force=body.force, no_owner=body.no_owner)
+
+        def notice(message: str) -> None:
+            job.progress.stage = message  # what --force will do is visible before it happens
+
+        result = await service.restore(
+            backup_id, body.target_database, force=body.force, no_owner=body.no_owner, notice=notice
+        )
         return result.__dict__
 
     params = {"backup_id": backup_id, **body.model_dump()}
@@ -238,6 +244,7 @@ async def healthz(call: Call) -> web.Response:
             "uptime_seconds": round(time.monotonic() - ctx.started, 1),
             "jobs_running": len(ctx.jobs.running()),
             "jobs_queued": ctx.jobs.queued(),
+            "housekeeping": ctx.housekeeping(),
         }
     )
 

@@ -23,13 +23,11 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
-
-import aiohttp
-from aiohttp import web
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from kybdr_agent.pgcluster import Cluster
 from tests.daemon_support import Daemon
-from tests.faultproxy import _HOP_HEADERS, FaultProxy
+from tests.faultproxy import FaultProxy
 from tests.faults.report import FaultTally
 from tests.support import (
     KYBDR,
@@ -93,24 +91,22 @@ class Hold:
     forwarded: int = 0
     dropped: int = 0
 
-    def matches(self, request: web.Request) -> bool:
-        multipart = "uploadId" in request.query or "partNumber" in request.query or "uploads" in request.query
-        is_part = request.method == "PUT" and "partNumber" in request.query
+    def matches(self, method: str, target: str) -> bool:
+        parts = urlsplit(target)
+        query = dict(parse_qsl(parts.query, keep_blank_values=True))
+        path = unquote(parts.path)
+        multipart = "uploadId" in query or "partNumber" in query or "uploads" in query
+        is_part = method == "PUT" and "partNumber" in query
         return (
-            request.method == self.method
-            and request.path.endswith(self.suffix)
-            and self.contains in request.path
+            method == self.method
+            and path.endswith(self.suffix)
+            and self.contains in path
             and (is_part if self.part else not multipart)
         )
 
     @property
     def pending(self) -> int:
         return self.seen - self.forwarded - self.dropped
-
-
-def _client_gone(request: web.Request) -> bool:
-    transport = request.transport
-    return transport is None or transport.is_closing()
 
 
 class HoldingProxy(FaultProxy):
@@ -127,42 +123,39 @@ class HoldingProxy(FaultProxy):
         self.holds.append(added)
         return added
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
+    def _held(self, method: str, target: str) -> Hold | None:
         for hold in list(self.holds):
-            if hold.matches(request):
+            if hold.matches(method, target):
                 hold.seen += 1
                 if hold.seen <= hold.skip:
                     hold.forwarded += 1
-                    break
-                try:
-                    await request.read()
-                except (OSError, web.HTTPException, aiohttp.ClientPayloadError):  # killed while sending it
-                    hold.dropped += 1
-                    return web.Response(status=499)
-                deadline = asyncio.get_running_loop().time() + hold.seconds
-                try:
-                    while asyncio.get_running_loop().time() < deadline and not _client_gone(request):
-                        await asyncio.sleep(0.01)
-                except asyncio.CancelledError:  # aiohttp cancels a handler whose client went away
-                    hold.dropped += 1
-                    raise
-                if _client_gone(request):
-                    hold.dropped += 1
-                    return web.Response(status=499)
-                hold.forwarded += 1
-                break
-        if request.method == "HEAD":
-            return await self._head(request)
-        return await super()._handle(request)
+                    return None
+                return hold
+        return None
 
-    async def _head(self, request: web.Request) -> web.StreamResponse:
-        """HeadObject with its Content-Length, which the base proxy drops as a hop header (a HEAD response
-        has no body to measure): without it the agent cannot check an object's size."""
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
-        async with self._session.request("HEAD", self.upstream + request.path_qs, headers=headers) as upstream:
-            await upstream.read()
-            out = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_HEADERS - {"content-length"}}
-            return web.Response(status=upstream.status, headers=out)
+    async def _serve_one(self, request: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        hold = self._held(request.method, request.target)
+        if hold is None:
+            return await super()._serve_one(request, reader, writer)
+        if request.headers.get("expect", "").lower() == "100-continue":
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            await writer.drain()
+        try:
+            body = await reader.readexactly(request.length)
+        except (asyncio.IncompleteReadError, ConnectionError):  # killed while sending it
+            hold.dropped += 1
+            return False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + hold.seconds
+        while loop.time() < deadline:
+            if reader.at_eof() or writer.transport.is_closing():  # the agent died while we held it
+                hold.dropped += 1
+                return False
+            await asyncio.sleep(0.01)
+        hold.forwarded += 1
+        status, headers, answer = await self._forward(request, body)
+        await self._respond(writer, status, headers, answer, None, head_only=request.method == "HEAD")
+        return bool(request.keep_alive)
 
 
 # --- repositories -------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ is freed backups work again.
 
 The two agents are two daemons (two configurations, two control sockets, one repository, one database
 server), each covering its own databases with its own policies. While agent A runs a long backup, agent B
-sweeps the repository over and over (its housekeeping, every fraction of a second, with no grace for
+sweeps the repository over and over (its housekeeping every second, the floor, with no grace for
 leaseless leftovers) and runs its retention cleanup, and one-shot commands with B's configuration sweep
 too: A's upload and objects are never touched, A's backup completes and validates, and B's cleanup deletes
 only what B's own policy lets go — never A's backups, which B's ``retention_days`` still keeps. In the S3
@@ -188,7 +188,7 @@ def test_two_agents_on_one_repository_never_delete_each_others_backups(
             databases=[db_b],
             policies=thin_b,
             backup_extra="retention_days = 1\n",
-            daemon_extra='sweep_older_than = "0s"\nhousekeeping_interval = "0.05s"\n',
+            daemon_extra='sweep_older_than = "0s"\nhousekeeping_interval = "1s"\n',
         )
         agent_a = start_agent(config_a, socket_a, tmp_path)
         agent_b = start_agent(config_b, socket_b, tmp_path, prefix=b_prefix)
@@ -251,6 +251,6 @@ def test_two_agents_on_one_repository_never_delete_each_others_backups(
     assert in_flight, "A's upload was never seen in flight"
     # B's cleanup worked on B's own backups (the older one goes) and on nothing of A's.
     assert deleted_by_b == {made_b[0]}, deleted_by_b
-    # The race really happened: B swept again and again while A's backup ran, and saw it as live.
-    assert len(saw_a_live) >= 2, (a_seconds, len(sweeps), sweeps[-3:])
+    # The race really happened: B swept (every second, its floor) while A's backup ran, and saw it as live.
+    assert len(saw_a_live) >= 1, (a_seconds, len(sweeps), sweeps[-3:])
     assert cleanups >= 1

@@ -213,3 +213,33 @@ def test_a_scratch_name_is_refused_as_a_target(setup: tuple[Path, str]) -> None:
     refused = run_cli(config, "restore", backup_id, "--target-database", "kybdr_restore_mine")
     assert refused.returncode == 1
     assert "scratch" in refused.stderr
+
+
+def test_the_daemon_drops_unheld_scratch_databases_and_shows_those_it_must_keep(
+    pg: Cluster, tmp_path: Path, key_file: Path, source_db: str
+) -> None:
+    from tests.daemon_support import start_daemon
+    from tests.integration.test_daemon import daemon_config
+
+    dead = "kybdr_drill_0dead0000001"
+    kept = "kybdr_restore_0keep0000001"
+    pg.psql("postgres", f"create database {dead}")
+    pg.psql("postgres", f"create database {kept}")
+    pg.psql("postgres", f"comment on database {kept} is 'kybdr-agent: keep: the restored copy of app'")
+    config, socket_path = daemon_config(tmp_path, pg, key_file, databases=[source_db])
+    agent = start_daemon(config, socket_path, tmp_path)
+    try:
+        deadline = time.monotonic() + 30
+        while not (health := agent.request("GET", "/healthz").body).get("housekeeping"):
+            assert time.monotonic() < deadline, agent.log()
+            time.sleep(0.2)
+        housekeeping = health["housekeeping"]
+        assert dead in housekeeping["dropped_scratch"], housekeeping
+        assert kept in housekeeping["scratch_not_dropped"], housekeeping
+        names = _databases(pg)
+        tally = FaultTally(fault="scratch databases at daemon start", injected=2, attempted=0)
+        tally.left_behind = int(dead in names) + int(kept not in names)  # the kept one must survive
+        tally.assert_clean()
+    finally:
+        assert agent.stop() == 0, agent.log()
+        pg.psql("postgres", f"drop database if exists {kept}")
