@@ -15,6 +15,7 @@ from kybdr_agent.backup.pipeline import BackupOptions
 from kybdr_agent.backup.streamfmt import Compression
 from kybdr_agent.config import AgentSettings, RepositorySettings
 from kybdr_agent.errors import ConfigError
+from kybdr_agent.pathutil import NothingExists, nearest_existing
 from kybdr_agent.storage.base import BlobStore
 from kybdr_agent.storage.local import LocalStore
 from kybdr_agent.storage.parts import MIB
@@ -89,17 +90,12 @@ def check_state_dir(settings: AgentSettings) -> None:
     it says it is ready, since the journal of every job and the scheduler's state go there. Nothing is
     created here; the directory that exists (it, or the nearest parent) is what must be writable."""
     wanted = settings.backup.backup_dir
-    probe = wanted
-    while True:
-        try:
-            info = os.stat(probe)
-            break
-        except FileNotFoundError:
-            if probe == probe.parent:
-                raise ConfigError(f"backup.backup_dir {wanted}: no directory of it exists") from None
-            probe = probe.parent
-        except OSError as exc:
-            raise ConfigError(f"backup.backup_dir {wanted}: cannot inspect {probe}: {exc.strerror}") from None
+    try:
+        probe, info = nearest_existing(wanted)
+    except NothingExists:
+        raise ConfigError(f"backup.backup_dir {wanted}: no directory of it exists") from None
+    except OSError as exc:
+        raise ConfigError(f"backup.backup_dir {wanted}: cannot inspect {exc.filename}: {exc.strerror}") from None
     if not stat.S_ISDIR(info.st_mode):
         raise ConfigError(f"backup.backup_dir {wanted}: {probe} is not a directory")
     if not os.access(probe, os.W_OK | os.X_OK):

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from kybdr_agent.errors import ConfigError, KybdrError
+from kybdr_agent.pathutil import NothingExists, nearest_existing
 from kybdr_agent.secret_files import describe_owner
 
 _WRITABLE_BY_OTHERS: Final = stat.S_IWGRP | stat.S_IWOTH
@@ -70,17 +71,12 @@ def check_socket_location(path: Path, owners: Iterable[int]) -> None:
     exist yet is judged by the nearest one that does, which is where the agent would create it.
     """
     trusted = frozenset(owners)
-    directory = path.parent
-    while True:
-        try:
-            info = os.stat(directory)
-            break
-        except FileNotFoundError:
-            if directory == directory.parent:
-                raise UnsafeSocket(f"control.socket {path}: no directory of it exists") from None
-            directory = directory.parent
-        except OSError as exc:
-            raise UnsafeSocket(f"control.socket {path}: cannot inspect {directory}: {exc.strerror}") from None
+    try:
+        directory, info = nearest_existing(path.parent)
+    except NothingExists:
+        raise UnsafeSocket(f"control.socket {path}: no directory of it exists") from None
+    except OSError as exc:
+        raise UnsafeSocket(f"control.socket {path}: cannot inspect {exc.filename}: {exc.strerror}") from None
     if not stat.S_ISDIR(info.st_mode):
         raise UnsafeSocket(f"control.socket {path}: {directory} is not a directory")
     own = {directory, Path(os.path.realpath(directory))}
