@@ -5,7 +5,7 @@ generated requests — valid ones, and ones the document says are invalid — to
 no 5xx, every status code and content type is one the document lists, every response body matches its
 schema (the 202/200 job answers and every problem document included), and invalid input is refused.
 
-Examples are capped (and a time budget set) so the run stays within about a minute; the seed is fixed so
+Examples are capped (and a time budget set) so the run stays within about half a minute; the seed is fixed so
 a failure reproduces.
 """
 
@@ -36,8 +36,8 @@ CHECKS = ",".join(
         "negative_data_rejection",
     ]
 )
-MAX_EXAMPLES = 25
-MAX_SECONDS = 40
+MAX_EXAMPLES = 15
+MAX_SECONDS = 20
 
 
 @pytest.fixture(scope="module")
