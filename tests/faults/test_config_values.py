@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import secrets
 from pathlib import Path
+from typing import Final
 
 import pytest
 
@@ -84,6 +85,9 @@ def _write(tmp_path: Path, name: str, body: str) -> tuple[Path, Path, Path]:
     return config, sock, state
 
 
+RUN_CASES: Final = frozenset({CASES[0][0], "housekeeping_interval = -5", 'housekeeping_interval = "0s"'})
+
+
 @pytest.mark.parametrize(("name", "body", "field"), CASES, ids=[c[0] for c in CASES])
 def test_hostile_value_is_one_config_error_at_check_and_at_run(
     tmp_path: Path, name: str, body: str, field: str
@@ -96,6 +100,11 @@ def test_hostile_value_is_one_config_error_at_check_and_at_run(
     assert "Traceback" not in checked.stderr
     assert f"  {field}: " in checked.stderr, checked.stderr
     assert SECRET not in checked.stderr + checked.stdout
+    if name not in RUN_CASES:
+        # `run` loads the configuration with the same function as `config check`; the cases that once got
+        # past `config check` and broke `run` are the ones worth an agent start each.
+        tally.assert_clean()
+        return
 
     outcome = start_refused(config, tmp_path, socket_path=sock, state_dir=state)
     tally.hung = int(outcome.hung)
