@@ -144,9 +144,21 @@ def this_process() -> Owner:
 
 
 def pid_alive(owner: Owner) -> bool:
-    """True while the owner's process runs (same pid, same start time: a recycled pid is another process)."""
-    start = process_start(owner.pid)
-    return start is not None and start == owner.pid_start
+    """True while the owner's process runs (same pid, same start time: a recycled pid is another process).
+
+    Where ``/proc`` hides other users' processes (``hidepid``), a pid the kernel still has but we cannot
+    see is taken as alive: a sweep must never abort a backup it merely cannot inspect.
+    """
+    if Path(f"/proc/{owner.pid}/stat").exists():
+        start = process_start(owner.pid)
+        return start is not None and start == owner.pid_start
+    try:
+        os.kill(owner.pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return process_start(owner.pid) is not None
 
 
 # --- holding a lease ---------------------------------------------------------------------------------
