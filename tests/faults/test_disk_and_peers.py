@@ -191,7 +191,11 @@ def test_two_agents_on_one_repository_never_delete_each_others_backups(
             daemon_extra='sweep_older_than = "0s"\nhousekeeping_interval = "1s"\n',
         )
         agent_a = start_agent(config_a, socket_a, tmp_path)
-        agent_b = start_agent(config_b, socket_b, tmp_path, prefix=b_prefix)
+        try:
+            agent_b = start_agent(config_b, socket_b, tmp_path, prefix=b_prefix)
+        except BaseException:
+            agent_a.stop()  # never leave A running because B could not start
+            raise
         try:
             kept_a = [_backup(agent_a, db_a), _backup(agent_a, db_a)]
             made_b = [_backup(agent_b, db_b), _backup(agent_b, db_b)]
