@@ -237,12 +237,12 @@ class LocalStore:
         while parent != self._root:
             try:
                 parent.rmdir()
-            except FileNotFoundError:
-                pass  # a concurrent delete got there first
             except OSError as exc:
+                # ENOENT: a concurrent delete got there first, so carry on upwards.
                 if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
                     break
-                raise
+                if exc.errno != errno.ENOENT:
+                    raise
             parent = parent.parent
 
     async def delete(self, key: str) -> None:

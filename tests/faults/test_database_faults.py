@@ -176,21 +176,29 @@ def test_idle_in_transaction_timeout_does_not_kill_the_snapshot(pg: Cluster, tmp
     assert tally.restorable == 1, stderr
 
 
-def test_terminating_pg_dumps_backend_fails_cleanly(pg: Cluster, tmp_path: Path, locked_db: str) -> None:
+def _terminate_mid_dump(
+    pg: Cluster, tmp_path: Path, database: str, which: str
+) -> tuple[Path, Path, subprocess.Popen[str]]:
+    """Start a backup, wait until pg_dump is blocked on a table lock, terminate the backends ``which``
+    selects, release the lock; the repository, the config and the still-running backup."""
     repo = tmp_path / "repo"
     config = agent_config(tmp_path, pg, repository=f'url = "file://{repo}"', key_file=_key(tmp_path))
-    lock = TableLock(pg, locked_db, "events")
+    lock = TableLock(pg, database, "events")
     try:
-        backup = _start_backup(config, locked_db)
-        _wait_for(lambda: _pg_dump_waiting(pg, locked_db), "pg_dump to wait on the lock")
+        backup = _start_backup(config, database)
+        _wait_for(lambda: _pg_dump_waiting(pg, database), "pg_dump to wait on the lock")
         pg.psql(
             "postgres",
-            f"select pg_terminate_backend(pid) from pg_stat_activity "
-            f"where datname = '{locked_db}' and application_name = 'pg_dump'",
+            f"select pg_terminate_backend(pid) from pg_stat_activity where datname = '{database}' and {which}",
         )
-        _, stderr = backup.communicate(timeout=60)
     finally:
         lock.release()
+    return repo, config, backup
+
+
+def test_terminating_pg_dumps_backend_fails_cleanly(pg: Cluster, tmp_path: Path, locked_db: str) -> None:
+    repo, config, backup = _terminate_mid_dump(pg, tmp_path, locked_db, "application_name = 'pg_dump'")
+    _, stderr = backup.communicate(timeout=60)
     tally = FaultTally(fault="pg_dump's backend terminated", injected=1, attempted=1)
     if backup.returncode == 1 and "pg_dump" in stderr and "Traceback" not in stderr:
         tally.failed_cleanly = 1
@@ -202,20 +210,10 @@ def test_terminating_pg_dumps_backend_fails_cleanly(pg: Cluster, tmp_path: Path,
 def test_the_agents_own_session_killed_still_makes_a_good_backup(pg: Cluster, tmp_path: Path, locked_db: str) -> None:
     """pg_dump imported the snapshot when it started; the agent's session dying later changes nothing
     about the dump's consistency, so the backup completes (with the rows counted so far) and restores."""
-    repo = tmp_path / "repo"
-    config = agent_config(tmp_path, pg, repository=f'url = "file://{repo}"', key_file=_key(tmp_path))
-    lock = TableLock(pg, locked_db, "events")
-    try:
-        backup = _start_backup(config, locked_db)
-        _wait_for(lambda: _pg_dump_waiting(pg, locked_db), "pg_dump to wait on the lock")
-        pg.psql(
-            "postgres",
-            f"select pg_terminate_backend(pid) from pg_stat_activity where datname = '{locked_db}' "
-            "and application_name <> 'pg_dump' and backend_type = 'client backend' "
-            "and query not like '%pg_sleep(600)%'",
-        )
-    finally:
-        lock.release()
+    the_agents_own = (
+        "application_name <> 'pg_dump' and backend_type = 'client backend' and query not like '%pg_sleep(600)%'"
+    )
+    repo, config, backup = _terminate_mid_dump(pg, tmp_path, locked_db, the_agents_own)
     stdout, stderr = backup.communicate(timeout=60)
     tally = FaultTally(fault="the agent's snapshot session terminated", injected=1, attempted=1)
     backup_id = stdout.strip()
