@@ -40,6 +40,10 @@ from kybdr_agent.secret_files import check_all as check_secret_files
 from kybdr_agent.secret_files import load_tokens, trusted_owners
 from kybdr_agent.telemetry import get_logger
 
+# A burst of clients larger than aiohttp's default 128 would see EAGAIN on a unix socket (a refused
+# connect, not a wait); the kernel caps this at net.core.somaxconn.
+CONTROL_BACKLOG: Final = 1024
+
 TICK_SECONDS: Final = 0.5
 HEARTBEAT_STALE_SECONDS: Final = 30.0
 log = get_logger("kybdr_agent.daemon")
@@ -113,7 +117,7 @@ async def start_control(ctx: ControlContext, settings: AgentSettings) -> web.App
         # is no moment at which it is more open than configured.
         old_umask = os.umask(0o777 & ~control.socket_mode)
         try:
-            await web.UnixSite(runner, str(path)).start()
+            await web.UnixSite(runner, str(path), backlog=CONTROL_BACKLOG).start()
             bound = True
         finally:
             os.umask(old_umask)
@@ -121,7 +125,7 @@ async def start_control(ctx: ControlContext, settings: AgentSettings) -> web.App
         if control.tcp_listen:
             listening = f"control.tcp_listen {control.tcp_listen}: cannot listen"
             host, _, port = control.tcp_listen.rpartition(":")
-            await web.TCPSite(runner, host.strip("[]"), int(port)).start()
+            await web.TCPSite(runner, host.strip("[]"), int(port), backlog=CONTROL_BACKLOG).start()
     except BaseException as exc:
         await runner.cleanup()
         if bound:  # the socket file is ours: a refused start leaves no stale socket behind

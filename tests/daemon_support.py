@@ -26,7 +26,15 @@ class UnixHTTPConnection(http.client.HTTPConnection):
     def connect(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
-        sock.connect(self._path)
+        deadline = time.monotonic() + 10
+        while True:  # a full listen queue refuses a unix connect with EAGAIN instead of queueing it
+            try:
+                sock.connect(self._path)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
         self.sock = sock
 
 

@@ -22,6 +22,7 @@ import os
 import socket
 import stat
 import struct
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Final
@@ -108,6 +109,34 @@ def _peer_uid(sock: socket.socket) -> int | None:
     return int(uid)
 
 
+class AgentBusy(AgentUnavailable):
+    """The agent's socket exists and its listen queue stayed full: an agent is running, so the CLI must
+    not fall back to running the command in-process beside it."""
+
+
+_BUSY_RETRY_SECONDS: Final = 5.0
+
+
+def _connect_through_full_backlog(sock: socket.socket, path: Path) -> None:
+    """A unix socket whose listen queue is full refuses with EAGAIN at once instead of waiting as TCP
+    does; a listener is there, so retry briefly rather than take "no agent" for an answer."""
+    deadline = time.monotonic() + _BUSY_RETRY_SECONDS
+    pause = 0.01
+    while True:
+        try:
+            sock.connect(str(path))
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise AgentBusy(
+                    f"the agent on {path} is not accepting connections (its queue stayed full for "
+                    f"{_BUSY_RETRY_SECONDS:.0f} s); try again"
+                ) from None
+            time.sleep(pause)
+            pause = min(pause * 2, 0.2)
+        else:
+            return
+
+
 def agent_listening(path: Path, owners: Iterable[int] | None = None) -> bool:
     """True if an agent accepts connections on the socket (a stale file from a crash does not).
 
@@ -137,8 +166,10 @@ def agent_listening(path: Path, owners: Iterable[int] | None = None) -> bool:
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.settimeout(2)
-        probe.connect(str(path))
+        _connect_through_full_backlog(probe, path)
         peer = _peer_uid(probe) if trusted is not None else None
+    except AgentBusy:
+        raise
     except OSError as exc:
         if exc.errno == errno.EACCES:
             raise AgentUnavailable(
