@@ -36,7 +36,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kybdr_agent.pgcluster import PG_BIN, Cluster, start_cluster  # noqa: E402
+from kybdr_agent.postgres.cluster import PG_BIN, Cluster, start_cluster  # noqa: E402
 from tests.support import start_moto_server  # noqa: E402
 
 AGENT = [sys.executable, "-m", "kybdr_agent"]

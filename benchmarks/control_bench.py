@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.backup_bench import build_database  # noqa: E402
-from kybdr_agent.pgcluster import start_cluster  # noqa: E402
+from kybdr_agent.postgres.cluster import start_cluster  # noqa: E402
 from tests.daemon_support import Daemon, start_daemon  # noqa: E402
 
 

@@ -59,8 +59,8 @@ from kybdr_agent.config_values import (
     SweepGrace,
     mask_url,
 )
-from kybdr_agent.conninfo import mask_dsn
 from kybdr_agent.errors import ConfigError
+from kybdr_agent.postgres.conninfo import mask_dsn
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",

@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import AfterValidator, BeforeValidator
 
 from kybdr_agent.backup.schedule import CronSpec, next_run
-from kybdr_agent.conninfo import ConninfoError, parse_dsn
+from kybdr_agent.postgres.conninfo import ConninfoError, parse_dsn
 
 HUNDRED_YEARS_DAYS: Final = 36500
 # What botocore accepts as a bucket name (it checks before every request); checked here, once.

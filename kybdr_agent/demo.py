@@ -25,9 +25,9 @@ from kybdr_agent.backup.restore import restore_backup
 from kybdr_agent.backup.service import BackupOverrides, BackupService
 from kybdr_agent.backup.verify import validate_backup
 from kybdr_agent.config import AgentSettings, BackupSettings, DatabaseSettings, EncryptionSettings, RepositorySettings
-from kybdr_agent.conninfo import parse_dsn
 from kybdr_agent.errors import KybdrError
-from kybdr_agent.pgcluster import Cluster, start_cluster
+from kybdr_agent.postgres.cluster import Cluster, start_cluster
+from kybdr_agent.postgres.conninfo import parse_dsn
 
 SAMPLE_DATABASE: Final = "kyb_platform"
 RESTORED_DATABASE: Final = "kyb_platform_restored"

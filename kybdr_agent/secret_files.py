@@ -178,7 +178,7 @@ def load_keyring(settings: AgentSettings) -> KeyRing | None:
 
 
 def read_password(path: Path, field: str, owners: Iterable[int]) -> str:
-    """A password file's content as ``pgdump.Connection`` will use it (trailing newlines removed).
+    """A password file's content as ``postgres.connection.Connection`` will use it (trailing newlines removed).
 
     Empty is refused: libpq would then try no password at all and every backup would fail on
     authentication, long after the agent said it was ready.

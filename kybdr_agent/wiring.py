@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING
 
 from kybdr_agent import secret_files
 from kybdr_agent.backup.keys import KeyRing
-from kybdr_agent.backup.pgdump import Connection
 from kybdr_agent.backup.pipeline import BackupOptions
 from kybdr_agent.backup.streamfmt import Compression
 from kybdr_agent.config import AgentSettings, RepositorySettings
 from kybdr_agent.errors import ConfigError
 from kybdr_agent.pathutil import NothingExists, nearest_existing
+from kybdr_agent.postgres.connection import Connection
 from kybdr_agent.storage.base import BlobStore
 from kybdr_agent.storage.local import LocalStore
 from kybdr_agent.storage.parts import MIB

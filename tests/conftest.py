@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kybdr_agent.pgcluster import Cluster, start_cluster
+from kybdr_agent.postgres.cluster import Cluster, start_cluster
 from tests.support import MotoServer, start_moto_server
 
 

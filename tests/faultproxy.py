@@ -37,7 +37,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import aiohttp
 
-from kybdr_agent.pgcluster import free_port
+from kybdr_agent.postgres.cluster import free_port
 
 Action = Literal["error", "reset_request", "reset_response", "stall", "stall_body", "stall_response", "throttle"]
 ALL_KINDS: Final = "*"

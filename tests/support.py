@@ -17,7 +17,7 @@ from typing import Any
 import boto3
 from botocore.config import Config as BotoConfig
 
-from kybdr_agent.pgcluster import PG_BIN, Cluster, free_port
+from kybdr_agent.postgres.cluster import PG_BIN, Cluster, free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 KYBDR = [sys.executable, "-m", "kybdr_agent"]

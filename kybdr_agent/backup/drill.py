@@ -14,10 +14,10 @@ from typing import Any
 from kybdr_agent.backup import facts
 from kybdr_agent.backup.keys import KeyRing
 from kybdr_agent.backup.manifest import Manifest
-from kybdr_agent.backup.pgdump import Connection
 from kybdr_agent.backup.restore import restore_backup
 from kybdr_agent.backup.scratch import DRILL_PREFIX, drop_scratch, held
 from kybdr_agent.errors import KybdrError
+from kybdr_agent.postgres.connection import Connection
 from kybdr_agent.storage.base import BlobStore
 
 

@@ -14,6 +14,8 @@ from urllib.parse import quote, unquote
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from kybdr_agent.storage.parts import PartRun
+
 MANIFEST_FORMAT: Final = 1
 MANIFEST_NAME: Final = "manifest.json"
 DATA_NAME: Final = "data"
@@ -61,15 +63,6 @@ def data_key_path(database: str, backup_id: str) -> str:
 
 def manifest_key_path(database: str, backup_id: str) -> str:
     return f"{backup_prefix(database, backup_id)}/{MANIFEST_NAME}"
-
-
-class PartRun(BaseModel):
-    """A run of consecutive multipart parts of one size (the part size grows for very large dumps)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    size: int
-    count: int
 
 
 class Encryption(BaseModel):

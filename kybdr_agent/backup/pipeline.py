@@ -35,20 +35,17 @@ from kybdr_agent.asyncutil import TailBuffer, task_group
 from kybdr_agent.backup import compress, facts, manifest
 from kybdr_agent.backup.keys import KeyRing, new_data_key
 from kybdr_agent.backup.lease import hold_lease
-from kybdr_agent.backup.pgdump import (
+from kybdr_agent.backup.pgdump import PipeReader, child_process, drain_into, failure_message
+from kybdr_agent.backup.streamfmt import Cipher, Compression, StreamHeader, StreamSealer
+from kybdr_agent.errors import DumpError, KybdrError
+from kybdr_agent.postgres.connection import (
     CLOSE_DEADLINE,
     DATABASE_ERRORS,
     Connection,
-    PipeReader,
-    child_process,
     database_errors,
-    drain_into,
-    failure_message,
     pg_message,
     tool_version,
 )
-from kybdr_agent.backup.streamfmt import Cipher, Compression, StreamHeader, StreamSealer
-from kybdr_agent.errors import DumpError, KybdrError
 from kybdr_agent.storage.base import BlobStore, UploadResult
 from kybdr_agent.telemetry import get_logger
 

@@ -24,15 +24,7 @@ from kybdr_agent.asyncutil import TailBuffer, task_group
 from kybdr_agent.backup.decode import stream_backup
 from kybdr_agent.backup.keys import KeyRing
 from kybdr_agent.backup.manifest import Manifest
-from kybdr_agent.backup.pgdump import (
-    DATABASE_ERRORS,
-    Connection,
-    child_process,
-    database_errors,
-    drain_into,
-    failure_message,
-    pg_message,
-)
+from kybdr_agent.backup.pgdump import child_process, drain_into, failure_message
 from kybdr_agent.backup.scratch import (
     DRILL_PREFIX,
     RESTORE_PREFIX,
@@ -45,6 +37,7 @@ from kybdr_agent.backup.scratch import (
 )
 from kybdr_agent.backup.target import TargetContents, describe, inspect_target
 from kybdr_agent.errors import DumpError, KybdrError
+from kybdr_agent.postgres.connection import DATABASE_ERRORS, Connection, database_errors, pg_message
 from kybdr_agent.storage.base import BlobStore
 from kybdr_agent.telemetry import get_logger
 

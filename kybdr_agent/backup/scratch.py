@@ -18,7 +18,7 @@ from typing import Any, Final
 
 import anyio
 
-from kybdr_agent.backup.pgdump import DATABASE_ERRORS, pg_message
+from kybdr_agent.postgres.connection import DATABASE_ERRORS, pg_message
 
 RESTORE_PREFIX: Final = "kybdr_restore_"
 DRILL_PREFIX: Final = "kybdr_drill_"

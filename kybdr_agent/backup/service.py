@@ -22,7 +22,6 @@ from kybdr_agent.backup import catalog
 from kybdr_agent.backup.drill import drill_one
 from kybdr_agent.backup.lease import hold_lease, pid_alive, this_process
 from kybdr_agent.backup.manifest import Manifest, database_key, manifest_key_path
-from kybdr_agent.backup.pgdump import Connection, database_errors
 from kybdr_agent.backup.pipeline import BackupProgress, backup_and_record
 from kybdr_agent.backup.restore import Notice, RestoreResult, check_user_target, restore_backup
 from kybdr_agent.backup.retention import BackupRecord, RetentionPolicy, decide
@@ -33,6 +32,7 @@ from kybdr_agent.backup.verify import Level, ValidationResult, validate_backup
 from kybdr_agent.config import AgentSettings, PolicySettings
 from kybdr_agent.errors import ConfigError, KybdrError
 from kybdr_agent.journal import Journal
+from kybdr_agent.postgres.connection import Connection, database_errors
 from kybdr_agent.storage.base import BlobStore
 
 

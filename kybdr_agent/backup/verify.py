@@ -18,9 +18,10 @@ from kybdr_agent.asyncutil import TailBuffer, task_group
 from kybdr_agent.backup.decode import data_key_for, stream_backup
 from kybdr_agent.backup.keys import KeyRing
 from kybdr_agent.backup.manifest import Manifest
-from kybdr_agent.backup.pgdump import Connection, child_process, drain_into, failure_message
+from kybdr_agent.backup.pgdump import child_process, drain_into, failure_message
 from kybdr_agent.backup.streamfmt import HEADER_SIZE
 from kybdr_agent.errors import DumpError, IntegrityError, KeyUnavailable
+from kybdr_agent.postgres.connection import Connection
 from kybdr_agent.storage.base import BlobStore
 
 Level = Literal["quick", "full"]

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
-from kybdr_agent.backup.manifest import PartRun
+from kybdr_agent.storage.parts import PartRun
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Final
 
+from pydantic import BaseModel, ConfigDict
+
 MIB: Final = 1 << 20
 S3_MIN_PART_SIZE: Final = 5 * MIB
 S3_MAX_PART_SIZE: Final = 5 * 1024 * MIB
@@ -48,3 +50,12 @@ def part_size_for(part_number: int, base_size: int, max_parts: int = S3_MAX_PART
 def capacity(base_size: int, max_parts: int = S3_MAX_PARTS) -> int:
     """Total bytes an upload can hold before running out of parts."""
     return sum(part_size_for(n, base_size, max_parts) for n in range(1, max_parts + 1))
+
+
+class PartRun(BaseModel):
+    """A run of consecutive multipart parts of one size (the part size grows for very large dumps)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    size: int
+    count: int

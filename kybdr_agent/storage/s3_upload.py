@@ -13,10 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from kybdr_agent.backup.manifest import PartRun
 from kybdr_agent.errors import NotFound, StoreError
 from kybdr_agent.storage.base import UploadResult
-from kybdr_agent.storage.parts import part_size_for
+from kybdr_agent.storage.parts import PartRun, part_size_for
 from kybdr_agent.telemetry import get_logger
 
 if TYPE_CHECKING:

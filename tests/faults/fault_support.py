@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from kybdr_agent.pgcluster import Cluster
+from kybdr_agent.postgres.cluster import Cluster
 from tests.daemon_support import Daemon
 from tests.faultproxy import FaultProxy
 from tests.faults.report import FaultTally

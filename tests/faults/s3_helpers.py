@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from kybdr_agent.pgcluster import Cluster
+from kybdr_agent.postgres.cluster import Cluster
 from tests.faultproxy import Fault, FaultProxy
 from tests.faults.report import FaultTally
 from tests.support import KYBDR, MotoServer, agent_config, create_mixed_database, database_fingerprint, unique_db

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kybdr_agent.pgcluster import Cluster, free_port
+from kybdr_agent.postgres.cluster import Cluster, free_port
 from tests.daemon_support import Daemon, Response, start_daemon
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from kybdr_agent.pgcluster import Cluster
+from kybdr_agent.postgres.cluster import Cluster
 from tests.daemon_support import Response
 from tests.faults.report import FaultTally
 from tests.faults.test_api_common import Agent, databases, rss_kib, start_agent, wait_until_idle

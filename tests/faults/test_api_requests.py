@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from kybdr_agent.pgcluster import Cluster
+from kybdr_agent.postgres.cluster import Cluster
 from tests.daemon_support import Response, http_request
 from tests.faults.report import FaultTally
 from tests.faults.test_api_common import (

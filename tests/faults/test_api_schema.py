@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from kybdr_agent.journal import Journal
-from kybdr_agent.pgcluster import Cluster
+from kybdr_agent.postgres.cluster import Cluster
 from tests.faults.report import FaultTally
 from tests.faults.test_api_common import Agent, databases, start_agent, wait_until_idle
 from tests.support import create_mixed_database, unique_db

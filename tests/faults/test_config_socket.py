@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from kybdr_agent.pgcluster import Cluster
+from kybdr_agent.postgres.cluster import Cluster
 from tests.faults.report import FaultTally
 from tests.faults.test_config_common import (
     SYSTEM_PYTHON,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from kybdr_agent.pgcluster import PG_BIN, Cluster, start_cluster
+from kybdr_agent.postgres.cluster import PG_BIN, Cluster, start_cluster
 from tests.faults.report import FaultTally
 from tests.support import (
     KYBDR,

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from kybdr_agent.pgcluster import Cluster
+from kybdr_agent.postgres.cluster import Cluster
 from tests.daemon_support import Daemon
 from tests.faults.fault_support import (
     HoldingProxy,

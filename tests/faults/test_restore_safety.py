@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kybdr_agent.pgcluster import PG_BIN, Cluster
+from kybdr_agent.postgres.cluster import PG_BIN, Cluster
 from tests.faults.report import FaultTally
 from tests.support import agent_config, cli_json, create_mixed_database, run_cli, unique_db
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from kybdr_agent.pgcluster import Cluster
+from kybdr_agent.postgres.cluster import Cluster
 from tests.faultproxy import fault
 from tests.faults.s3_helpers import Outcome, Plan, Suite, describe, open_suite, run_backups, run_restores
 from tests.support import MotoServer

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kybdr_agent.pgcluster import Cluster
+from kybdr_agent.postgres.cluster import Cluster
 from tests.faultproxy import Action, Fault, fault
 from tests.faults.s3_helpers import Outcome, Plan, Suite, describe, open_suite, restore_matches, run_backups
 from tests.support import MotoServer

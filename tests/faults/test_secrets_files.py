@@ -20,7 +20,7 @@ from typing import Final
 
 import pytest
 
-from kybdr_agent.pgcluster import Cluster, free_port
+from kybdr_agent.postgres.cluster import Cluster, free_port
 from tests.faults.report import FaultTally
 from tests.faults.test_config_common import can_run_unprivileged, check, one_line, run_as, shared_dir, start_refused
 from tests.support import run_cli

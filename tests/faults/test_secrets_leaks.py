@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from kybdr_agent.pgcluster import Cluster, free_port
+from kybdr_agent.postgres.cluster import Cluster, free_port
 from tests.daemon_support import start_daemon
 from tests.faults.report import FaultTally
 from tests.support import KYBDR, create_incompressible_database, run_cli, unique_db

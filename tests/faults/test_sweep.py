@@ -18,7 +18,7 @@ import pytest
 from kybdr_agent.backup.lease import Lease, Owner, this_process
 from kybdr_agent.backup.service import BackupService
 from kybdr_agent.config import load_settings
-from kybdr_agent.pgcluster import Cluster
+from kybdr_agent.postgres.cluster import Cluster
 from tests.faults.report import FaultTally
 from tests.support import MotoServer, agent_config, run_cli, s3_repository
 

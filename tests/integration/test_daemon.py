@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from kybdr_agent.pgcluster import Cluster, free_port
+from kybdr_agent.postgres.cluster import Cluster, free_port
 from tests.daemon_support import Daemon, start_daemon
 from tests.faultproxy import FaultProxy
 from tests.support import (

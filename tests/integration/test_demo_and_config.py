@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 from kybdr_agent.config import AgentSettings, PolicySettings, TokenSettings, load_settings
-from kybdr_agent.pgcluster import Cluster
+from kybdr_agent.postgres.cluster import Cluster
 from tests.support import REPO_ROOT, agent_config, cli_json, create_mixed_database, run_cli, unique_db
 
 

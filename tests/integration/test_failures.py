@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from kybdr_agent.backup.streamfmt import HEADER_SIZE, TAG_SIZE
-from kybdr_agent.pgcluster import Cluster
+from kybdr_agent.postgres.cluster import Cluster
 from tests.faultproxy import FaultProxy
 from tests.support import (
     KYBDR,
@@ -251,7 +251,7 @@ def test_unreachable_store_fails_after_bounded_retries(
 
 
 def _closed_port() -> int:
-    from kybdr_agent.pgcluster import free_port
+    from kybdr_agent.postgres.cluster import free_port
 
     return free_port()
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kybdr_agent.pgcluster import Cluster
+from kybdr_agent.postgres.cluster import Cluster
 from tests.support import KYBDR, agent_config, database_fingerprint, run_cli, unique_db
 
 LARGE_SQL = """

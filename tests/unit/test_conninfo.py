@@ -10,7 +10,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from kybdr_agent.conninfo import PARAM_ENV, ConninfoError, libpq_env, mask_dsn, parse_dsn
+from kybdr_agent.postgres.conninfo import PARAM_ENV, ConninfoError, libpq_env, mask_dsn, parse_dsn
 
 SECRET = "Hunter2-Sekr1t"
 HIDDEN = "<unparseable DSN hidden>"
