@@ -24,7 +24,7 @@ from typing import Final
 
 import anyio
 
-from kybdr_agent import __version__, cli_output, secret_files, wiring
+from kybdr_agent import __version__, app, cli_output, secret_files
 from kybdr_agent.asyncutil import leaf_exceptions, primary_error
 from kybdr_agent.backup.keys import generate_master_key_file
 from kybdr_agent.backup.manifest import InvalidBackupId, check_backup_id
@@ -254,7 +254,12 @@ def _dispatch(args: argparse.Namespace) -> int:
             raise primary_error(group) from None
     command = COMMANDS[args.command]
     ops = _operations(settings, args)
-    return _run(lambda: command(ops, args))
+
+    async def entry() -> int:
+        async with ops:
+            return await command(ops, args)
+
+    return _run(entry)
 
 
 def _default_config_present() -> bool:
@@ -304,7 +309,7 @@ def _run(entry: Callable[[], Awaitable[int]]) -> int:
 def _config_check(settings: AgentSettings, args: argparse.Namespace) -> int:
     """Validate as ``run`` would start: every secret file read and checked, the socket's place judged."""
     secret_files.check_all(settings)  # keys, passwords and tokens: read, with run's rules
-    wiring.connection(settings)  # the DSN and password make a connection description
+    app.connection(settings)  # the DSN and password make a connection description
     check_socket_location(settings.control.socket, secret_files.trusted_owners(settings.daemon.service_user))
     cli_output.print_config(settings.masked(), args)
     return EXIT_OK

@@ -173,14 +173,14 @@ class AgentSettings(BaseSettings):
         return data
 
 
-def load_settings(path: Path | None) -> AgentSettings:
+def load_settings(path: Path | None, *, default_path: Path = DEFAULT_CONFIG_PATH) -> AgentSettings:
     """Load and validate; every problem becomes one ``ConfigError`` naming the field and what is wrong.
 
     ``path`` None means the default location, which may be absent (defaults + environment); a path the
     operator named must exist. Nothing that goes wrong in here escapes as anything but a ``ConfigError``:
     a configuration is input, and no input may end the agent in a traceback.
     """
-    chosen = path or DEFAULT_CONFIG_PATH
+    chosen = path or default_path
     data = read_toml(chosen, required=path is not None)
     toml_file = chosen if data is not None else None
     runtime = type("AgentSettingsFromFile", (AgentSettings,), {"toml_data": data})

@@ -17,13 +17,9 @@ from typing import Final
 
 import anyio
 
-from kybdr_agent import wiring
-from kybdr_agent.backup import catalog
+from kybdr_agent import app
 from kybdr_agent.backup.keys import generate_master_key_file
-from kybdr_agent.backup.pipeline import backup_and_record
-from kybdr_agent.backup.restore import restore_backup
 from kybdr_agent.backup.service import BackupOverrides, BackupService
-from kybdr_agent.backup.verify import validate_backup
 from kybdr_agent.config import AgentSettings, BackupSettings, DatabaseSettings, EncryptionSettings, RepositorySettings
 from kybdr_agent.errors import KybdrError
 from kybdr_agent.postgres.cluster import Cluster, start_cluster
@@ -98,7 +94,11 @@ async def run_demo(workdir: Path, settings: AgentSettings | None = None) -> int:
 async def _drill_configured(settings: AgentSettings) -> int:
     """The same path on the configured database and repository, through the service the agent uses:
     backup, full validation, and a restore drill into a scratch database compared and dropped."""
-    service = BackupService(settings)
+    async with app.in_process(settings) as local:
+        return await _drill_with(local.service, settings)
+
+
+async def _drill_with(service: BackupService, settings: AgentSettings) -> int:
     for database in configured_databases(settings):
         made = await service.backup(database, BackupOverrides(labels=("demo",)))
         _say(f"backup {made.id} of {database}: {made.dump_bytes:,} bytes dumped, {made.stored_bytes:,} stored")
@@ -126,33 +126,23 @@ async def _demo_on(cluster: Cluster, repo: Path, key_file: Path) -> int:
         repository=RepositorySettings(url=f"file://{repo}"),
         database=DatabaseSettings(dsn=f"host={cluster.socket_dir} port={cluster.port} user=postgres"),
     )
-    conn = wiring.connection(settings)
-    keys = wiring.keyring(settings)
-    async with wiring.open_store(settings.repository) as store:
+    async with app.in_process(settings) as local:
+        service = local.service
         started = time.monotonic()
-        made = await backup_and_record(
-            SAMPLE_DATABASE, connection=conn, store=store, options=wiring.backup_options(settings)
-        )
+        made = await service.backup(SAMPLE_DATABASE, BackupOverrides(labels=("demo",)))
         _say(
             f"backup {made.id}: {made.dump_bytes:,} bytes of pg_dump output stored as {made.stored_bytes:,} "
             f"bytes ({made.compression}, {made.encryption.cipher}) in {time.monotonic() - started:.1f} s"
         )
-        _say(f"  repository: {store.describe()}/{made.object_key}")
-        listed = await catalog.read_catalog(store)
+        _say(f"  repository: {service.store.describe()}/{made.object_key}")
+        listed = await service.catalog()
         _say(f"repository lists {len(listed.backups)} backup(s)")
-        check = await validate_backup(made, store=store, keyring=keys, connection=conn, level="full")
+        check = await service.validate(made.id, "full")
         if not check.ok:
             raise KybdrError(f"validation failed: {check.error}")
         _say(f"validated (full): {'; '.join(check.checks)}")
         await anyio.to_thread.run_sync(cluster.psql, "postgres", f"drop database if exists {RESTORED_DATABASE}")
-        restored = await restore_backup(
-            made,
-            store=store,
-            keyring=keys,
-            connection=conn,
-            maintenance_database="postgres",
-            target=RESTORED_DATABASE,
-        )
+        restored = await service.restore(made.id, RESTORED_DATABASE)
         _say(f"restored into {restored.target_database} in {restored.seconds:.1f} s")
     source = await anyio.to_thread.run_sync(cluster.psql, SAMPLE_DATABASE, FINGERPRINT_SQL)
     copy = await anyio.to_thread.run_sync(cluster.psql, RESTORED_DATABASE, FINGERPRINT_SQL)

@@ -25,12 +25,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Final
 
 import anyio
 from anyio.abc import TaskGroup
 
+from kybdr_agent.clock import Clock, utc_now
 from kybdr_agent.errors import KybdrError
 from kybdr_agent.telemetry import get_logger
 
@@ -121,7 +122,7 @@ class Job:
     params: dict[str, Any]
     database: str | None = None
     status: JobStatus = JobStatus.QUEUED
-    created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    created_at: datetime = field(default_factory=utc_now)
     started_at: datetime | None = None
     finished_at: datetime | None = None
     result: Any = None
@@ -129,9 +130,16 @@ class Job:
     progress: Progress = field(default_factory=Progress)
     done: anyio.Event = field(default_factory=anyio.Event, repr=False)
     key: Hashable | None = field(default=None, repr=False)
+    # What ended a failed job, for a caller in this process (the in-process CLI re-raises it, so its exit
+    # status says configuration error or bad input as it would without jobs). Never serialised.
+    exception: BaseException | None = field(default=None, repr=False)
     _scope: anyio.CancelScope | None = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
+        return {**self.record(), "progress": {"bytes_done": self.progress.bytes_done, "stage": self.progress.stage}}
+
+    def record(self) -> dict[str, Any]:
+        """The job without its live progress: what the journal keeps and events carry."""
         return {
             "id": self.id,
             "kind": self.kind,
@@ -143,7 +151,6 @@ class Job:
             "finished_at": self.finished_at.isoformat() if self.finished_at else None,
             "result": self.result,
             "error": self.error,
-            "progress": {"bytes_done": self.progress.bytes_done, "stage": self.progress.stage},
         }
 
 
@@ -196,7 +203,11 @@ class JobManager:
         history: int = DEFAULT_HISTORY,
         limits: dict[str, KindLimit] | None = None,
         max_queued: int = MAX_QUEUED_TOTAL,
+        clock: Clock = utc_now,
+        log_crashes: bool = True,
     ) -> None:
+        self._clock = clock
+        self._log_crashes = log_crashes  # off for the in-process CLI: it re-raises ``job.exception`` itself
         self._limits = dict(KIND_LIMITS if limits is None else limits)
         self._limiters: dict[str, anyio.CapacityLimiter] = {}
         self._max_queued = max_queued
@@ -250,7 +261,12 @@ class JobManager:
         jobs = []
         for item in items:
             job = Job(
-                id=f"job-{secrets.token_hex(6)}", kind=kind, params=item.params, database=item.database, key=item.key
+                id=f"job-{secrets.token_hex(6)}",
+                kind=kind,
+                params=item.params,
+                database=item.database,
+                key=item.key,
+                created_at=self._clock(),
             )
             if item.database is not None:
                 self._busy_databases.add(item.database)
@@ -348,7 +364,7 @@ class JobManager:
             if not job.status.finished:  # cancelled from outside its own scope
                 job.status = JobStatus.CANCELLED
                 job.error = job.error or "cancelled"
-            job.finished_at = datetime.now(UTC)
+            job.finished_at = self._clock()
             if job.database is not None:
                 self._busy_databases.discard(job.database)
             job.done.set()
@@ -371,19 +387,22 @@ class JobManager:
 
     async def _execute(self, job: Job, work: JobWork) -> None:
         job.status = JobStatus.RUNNING
-        job.started_at = datetime.now(UTC)
+        job.started_at = self._clock()
         try:
             job.result = await work(job)
             job.status = JobStatus.SUCCEEDED
         except KybdrError as exc:
             job.status = JobStatus.FAILED
             job.error = str(exc)
+            job.exception = exc
             if isinstance(exc, JobFailed):
                 job.result = exc.result
         except Exception as exc:  # a bug: report it on the job, keep the agent alive
-            log.exception("job.crashed", job=job.id, kind=job.kind)
+            if self._log_crashes:
+                log.exception("job.crashed", job=job.id, kind=job.kind)
             job.status = JobStatus.FAILED
             job.error = f"internal error: {type(exc).__name__}: {exc}"
+            job.exception = exc
 
     def _trim(self) -> None:
         while len(self._jobs) > self._history:

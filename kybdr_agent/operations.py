@@ -1,32 +1,35 @@
 """The CLI's verbs, done either by a running agent (over its control socket) or in this process.
 
-When an agent listens on ``control.socket`` the CLI asks it, so a backup started from a shell is
-scheduled, limited and journaled like any other. Without one, the verbs that need no daemon run here
-directly — the same ``BackupService`` code — so the one-shot commands keep working on a host where the
-agent is not installed as a service. Both backends return the same JSON-shaped results.
+When an agent listens on ``control.socket`` the CLI asks it. Without one, the verbs run here — built by the
+same composition root (``app.in_process``) and submitted as jobs through the same ``backup.verbs`` the API
+uses — so the one-shot commands keep working on a host where the agent is not installed as a service, and
+their jobs are limited and journaled like the agent's. Both backends return the same JSON-shaped results.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from contextlib import AsyncExitStack
 from typing import Any, Protocol
 
 import anyio
 
-from kybdr_agent.backup.service import BackupOverrides, BackupService
+from kybdr_agent import app
+from kybdr_agent.app import LocalAgent
+from kybdr_agent.backup import verbs
+from kybdr_agent.backup.catalog import manifest_document
+from kybdr_agent.backup.service import BackupOverrides
 from kybdr_agent.backup.verify import Level
 from kybdr_agent.config import AgentSettings
 from kybdr_agent.control.client import ControlClient
 from kybdr_agent.errors import ConfigError, KybdrError
-from kybdr_agent.journal import Journal
-
-
-def manifest_json(m: Any) -> dict[str, Any]:
-    return {**m.model_dump(mode="json"), "part_count": m.part_count}
+from kybdr_agent.jobs import Job, JobStatus
 
 
 class Operations(Protocol):
+    async def __aenter__(self) -> Operations: ...
+    async def __aexit__(self, *exc: object) -> None: ...
     async def backup(self, databases: list[str] | None, description: str | None) -> list[dict[str, Any]]: ...
     async def list(self, database: str | None) -> dict[str, Any]: ...
     async def show(self, backup_id: str) -> dict[str, Any]: ...
@@ -39,7 +42,8 @@ class Operations(Protocol):
 
 
 class LocalOperations:
-    """In this process, with the journal the agent would use (so stats and cleanup see the same history).
+    """In this process: the same service, jobs and journal the agent would use (``app.in_process``), the same
+    verbs the API submits (``backup.verbs``), so results, limits and the journal record are the agent's.
 
     Each command first sweeps the repository of what dead backups left (``backup/sweep.py``): a host where
     no daemon runs still never keeps an orphaned upload. A sweep that fails is reported and the command
@@ -47,18 +51,30 @@ class LocalOperations:
     """
 
     def __init__(self, settings: AgentSettings, notice: Callable[[str], None] | None = None) -> None:
-        journal = Journal(settings.backup.backup_dir / "journal.jsonl")
-        self.service = BackupService(settings, journal=journal if _writable(journal) else None)
         self.settings = settings
         self.notice = notice or _to_stderr
+        self._stack = AsyncExitStack()
+        self._local: LocalAgent | None = None
         self._swept = False
+
+    async def __aenter__(self) -> LocalOperations:
+        self._local = await self._stack.enter_async_context(app.in_process(self.settings))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stack.__aexit__(*exc)  # type: ignore[arg-type]
+
+    @property
+    def local(self) -> LocalAgent:
+        assert self._local is not None, "use LocalOperations as an async context manager"
+        return self._local
 
     async def _sweep_first(self) -> None:
         if self._swept:
             return
         self._swept = True
         try:
-            swept = await self.service.sweep(self.settings.daemon.sweep_older_than)
+            swept = await self.local.service.sweep(self.local.service.config.sweep_older_than)
         except KybdrError as exc:
             self.notice(f"could not sweep the repository of leftovers first: {exc}")
             return
@@ -66,48 +82,84 @@ class LocalOperations:
         if gone:
             self.notice(f"removed {gone} leftover(s) of backups that did not finish")
 
+    async def _finish(self, jobs: list[Job], *, keep_failed_result: bool = False) -> list[dict[str, Any]]:
+        """Wait for the jobs; a failure is raised as the error that ended it (so the exit status says
+        configuration error, bad input or failure as it would without jobs), unless the job kept a result
+        worth showing (a failed validation's checks, every database's drill outcome)."""
+        for job in jobs:
+            await job.done.wait()
+        for job in jobs:
+            if job.status is JobStatus.SUCCEEDED:
+                continue
+            if keep_failed_result and isinstance(job.result, dict):
+                continue
+            if job.exception is not None:
+                raise job.exception
+            raise KybdrError(f"{job.kind} {job.id} {job.status}: {job.error}")
+        return [job.to_json() for job in jobs]
+
     async def backup(self, databases: list[str] | None, description: str | None) -> list[dict[str, Any]]:
         await self._sweep_first()
-        chosen = databases or self.service.covered_databases()
+        service = self.local.service
+        chosen = databases or service.covered_databases()
         if not chosen:
             raise ConfigError("no database to back up: pass --database NAME or set database.databases")
         overrides = BackupOverrides(description=description, labels=("manual",))
-        return [manifest_json(await self.service.backup(db, overrides)) for db in chosen]
+        params: dict[str, Any] = {"description": description} if description else {}
+        results: list[dict[str, Any]] = []
+        for database in chosen:  # one at a time, as before: the first failure stops the rest
+            jobs = verbs.submit_backups(
+                self.local.jobs, service, [database], overrides, params={**params, "database": database}, bounded=False
+            )
+            results += [job["result"] for job in await self._finish(jobs)]
+        return results
 
     async def list(self, database: str | None) -> dict[str, Any]:
         await self._sweep_first()
-        found = await self.service.catalog(database)
+        found = await self.local.service.catalog(database)
         return {
-            "backups": [manifest_json(m) for m in found.backups],
+            "backups": [manifest_document(m) for m in found.backups],
             "unreadable": [{"key": key, "problem": problem} for key, problem in found.unreadable],
         }
 
     async def show(self, backup_id: str) -> dict[str, Any]:
         await self._sweep_first()
-        return manifest_json(await self.service.find(backup_id))
+        return manifest_document(await self.local.service.find(backup_id))
 
     async def restore(self, backup_id: str, target: str, force: bool, no_owner: bool) -> dict[str, Any]:
         await self._sweep_first()
-        result = await self.service.restore(backup_id, target, force=force, no_owner=no_owner, notice=self.notice)
-        return dict(result.__dict__)
+        service = self.local.service
+        await service.find(backup_id)
+        job = verbs.submit_restore(
+            self.local.jobs, service, backup_id, target, force=force, no_owner=no_owner, notice=self.notice
+        )
+        result: dict[str, Any] = (await self._finish([job]))[0]["result"]
+        return result
 
     async def validate(self, backup_id: str, level: Level) -> dict[str, Any]:
         await self._sweep_first()
-        result = dict((await self.service.validate(backup_id, level)).__dict__)
-        self.service.record("validate", "succeeded" if result["ok"] else "failed", result, result["error"])
+        service = self.local.service
+        await service.find(backup_id)
+        job = verbs.submit_validate(self.local.jobs, service, backup_id, level)
+        result: dict[str, Any] = (await self._finish([job], keep_failed_result=True))[0]["result"]
         return result
 
     async def cleanup(self, dry_run: bool) -> dict[str, Any]:
         await self._sweep_first()
-        return await self.service.cleanup(dry_run=dry_run)
+        job = verbs.submit_cleanup(self.local.jobs, self.local.service, dry_run=dry_run)
+        result: dict[str, Any] = (await self._finish([job]))[0]["result"]
+        return result
 
     async def stats(self) -> dict[str, Any]:
         await self._sweep_first()
-        return await self.service.stats()
+        return await self.local.service.stats()
 
     async def test(self, database: str | None) -> dict[str, Any]:
         await self._sweep_first()
-        return {"drills": await self.service.drill(database)}
+        params: dict[str, Any] = {"database": database} if database else {}
+        job = verbs.submit_drill(self.local.jobs, self.local.service, database, params=params, bounded=True)
+        result: dict[str, Any] = (await self._finish([job], keep_failed_result=True))[0]["result"]
+        return result
 
     async def status(self) -> dict[str, Any]:
         raise KybdrError("the agent is not running: `status` needs `kybdr-agent run` (systemctl start kybdr-agent)")
@@ -117,17 +169,18 @@ def _to_stderr(message: str) -> None:
     print(f"kybdr-agent: {message}", file=sys.stderr, flush=True)
 
 
-def _writable(journal: Journal) -> bool:
-    parent = journal.path.parent
-    return parent.is_dir() and (not journal.path.exists() or journal.path.is_file())
-
-
 class RemoteOperations:
     """Through the agent's control API; long work waits for its jobs (with progress on a terminal)."""
 
     def __init__(self, client: ControlClient, progress: Callable[[str], None] | None = None) -> None:
         self.client = client
         self.progress = progress
+
+    async def __aenter__(self) -> RemoteOperations:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
 
     async def _jobs(self, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
         if self.progress is None:
@@ -197,10 +250,14 @@ class RemoteOperations:
         return answer
 
     async def test(self, database: str | None) -> dict[str, Any]:
-        result: dict[str, Any] = (await self._jobs("/v1/backup/test", {"database": database} if database else {}))[0][
-            "result"
-        ]
-        return result
+        answer = await self.client.request(
+            "POST", "/v1/backup/test", {"database": database} if database else {}, params={"wait": "true"}
+        )
+        job = answer["jobs"][0]
+        if job["status"] == "succeeded" or isinstance(job.get("result"), dict):
+            result: dict[str, Any] = job["result"]  # a failed drill keeps every database's outcome
+            return result
+        raise KybdrError(f"test job {job['id']} {job['status']}: {job['error']}")
 
     async def status(self) -> dict[str, Any]:
         health = await self.client.request("GET", "/healthz")

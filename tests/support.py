@@ -17,7 +17,14 @@ from typing import Any
 import boto3
 from botocore.config import Config as BotoConfig
 
+from kybdr_agent import app
+from kybdr_agent.backup.service import BackupService
+from kybdr_agent.backup.settings import BackupConfig
+from kybdr_agent.clock import Clock, utc_now
+from kybdr_agent.config import AgentSettings
+from kybdr_agent.journal import Journal
 from kybdr_agent.postgres.cluster import PG_BIN, Cluster, free_port
+from kybdr_agent.storage.local import LocalStore
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 KYBDR = [sys.executable, "-m", "kybdr_agent"]
@@ -199,3 +206,17 @@ def cli_json(config: Path, *args: str) -> Any:
     proc = run_cli(config, *args, "--json")
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
+
+
+def folder_service(settings: AgentSettings, *, journal: Journal | None = None, clock: Clock = utc_now) -> BackupService:
+    """A backup service on the configured folder repository, its parts built by the composition root's own
+    functions (no S3, so no store to open or close)."""
+    return BackupService(
+        BackupConfig.from_settings(settings),
+        store=LocalStore(settings.repository.local_path),
+        connection=app.connection(settings),
+        drill_connection=app.drill_connection(settings),
+        keyring=app.keyring(settings),
+        journal=journal,
+        clock=clock,
+    )

@@ -6,7 +6,7 @@ A manifest that does not parse is reported, never silently dropped and never lis
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 from kybdr_agent.backup import manifest
 from kybdr_agent.backup.manifest import Manifest
@@ -76,3 +76,8 @@ async def find_backup(store: BlobStore, backup_id: str) -> Manifest:
                 raise NotFound(f"backup {backup_id}'s manifest does not match its location in the repository")
             return found
     raise NotFound(f"no backup with id {backup_id} in the repository")
+
+
+def manifest_document(m: Manifest) -> dict[str, Any]:
+    """A manifest as the API, the CLI's ``--json`` and job results show it: the one place that shape is made."""
+    return {**m.model_dump(mode="json"), "part_count": m.part_count}

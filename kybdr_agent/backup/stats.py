@@ -12,7 +12,7 @@ finishes (another agent sharing the repository is seen within ``CATALOG_TTL_SECO
 
 from __future__ import annotations
 
-import json
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,12 +22,11 @@ from typing import TYPE_CHECKING, Any, Final
 import anyio
 
 from kybdr_agent.backup.catalog import Catalog
-from kybdr_agent.backup.service import percentiles
+from kybdr_agent.events import Event, JobFinished
 from kybdr_agent.journal import Journal
 
 if TYPE_CHECKING:
     from kybdr_agent.backup.service import BackupService
-    from kybdr_agent.jobs import Job
 
 CATALOG_TTL_SECONDS: Final = 30.0
 OUTCOMES: Final = ("succeeded", "failed", "cancelled")
@@ -74,6 +73,23 @@ class OutcomeTally:
         for record in scan.live:
             tally.observe(record)
         return tally
+
+
+def percentiles(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+
+    def pick(q: float) -> float:
+        return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+    return {
+        "p50": pick(0.5),
+        "p90": pick(0.9),
+        "p99": pick(0.99),
+        "max": ordered[-1],
+        "mean": statistics.fmean(ordered),
+    }
 
 
 def render_stats(found: Catalog, tally: OutcomeTally, now: datetime) -> dict[str, Any]:
@@ -149,12 +165,12 @@ class DaemonStats:
         """Built from the journal once, off the event loop (it may be tens of megabytes)."""
         return cls(await anyio.to_thread.run_sync(OutcomeTally.from_journal, journal))
 
-    def job_finished(self, job: Job) -> None:
-        """A ``JobManager.on_finish`` hook: the record the journal gets, folded in as it would be read back."""
-        record = job.to_json()
-        record.pop("progress", None)
-        self.tally.observe(json.loads(json.dumps(record, default=str)))
-        if job.kind in CATALOG_CHANGING_KINDS:
+    def on_event(self, event: Event) -> None:
+        """An event subscriber: a finished job's record, folded in as the journal would read it back."""
+        if not isinstance(event, JobFinished):
+            return
+        self.tally.observe(dict(event.record))
+        if event.kind in CATALOG_CHANGING_KINDS:
             self.catalog.invalidate()
 
     async def stats(self, service: BackupService, now: datetime | None = None) -> dict[str, Any]:

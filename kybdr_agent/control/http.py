@@ -4,6 +4,10 @@ Every route goes through ``guard``: the caller's role, then the path parameters,
 body (``requests``) are all checked — and refused with a 4xx problem document naming what is wrong —
 before the handler runs. A handler therefore never starts work for a request that something later would
 refuse (a bad ``timeout`` used to be noticed after the restore had already created its database).
+
+This is the framework only: it knows jobs, tokens and roles, and nothing of backups or DR. A component
+brings its routes as a ``RouteTable`` (``control.routes``); the composition root hands every table to
+``server.build_app``.
 """
 
 from __future__ import annotations
@@ -13,25 +17,22 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import Any, Final, Literal
 
 from aiohttp import web
 
-from kybdr_agent.backup.service import BackupService
 from kybdr_agent.control.problems import Problem, RawHandler
 from kybdr_agent.control.requests import (
     MAX_WAIT_SECONDS,
     B,
     Body,
+    PathParam,
     QueryParam,
-    check_backup_id_param,
+    check_path_params,
     parse_query,
     read_body,
 )
 from kybdr_agent.jobs import JobManager
-
-if TYPE_CHECKING:
-    from kybdr_agent.backup.stats import DaemonStats
 
 Role = Literal["viewer", "operator", "admin"]
 _RANK: Final = {"viewer": 0, "operator": 1, "admin": 2}
@@ -39,31 +40,32 @@ _RANK: Final = {"viewer": 0, "operator": 1, "admin": 2}
 
 @dataclass
 class ControlContext:
-    """What the handlers may touch: the current service (swapped on reload), the jobs, the tokens, and the
-    daemon's in-memory statistics (None: answered by ``BackupService.stats`` from scratch)."""
+    """What every route may touch: the jobs, the tokens (swapped on reload), the body limit, and the
+    agent's health as the components report it (merged into ``/healthz``)."""
 
-    service: Callable[[], BackupService]
     jobs: JobManager
     tokens: dict[str, Role] = field(default_factory=dict)
     max_body_bytes: int = 65536
     started: float = field(default_factory=time.monotonic)
-    stats: DaemonStats | None = None
-    housekeeping: Callable[[], dict[str, Any]] = dict  # the last sweep's outcome, shown by /healthz
+    health: Callable[[], dict[str, Any]] = dict
 
 
 CONTEXT: Final = web.AppKey("context", ControlContext)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RouteSpec:
+    """One endpoint: what the guard checks before its handler runs, and what the OpenAPI document says."""
+
     method: str
     path: str
     role: Role
     summary: str
+    name: str
     body: type[Body] | None = None
     job: bool = False
-    name: str = ""
     query: tuple[QueryParam, ...] = ()
+    path_params: tuple[PathParam, ...] = ()
     response: str = ""  # the 200 answer's schema in components/schemas ("" for a job route: Jobs)
     repository: bool = False  # reads the repository: 502 when it cannot, 422 when the configuration forbids
 
@@ -77,7 +79,7 @@ class Call:
     role: Role
     query: dict[str, Any]
     body: Body | None
-    backup_id: str = ""
+    path: dict[str, str] = field(default_factory=dict)
 
     def body_as(self, model: type[B]) -> B:
         assert isinstance(self.body, model), self.body
@@ -135,9 +137,9 @@ def guard(spec: RouteSpec, handler: Handler) -> RawHandler:
     async def guarded(request: web.Request) -> web.StreamResponse:
         ctx = request.app[CONTEXT]
         role = authorise(request, spec.role)
-        backup_id = check_backup_id_param(request) if "{backup_id}" in spec.path else ""
+        path = check_path_params(request, spec.path_params)
         query = parse_query(request, spec.query)
         body = await read_body(request, spec.body, ctx.max_body_bytes)
-        return await handler(Call(request, ctx, role, query, body, backup_id))
+        return await handler(Call(request, ctx, role, query, body, path))
 
     return guarded

@@ -9,11 +9,11 @@ response that does not match it is a failing test.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from kybdr_agent import __version__
-from kybdr_agent.backup.manifest import BACKUP_ID_PATTERN, Manifest
 from kybdr_agent.control.http import RouteSpec
 from kybdr_agent.control.requests import BODY_READ_SECONDS, MAX_JSON_DEPTH
 
@@ -23,16 +23,6 @@ _RETRY_AFTER: Final = {
     "Retry-After": {"description": "seconds after which to try again", "schema": {"type": "integer", "minimum": 1}}
 }
 _NULLABLE_STRING: Final = {"type": ["string", "null"]}
-_PERCENTILES: Final = {
-    "oneOf": [
-        {"type": "null"},
-        {
-            "type": "object",
-            "properties": {k: {"type": "number"} for k in ("p50", "p90", "p99", "max", "mean")},
-            "required": ["p50", "p90", "p99", "max", "mean"],
-        },
-    ]
-}
 AUTH_DESCRIPTION: Final = (
     "Over TCP every request needs `Authorization: Bearer <token>` with a token from a [[control.tokens]] file: "
     "the scheme name is case-insensitive (RFC 6750), followed by exactly one space and the token; any other "
@@ -75,12 +65,7 @@ def _fixed_schemas() -> dict[str, Any]:
             "progress",
         ],
     }
-    manifest = Manifest.model_json_schema(mode="serialization", ref_template=SCHEMAS + "{model}")
-    defs = manifest.pop("$defs", {})
-    manifest["properties"]["part_count"] = {"type": "integer", "description": "multipart parts of the object"}
-    manifest["required"] = [*manifest.get("required", []), "part_count"]
     return {
-        **defs,
         "Problem": {
             "type": "object",
             "description": "RFC 9457 problem details; `type` is stable, `detail` names what was wrong",
@@ -123,64 +108,10 @@ def _fixed_schemas() -> dict[str, Any]:
                 "uptime_seconds": {"type": "number"},
                 "jobs_running": {"type": "integer"},
                 "jobs_queued": {"type": "integer"},
-                "housekeeping": {
-                    "type": "object",
-                    "description": "the last sweep: leftovers removed, live backups, and scratch databases "
-                    "it could not drop (scratch_not_dropped: name → why)",
-                },
             },
+            "description": "the framework's figures, then each component's own fields (e.g. the backup "
+            "component's last housekeeping sweep)",
             "required": ["status", "version", "uptime_seconds", "jobs_running"],
-        },
-        "Backup": manifest,
-        "BackupList": {
-            "type": "object",
-            "properties": {
-                "backups": {"type": "array", "items": {"$ref": SCHEMAS + "Backup"}},
-                "unreadable": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "properties": {"key": {"type": "string"}, "problem": {"type": "string"}},
-                        "required": ["key", "problem"],
-                    },
-                },
-            },
-            "required": ["backups", "unreadable"],
-        },
-        "Stats": {
-            "type": "object",
-            "properties": {
-                "generated_at": {"type": "string"},
-                "backups": {
-                    "type": "object",
-                    "properties": {k: {"type": "integer"} for k in ("count", "stored_bytes", "dump_bytes")},
-                    "required": ["count", "stored_bytes", "dump_bytes"],
-                },
-                "by_outcome": {
-                    "type": "object",
-                    "properties": {k: {"type": "integer"} for k in ("succeeded", "failed", "cancelled")},
-                    "required": ["succeeded", "failed", "cancelled"],
-                },
-                "success_rate": {"type": ["number", "null"]},
-                "duration_seconds": _PERCENTILES,
-                "stored_bytes": _PERCENTILES,
-                "databases": {"type": "object", "additionalProperties": {"type": "object"}},
-                "last_failure": {"type": ["object", "null"]},
-                "last_drill": {"type": ["object", "null"]},
-                "unreadable_manifests": {"type": "integer"},
-            },
-            "required": [
-                "generated_at",
-                "backups",
-                "by_outcome",
-                "success_rate",
-                "duration_seconds",
-                "stored_bytes",
-                "databases",
-                "last_failure",
-                "last_drill",
-                "unreadable_manifests",
-            ],
         },
         "OpenAPIDocument": {"type": "object"},
     }
@@ -204,19 +135,15 @@ def _operation(spec: RouteSpec, schemas: dict[str, Any]) -> dict[str, Any]:
         "403": _problem("the token's role is too low"),
     }
     parameters: list[dict[str, Any]] = []
-    if "{backup_id}" in spec.path:
-        parameters.append(
-            {
-                "name": "backup_id",
-                "in": "path",
-                "required": True,
-                "schema": {"type": "string", "pattern": BACKUP_ID_PATTERN.pattern},
-            }
-        )
-    if "{job_id}" in spec.path:
-        parameters.append({"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}})
+    checked = {param.name: param for param in spec.path_params}
+    for name in re.findall(r"{(\w+)}", spec.path):
+        path_param = checked.get(name)
+        schema: dict[str, Any] = {"type": "string"}
+        if path_param is not None:
+            schema["pattern"] = path_param.pattern.pattern
+        parameters.append({"name": name, "in": "path", "required": True, "schema": schema})
     if "{" in spec.path or spec.repository:
-        responses["404"] = _problem("no such backup or job")
+        responses["404"] = _problem("not found (no such backup or job)")
     for param in spec.query:
         parameters.append(
             {
@@ -265,8 +192,10 @@ def _operation(spec: RouteSpec, schemas: dict[str, Any]) -> dict[str, Any]:
     return op
 
 
-def openapi_document(routes: Sequence[RouteSpec]) -> dict[str, Any]:
-    schemas = _fixed_schemas()
+def openapi_document(routes: Sequence[RouteSpec], component_schemas: Mapping[str, Any]) -> dict[str, Any]:
+    """The document for every route of every component; ``component_schemas`` are the schemas their
+    answers name (``RouteSpec.response``) beside the framework's own (jobs, problems, health)."""
+    schemas = {**component_schemas, **_fixed_schemas()}
     paths: dict[str, dict[str, Any]] = {}
     for spec in routes:
         paths.setdefault(spec.path, {})[spec.method.lower()] = _operation(spec, schemas)

@@ -21,7 +21,6 @@ import anyio
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from kybdr_agent.backup.manifest import BACKUP_ID_PATTERN
 from kybdr_agent.control.problems import Problem
 
 MAX_WAIT_SECONDS: Final = 24 * 3600.0
@@ -113,16 +112,27 @@ def parse_query(request: web.Request, params: tuple[QueryParam, ...]) -> dict[st
     return parsed
 
 
-def check_backup_id_param(request: web.Request) -> str:
-    value = request.match_info.get("backup_id", "")
-    if not BACKUP_ID_PATTERN.fullmatch(value):
-        raise Problem(
-            400,
-            "invalid-backup-id",
-            "not a backup id",
-            f"{value[:80]!r} is not a backup id (expected the form 20261124T215226Z-3f9a1c2b)",
-        )
-    return value
+@dataclass(frozen=True)
+class PathParam:
+    """A path parameter a route checks before its handler runs (``{name}`` in the path): what it must match,
+    and the 400 problem a value that does not is refused with."""
+
+    name: str
+    pattern: re.Pattern[str]
+    problem_type: str
+    title: str
+    expected: str  # completes "… is not <title> (expected …)"
+    description: str = ""
+
+
+def check_path_params(request: web.Request, params: tuple[PathParam, ...]) -> dict[str, str]:
+    values = dict(request.match_info)
+    for param in params:
+        value = values.get(param.name, "")
+        if not param.pattern.fullmatch(value):
+            detail = f"{value[:80]!r} is {param.title} (expected {param.expected})"
+            raise Problem(400, param.problem_type, param.title, detail)
+    return values
 
 
 def _deep_field(raw: bytes) -> str | None:

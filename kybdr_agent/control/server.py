@@ -10,26 +10,30 @@ work already queued or running, each with Retry-After).
 The handlers only parse, authorise and hand work to the job manager; the event loop never does CPU work,
 so the API stays responsive while a backup runs at full speed.
 
-The pieces: ``problems`` (problem documents and the middleware), ``requests`` (checking query strings and
-bodies), ``http`` (authorisation and the per-route guard), ``routes_backup`` (the handlers and the route
-table), ``openapi`` (the document, generated from the route table). This module assembles the app.
+The pieces: ``problems`` (problem documents and the middleware), ``requests`` (checking query strings,
+path parameters and bodies), ``http`` (authorisation and the per-route guard), ``routes`` (the public route
+types a component's routes module uses), ``core_routes`` (jobs, health, the document), ``openapi`` (the
+document, generated from every route table). This module assembles the app from the tables the
+composition root hands it; it knows no component.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from kybdr_agent.control import openapi as _openapi
+from kybdr_agent.control.core_routes import core_routes, render_document
 from kybdr_agent.control.http import CONTEXT, ControlContext, Role, guard
 from kybdr_agent.control.problems import Problem, problems
-from kybdr_agent.control.routes_backup import ROUTES
+from kybdr_agent.control.routes import RouteTable
 from kybdr_agent.telemetry import get_logger
 
-__all__ = ["CONTEXT", "ROUTES", "ControlContext", "Problem", "Role", "build_app", "openapi_document"]
+__all__ = ["CONTEXT", "ControlContext", "Problem", "Role", "all_tables", "build_app", "openapi_document"]
 
 
 log = get_logger("kybdr_agent.control")
@@ -45,17 +49,30 @@ def _one_line_for_bad_http(record: logging.LogRecord) -> bool:
     return True
 
 
-def build_app(ctx: ControlContext) -> web.Application:
+def all_tables(tables: Sequence[RouteTable]) -> list[RouteTable]:
+    """The components' tables and the framework's own (jobs, health, the document of all of them)."""
+    every: list[RouteTable] = []
+    document = render_document(lambda: openapi_document(every))
+    every.extend([core_routes(document), *tables])
+    return every
+
+
+def build_app(ctx: ControlContext, tables: Sequence[RouteTable]) -> web.Application:
     server_log = logging.getLogger("aiohttp.server")
     if _one_line_for_bad_http not in server_log.filters:
         server_log.addFilter(_one_line_for_bad_http)
     app = web.Application(middlewares=[problems], client_max_size=ctx.max_body_bytes)
     app[CONTEXT] = ctx
-    for spec, handler in ROUTES:
-        app.router.add_route(spec.method, spec.path, guard(spec, handler), name=spec.name)
+    for table in all_tables(tables):
+        for route in table.routes:
+            spec = route.spec
+            app.router.add_route(spec.method, spec.path, guard(spec, route.handler), name=spec.name)
     return app
 
 
-def openapi_document() -> dict[str, Any]:
+def openapi_document(tables: Sequence[RouteTable]) -> dict[str, Any]:
     """The API's OpenAPI 3.1 document (also served at ``/v1/openapi.json``)."""
-    return _openapi.openapi_document([spec for spec, _ in ROUTES])
+    schemas: dict[str, Any] = {}
+    for table in tables:
+        schemas.update(table.schemas)
+    return _openapi.openapi_document([route.spec for table in tables for route in table.routes], schemas)

@@ -75,3 +75,15 @@ class BlobStore(Protocol):
         """Discard one of them (AbortMultipartUpload; unlink the temp file)."""
 
     async def aclose(self) -> None: ...
+
+
+class ReplicaStore(BlobStore, Protocol):
+    """A store that can take a copy of another store's object without the bytes passing through this host
+    (S3's server-side copy into the DR region's bucket). Only some stores can; the composition root builds
+    one only where the configuration asks for cross-region copies, so no caller has to ask what it holds."""
+
+    def location(self) -> dict[str, str]:
+        """Where copies land, for the manifest's replication record (bucket, region)."""
+
+    async def copy_from(self, source: BlobStore, key: str, size: int) -> None:
+        """Copy ``key`` of ``source`` to the same key here."""

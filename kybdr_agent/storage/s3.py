@@ -32,7 +32,7 @@ from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, ReadTimeoutError
 
 from kybdr_agent.errors import NotFound, StoreError
-from kybdr_agent.storage.base import BlobWriter, IncompleteUpload, ObjectInfo, UploadResult
+from kybdr_agent.storage.base import BlobStore, BlobWriter, IncompleteUpload, ObjectInfo, UploadResult
 from kybdr_agent.storage.parts import S3_MAX_PARTS, initial_part_size
 from kybdr_agent.storage.retry import AttemptTimeout, RetryPolicy, call_with_retries
 from kybdr_agent.storage.s3_body import watch_request
@@ -236,12 +236,17 @@ class S3Store:
                 log.warning("s3.abort_failed", key=key, error=f"not done within {ABORT_DEADLINE:g} s", note=_SWEEP_NOTE)
             raise
 
-    async def copy_from(self, source: S3Store, key: str, size: int) -> None:
+    def location(self) -> dict[str, str]:
+        return {"bucket": self.options.bucket, "region": self.options.region or ""}
+
+    async def copy_from(self, source: BlobStore, key: str, size: int) -> None:
         """Server-side copy of ``key`` from another bucket (a DR region's) to the same key here.
 
         Objects up to 5 GiB are one CopyObject; larger ones a multipart copy in 1 GiB ranges, aborted on
         any failure like an upload. No byte passes through this host.
         """
+        if not isinstance(source, S3Store):
+            raise StoreError(f"a server-side copy into {self.describe()} needs an S3 source, not {source.describe()}")
         src = {"Bucket": source.options.bucket, "Key": source.full_key(key)}
         dest: dict[str, Any] = {"Bucket": self.options.bucket, "Key": self.full_key(key)}
         if size <= _COPY_SINGLE_LIMIT:

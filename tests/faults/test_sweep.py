@@ -20,7 +20,7 @@ from kybdr_agent.backup.service import BackupService
 from kybdr_agent.config import load_settings
 from kybdr_agent.postgres.cluster import Cluster
 from tests.faults.report import FaultTally
-from tests.support import MotoServer, agent_config, run_cli, s3_repository
+from tests.support import MotoServer, agent_config, folder_service, run_cli, s3_repository
 
 ID_LIVE = "20261201T100000Z-11111111"
 ID_DEAD = "20261201T100000Z-22222222"
@@ -109,7 +109,7 @@ async def test_leaseless_leftovers_wait_the_grace_by_an_injected_clock(
     settings = load_settings(config)
 
     def service_at(moment: datetime) -> BackupService:
-        return BackupService(settings, now=lambda: moment)
+        return folder_service(settings, clock=lambda: moment)
 
     early = await service_at(written + timedelta(minutes=59)).sweep(timedelta(hours=1))
     assert early["waiting_for_grace"] == [f"backups/app/{ID_LEASELESS}"]

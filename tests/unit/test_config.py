@@ -55,7 +55,6 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for name in list(os.environ):
         if name.upper().startswith("KYBDR_"):
             monkeypatch.delenv(name)
-    monkeypatch.setattr(config_module, "DEFAULT_CONFIG_PATH", tmp_path / "no-such-default.toml")
 
 
 def write(tmp_path: Path, text: str, name: str = "agent.toml") -> Path:
@@ -64,9 +63,13 @@ def write(tmp_path: Path, text: str, name: str = "agent.toml") -> Path:
     return path
 
 
+# /etc's real file must not leak in: the default location these tests see never exists.
+NO_DEFAULT = Path("/nonexistent/kybdr-agent-tests/agent.toml")
+
+
 def error_for(path: Path | None) -> str:
     with pytest.raises(ConfigError) as info:
-        load_settings(path)
+        load_settings(path, default_path=NO_DEFAULT)
     return str(info.value)
 
 
@@ -142,7 +145,7 @@ def test_env_values_are_validated_too(tmp_path: Path, monkeypatch: pytest.Monkey
 def test_default_location_may_be_absent(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KYBDR_BACKUP__ENCRYPTION", "false")
     monkeypatch.setenv("KYBDR_REPOSITORY__URL", "file:///srv/repo")
-    settings = load_settings(None)
+    settings = load_settings(None, default_path=NO_DEFAULT)
     assert settings.backup.encryption is False
     assert settings.repository.url == "file:///srv/repo"
 

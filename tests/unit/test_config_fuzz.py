@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from kybdr_agent import wiring
+from kybdr_agent import app
 from kybdr_agent.config import AgentSettings, PolicySettings, TokenSettings, load_settings
 from kybdr_agent.errors import ConfigError
 
@@ -172,7 +172,8 @@ def documents(draw: st.DrawFn) -> str:
 
 def _use(settings_: AgentSettings) -> None:
     """What config check and run do with loaded settings, short of touching files and the network."""
-    from kybdr_agent.daemon import next_wakeups
+    from kybdr_agent.backup.settings import BackupConfig
+    from kybdr_agent.backup.slots import next_wakeups
 
     masked = settings_.masked()
     json.dumps(masked)
@@ -181,9 +182,9 @@ def _use(settings_: AgentSettings) -> None:
     for section, key in (("database", "dsn"), ("drill", "dsn"), ("repository", "endpoint_url")):
         assert SECRET not in str(masked[section][key]), (section, key)
     settings_.effective_policies()
-    next_wakeups(settings_, datetime(2026, 11, 24, 2, tzinfo=UTC))
+    next_wakeups(BackupConfig.from_settings(settings_).slots(), datetime(2026, 11, 24, 2, tzinfo=UTC))
     with contextlib.suppress(ConfigError):  # a password file that does not exist: refused as such
-        wiring.connection(settings_)
+        app.connection(settings_)
 
 
 def _load(text: str) -> None:

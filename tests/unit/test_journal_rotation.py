@@ -20,6 +20,7 @@ from kybdr_agent.backup.service import BackupService
 from kybdr_agent.backup.stats import OutcomeTally
 from kybdr_agent.config import load_settings
 from kybdr_agent.journal import Journal
+from tests.support import folder_service
 
 BACKUP_IDS = [f"20260101T00000{i}Z-0000000{i}" for i in range(4)]
 
@@ -32,7 +33,7 @@ def _no_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def _service(tmp_path: Path, journal: Journal) -> BackupService:
     config = tmp_path / "agent.toml"
     config.write_text(f'[backup]\nencryption = false\nbackup_dir = "{tmp_path}"\n')
-    return BackupService(load_settings(config), journal=journal)
+    return folder_service(load_settings(config), journal=journal)
 
 
 records = st.one_of(

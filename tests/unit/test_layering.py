@@ -43,7 +43,6 @@ EXPLICITLY_PURE: Final = (
     "kybdr_agent/backup/schedule.py",
     "kybdr_agent/storage/parts.py",
     "kybdr_agent/backup/slots.py",
-    "kybdr_agent/events.py",
 )
 # Libraries that do I/O (or run an event loop); a pure module imports none of them.
 IO_LIBRARIES: Final = frozenset(

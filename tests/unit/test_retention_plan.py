@@ -7,7 +7,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from kybdr_agent.backup.manifest import Manifest
-from kybdr_agent.backup.service import BackupService
+from kybdr_agent.backup.retention_plan import retention_plan
+from kybdr_agent.backup.settings import BackupConfig
 from kybdr_agent.config import AgentSettings, PolicySettings
 from tests.unit.test_manifest import manifest_fields
 
@@ -30,7 +31,7 @@ def _backup(day: int, labels: list[str]) -> Manifest:
 
 
 @pytest.fixture
-def service() -> BackupService:
+def config() -> BackupConfig:
     policy = PolicySettings(
         name="nightly",
         schedule="0 2 * * *",
@@ -41,19 +42,20 @@ def service() -> BackupService:
         keep_yearly=0,
     )
     settings = AgentSettings(backup={"encryption": False, "policies": [policy]})  # type: ignore[arg-type]
-    return BackupService(settings)
+    return BackupConfig.from_settings(settings)
 
 
-def test_own_policy_prunes_and_a_foreign_policys_backups_are_kept_until_max_age(service: BackupService) -> None:
+def test_own_policy_prunes_and_a_foreign_policys_backups_are_kept_until_max_age(config: BackupConfig) -> None:
     own = [_backup(day, ["nightly"]) for day in range(1, 11)]
     theirs = [_backup(day, ["their-hourly"]) for day in range(11, 21)]
-    keep, delete, reasons = service.retention_plan(own + theirs, NOW, invalid=set())
+    plan = retention_plan(config, own + theirs, NOW, invalid=set())
+    keep, delete, reasons = plan.keep, plan.delete, plan.reasons
     assert {m.id for m in theirs} <= keep  # another agent's policy decides about these, not ours
     assert {m.id for m in own[:-2]} == delete  # ours: keep_daily = 2
     assert all("younger than" in reasons[m.id] for m in theirs)
 
 
-def test_manual_backups_are_judged_by_the_database_policy(service: BackupService) -> None:
+def test_manual_backups_are_judged_by_the_database_policy(config: BackupConfig) -> None:
     manual = [_backup(day, ["manual"]) for day in range(1, 6)]
-    _keep, delete, _ = service.retention_plan(manual, NOW, invalid=set())
+    delete = retention_plan(config, manual, NOW, invalid=set()).delete
     assert len(delete) == 3

@@ -5,6 +5,7 @@ callers, again after an invalidation, a TTL or a reload — never a stale catalo
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
@@ -16,8 +17,10 @@ from kybdr_agent.backup.catalog import Catalog
 from kybdr_agent.backup.service import BackupService
 from kybdr_agent.backup.stats import CatalogCache, DaemonStats, OutcomeTally
 from kybdr_agent.config import load_settings
+from kybdr_agent.events import JobFinished
 from kybdr_agent.jobs import Job, JobStatus
 from kybdr_agent.journal import Journal
+from tests.support import folder_service
 
 
 @pytest.fixture
@@ -53,7 +56,8 @@ async def test_the_daemons_tally_matches_the_one_built_from_the_journal(tmp_path
     )
     (tmp_path / "repo").mkdir()
     journal = Journal(tmp_path / "state" / "journal.jsonl", max_bytes=600, keep=2)
-    service = BackupService(load_settings(config), journal=journal)
+    now = datetime(2026, 6, 1, tzinfo=UTC)
+    service = folder_service(load_settings(config), journal=journal, clock=lambda: now)
     statuses = [JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED]
     early = [_finished("backup", statuses[n % 3], n) for n in range(10)]
     for job in early:
@@ -62,9 +66,7 @@ async def test_the_daemons_tally_matches_the_one_built_from_the_journal(tmp_path
     for n in range(10, 40):  # then updated as jobs finish, the journal rotating meanwhile
         job = _finished("test" if n % 4 == 0 else "backup", statuses[n % 3], n)
         journal.append(_record(job))
-        daemon.job_finished(job)
-    now = datetime(2026, 6, 1, tzinfo=UTC)
-    service._now = lambda: now
+        daemon.on_event(JobFinished(json.loads(json.dumps(_record(job)))))
     from_memory = await daemon.stats(service, now)
     from_scratch = await service.stats()
     assert from_memory == from_scratch

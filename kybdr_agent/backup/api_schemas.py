@@ -1,0 +1,82 @@
+"""The OpenAPI schemas of the backup component's answers: a backup (its manifest), a list of them, and the
+statistics document. Generated from the same pydantic model the manifests are parsed with, so the document
+cannot drift from what the API sends."""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from kybdr_agent.backup.manifest import Manifest
+
+SCHEMAS: Final = "#/components/schemas/"  # where OpenAPI 3.1 keeps named schemas
+_PERCENTILES: Final = {
+    "oneOf": [
+        {"type": "null"},
+        {
+            "type": "object",
+            "properties": {k: {"type": "number"} for k in ("p50", "p90", "p99", "max", "mean")},
+            "required": ["p50", "p90", "p99", "max", "mean"],
+        },
+    ]
+}
+
+
+def backup_schemas() -> dict[str, Any]:
+    manifest = Manifest.model_json_schema(mode="serialization", ref_template=SCHEMAS + "{model}")
+    defs = manifest.pop("$defs", {})
+    manifest["properties"]["part_count"] = {"type": "integer", "description": "multipart parts of the object"}
+    manifest["required"] = [*manifest.get("required", []), "part_count"]
+    return {
+        **defs,
+        "Backup": manifest,
+        "BackupList": {
+            "type": "object",
+            "properties": {
+                "backups": {"type": "array", "items": {"$ref": SCHEMAS + "Backup"}},
+                "unreadable": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {"key": {"type": "string"}, "problem": {"type": "string"}},
+                        "required": ["key", "problem"],
+                    },
+                },
+            },
+            "required": ["backups", "unreadable"],
+        },
+        "Stats": {
+            "type": "object",
+            "properties": {
+                "generated_at": {"type": "string"},
+                "backups": {
+                    "type": "object",
+                    "properties": {k: {"type": "integer"} for k in ("count", "stored_bytes", "dump_bytes")},
+                    "required": ["count", "stored_bytes", "dump_bytes"],
+                },
+                "by_outcome": {
+                    "type": "object",
+                    "properties": {k: {"type": "integer"} for k in ("succeeded", "failed", "cancelled")},
+                    "required": ["succeeded", "failed", "cancelled"],
+                },
+                "success_rate": {"type": ["number", "null"]},
+                "duration_seconds": _PERCENTILES,
+                "stored_bytes": _PERCENTILES,
+                "databases": {"type": "object", "additionalProperties": {"type": "object"}},
+                "last_failure": {"type": ["object", "null"]},
+                "last_drill": {"type": ["object", "null"]},
+                "unreadable_manifests": {"type": "integer"},
+            },
+            "required": [
+                "generated_at",
+                "backups",
+                "by_outcome",
+                "success_rate",
+                "duration_seconds",
+                "stored_bytes",
+                "databases",
+                "last_failure",
+                "last_drill",
+                "unreadable_manifests",
+            ],
+        },
+    }

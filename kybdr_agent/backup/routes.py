@@ -1,0 +1,284 @@
+"""The backup component's control endpoints: the seed's backup table.
+
+Handlers receive a ``Call`` that has already passed every check (``control.http.guard``), so all that is
+left here is what needs the service: a 404 for an unknown backup, a 422 for a request the configuration
+cannot honour — and then the jobs, through the same ``verbs`` the scheduler and the CLI use, admitted all
+at once or not at all. This is the one module of the component that knows the HTTP framework.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, Final, Literal
+
+from aiohttp import web
+from pydantic import AfterValidator, Field
+
+from kybdr_agent.backup import verbs
+from kybdr_agent.backup.api_schemas import backup_schemas
+from kybdr_agent.backup.catalog import manifest_document
+from kybdr_agent.backup.manifest import BACKUP_ID_PATTERN
+from kybdr_agent.backup.service import BackupOverrides
+from kybdr_agent.control.http import Call, RouteSpec, authorise
+from kybdr_agent.control.problems import Problem, json_response
+from kybdr_agent.control.requests import DATABASE, NO_CONTROL_CHARS, TEXT_CHARS, TIMEOUT, WAIT, Body, PathParam
+from kybdr_agent.control.routes import Route, RouteTable, answer_jobs
+
+if TYPE_CHECKING:
+    from kybdr_agent.backup.component import BackupComponent
+
+
+def _at_most_63_bytes(value: str) -> str:
+    # PostgreSQL truncates longer names silently: a restore could land in another database than named.
+    if len(value.encode("utf-8")) > 63:
+        raise ValueError("must be at most 63 bytes in UTF-8 (PostgreSQL would truncate it)")
+    return value
+
+
+DatabaseName = Annotated[
+    str, Field(min_length=1, max_length=63, pattern=NO_CONTROL_CHARS), AfterValidator(_at_most_63_bytes)
+]
+JOB_QUERY: Final = (WAIT, TIMEOUT)
+BACKUP_ID: Final = PathParam(
+    name="backup_id",
+    pattern=BACKUP_ID_PATTERN,
+    problem_type="invalid-backup-id",
+    title="not a backup id",
+    expected="the form 20261124T215226Z-3f9a1c2b",
+)
+
+
+# --- request bodies (unknown fields are errors; nothing is coerced) -----------------------------
+
+
+class BackupBody(Body):
+    """The seed's curl body works as shown; ``database`` picks one database instead of all covered ones."""
+
+    compression: bool | None = None
+    encryption: bool | None = None
+    cross_region: bool | None = None
+    description: str | None = Field(None, max_length=1000, pattern=TEXT_CHARS)
+    database: DatabaseName | None = None
+
+
+class RestoreBody(Body):
+    target_database: DatabaseName
+    force: bool = False
+    no_owner: bool = False
+
+
+class ValidateBody(Body):
+    level: Literal["quick", "full"] = "quick"
+
+
+class CleanupBody(Body):
+    dry_run: bool = False
+
+
+class TestBody(Body):
+    database: DatabaseName | None = None
+
+
+# --- handlers -----------------------------------------------------------------------------------
+
+
+def backup_routes(component: BackupComponent) -> RouteTable:
+    """The table, its handlers bound to the component (whose service a reload swaps)."""
+
+    async def post_backup(call: Call) -> web.Response:
+        body = call.body_as(BackupBody)
+        service = component.service
+        config = service.config
+        if body.encryption is False and config.backup.encryption:
+            authorise(call.request, "admin")  # an unencrypted copy of an encrypted-by-policy database: admin's call
+        covered = service.covered_databases()
+        databases = [body.database] if body.database else covered
+        if not databases:
+            raise Problem(
+                422,
+                "no-database",
+                "no database to back up",
+                'name one with "database" or configure backup.policies / database.databases',
+            )
+        if body.encryption and service.keyring is None:
+            raise Problem(422, "encryption-unavailable", "encryption was requested but no key is configured")
+        if body.cross_region and not config.backup.cross_region:
+            raise Problem(
+                422,
+                "cross-region-unavailable",
+                "cross-region copies are not enabled on this agent",
+                "set backup.cross_region and backup.cross_region_bucket, or omit cross_region",
+            )
+        overrides = BackupOverrides(
+            compression=body.compression,
+            encryption=body.encryption,
+            cross_region=body.cross_region,
+            description=body.description,
+            labels=("manual",),
+        )
+        # Backups of configured databases are bounded by the configuration (one job per database); only names
+        # from outside can grow the queue, so only those are refused beyond the backup queue's bound.
+        jobs = verbs.submit_backups(
+            call.ctx.jobs,
+            service,
+            databases,
+            overrides,
+            params=body.model_dump(exclude_none=True),
+            bounded=not set(databases) <= set(covered),
+        )
+        return await answer_jobs(call, jobs)
+
+    async def list_backups(call: Call) -> web.Response:
+        found = await component.service.catalog(call.query.get("database"))
+        return json_response(
+            {
+                "backups": [manifest_document(m) for m in found.backups],
+                "unreadable": [{"key": key, "problem": problem} for key, problem in found.unreadable],
+            }
+        )
+
+    async def get_backup(call: Call) -> web.Response:
+        return json_response(manifest_document(await component.service.find(call.path["backup_id"])))
+
+    async def post_restore(call: Call) -> web.Response:
+        body = call.body_as(RestoreBody)
+        backup_id = call.path["backup_id"]
+        service = component.service
+        await service.find(backup_id)  # 404 now, not as a failed job later
+        job = verbs.submit_restore(
+            call.ctx.jobs, service, backup_id, body.target_database, force=body.force, no_owner=body.no_owner
+        )
+        return await answer_jobs(call, [job])
+
+    async def post_validate(call: Call) -> web.Response:
+        body = call.body_as(ValidateBody)
+        backup_id = call.path["backup_id"]
+        service = component.service
+        await service.find(backup_id)
+        return await answer_jobs(call, [verbs.submit_validate(call.ctx.jobs, service, backup_id, body.level)])
+
+    async def post_cleanup(call: Call) -> web.Response:
+        body = call.body_as(CleanupBody)
+        job = verbs.submit_cleanup(call.ctx.jobs, component.service, dry_run=body.dry_run)
+        return await answer_jobs(call, [job])
+
+    async def get_stats(call: Call) -> web.Response:
+        if component.stats is not None:
+            return json_response(await component.stats.stats(component.service))
+        return json_response(await component.service.stats())
+
+    async def post_test(call: Call) -> web.Response:
+        body = call.body_as(TestBody)
+        params = body.model_dump(exclude_none=True)
+        job = verbs.submit_drill(call.ctx.jobs, component.service, body.database, params=params, bounded=True)
+        return await answer_jobs(call, [job])
+
+    routes = [
+        Route(
+            RouteSpec(
+                method="POST",
+                path="/v1/backup",
+                role="operator",
+                summary="Create a new backup (every covered database, or one)",
+                body=BackupBody,
+                job=True,
+                name="create_backup",
+                query=JOB_QUERY,
+            ),
+            post_backup,
+        ),
+        Route(
+            RouteSpec(
+                method="GET",
+                path="/v1/backup",
+                role="viewer",
+                summary="List all backups",
+                name="list_backups",
+                query=(DATABASE,),
+                response="BackupList",
+                repository=True,
+            ),
+            list_backups,
+        ),
+        Route(
+            RouteSpec(
+                method="POST",
+                path="/v1/backup/cleanup",
+                role="admin",
+                summary="Clean up old backups (retention policy)",
+                body=CleanupBody,
+                job=True,
+                name="cleanup_backups",
+                query=JOB_QUERY,
+            ),
+            post_cleanup,
+        ),
+        Route(
+            RouteSpec(
+                method="GET",
+                path="/v1/backup/stats",
+                role="viewer",
+                summary="Get backup statistics",
+                name="backup_stats",
+                response="Stats",
+                repository=True,
+            ),
+            get_stats,
+        ),
+        Route(
+            RouteSpec(
+                method="POST",
+                path="/v1/backup/test",
+                role="operator",
+                summary="Test the backup system (restore drill)",
+                body=TestBody,
+                job=True,
+                name="test_backups",
+                query=JOB_QUERY,
+            ),
+            post_test,
+        ),
+        Route(
+            RouteSpec(
+                method="GET",
+                path="/v1/backup/{backup_id}",
+                role="viewer",
+                summary="Get backup details",
+                name="get_backup",
+                path_params=(BACKUP_ID,),
+                response="Backup",
+                repository=True,
+            ),
+            get_backup,
+        ),
+        Route(
+            RouteSpec(
+                method="POST",
+                path="/v1/backup/{backup_id}/restore",
+                role="admin",
+                summary="Restore from backup",
+                body=RestoreBody,
+                job=True,
+                name="restore_backup",
+                query=JOB_QUERY,
+                path_params=(BACKUP_ID,),
+                repository=True,
+            ),
+            post_restore,
+        ),
+        Route(
+            RouteSpec(
+                method="POST",
+                path="/v1/backup/{backup_id}/validate",
+                role="operator",
+                summary="Validate backup integrity",
+                body=ValidateBody,
+                job=True,
+                name="validate_backup",
+                query=JOB_QUERY,
+                path_params=(BACKUP_ID,),
+                repository=True,
+            ),
+            post_validate,
+        ),
+    ]
+    return RouteTable(routes, backup_schemas())

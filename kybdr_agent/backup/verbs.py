@@ -1,0 +1,101 @@
+"""Each backup verb as a job, in one place: the scheduler, the control API and the in-process CLI all submit
+work through these functions, so a backup, a restore or a drill is the same job — the same limits, the same
+result document, the same record in the journal — whoever asked for it.
+
+The service is passed at submit time (a reload swaps it; a job keeps the one it started with). Every result
+is JSON-shaped (``catalog.manifest_document`` for manifests). A failed validation or drill keeps its result
+(``JobFailed``): the checks that failed, and every database's drill outcome, are part of the answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from kybdr_agent.backup.catalog import manifest_document
+from kybdr_agent.backup.service import BackupOverrides, BackupService
+from kybdr_agent.backup.verify import Level
+from kybdr_agent.jobs import Job, JobFailed, JobManager, Submission
+
+
+def submit_backups(
+    jobs: JobManager,
+    service: BackupService,
+    databases: Sequence[str],
+    overrides: BackupOverrides,
+    *,
+    params: dict[str, Any],
+    bounded: bool,
+) -> list[Job]:
+    """One backup job per database, admitted all together or not at all."""
+
+    def work_for(database: str) -> Callable[[Job], Any]:
+        async def work(job: Job) -> Any:
+            made = await service.backup(database, overrides, progress=job.progress)
+            return manifest_document(made)
+
+        return work
+
+    items = [Submission(work_for(database), params, database) for database in databases]
+    return jobs.submit_all("backup", items, bounded=bounded)
+
+
+def submit_restore(
+    jobs: JobManager,
+    service: BackupService,
+    backup_id: str,
+    target: str,
+    *,
+    force: bool,
+    no_owner: bool,
+    notice: Callable[[str], None] | None = None,
+) -> Job:
+    """Restore into ``target``; each notice (what ``--force`` will do) shows as the job's stage as it happens."""
+
+    async def work(job: Job) -> Any:
+        job.progress.stage = "restoring"
+
+        def on_notice(message: str) -> None:
+            job.progress.stage = message
+            if notice is not None:
+                notice(message)
+
+        result = await service.restore(backup_id, target, force=force, no_owner=no_owner, notice=on_notice)
+        return dict(result.__dict__)
+
+    params = {"backup_id": backup_id, "target_database": target, "force": force, "no_owner": no_owner}
+    return jobs.submit("restore", work, params=params, database=target, bounded=True)
+
+
+def submit_validate(jobs: JobManager, service: BackupService, backup_id: str, level: Level) -> Job:
+    async def work(job: Job) -> Any:
+        result = await service.validate(backup_id, level)
+        if not result.ok:
+            raise JobFailed(result.error or "validation failed", dict(result.__dict__))
+        return dict(result.__dict__)
+
+    params = {"backup_id": backup_id, "level": level}
+    return jobs.submit("validate", work, params=params, key=(backup_id, level), bounded=True)
+
+
+def submit_cleanup(jobs: JobManager, service: BackupService, *, dry_run: bool) -> Job:
+    async def work(job: Job) -> Any:
+        return await service.cleanup(dry_run=dry_run)
+
+    return jobs.submit("cleanup", work, params={"dry_run": dry_run}, bounded=True)
+
+
+def submit_drill(
+    jobs: JobManager, service: BackupService, database: str | None, *, params: dict[str, Any], bounded: bool
+) -> Job:
+    """A restore drill of each database's newest backup (or one database's)."""
+
+    async def work(job: Job) -> Any:
+        results = await service.drill(database)
+        failed = [r for r in results if not r.get("passed")]
+        if failed:
+            message = "restore drill failed: " + "; ".join(f"{r['database']}: {r.get('error')}" for r in failed)
+            raise JobFailed(message, {"drills": results})
+        return {"drills": results}
+
+    return jobs.submit("test", work, params=params, bounded=bounded)
