@@ -100,4 +100,4 @@ class EventHub:
             try:
                 subscriber(event)
             except Exception:
-                log.exception("event.subscriber_failed", subscriber=name, event=type(event).__name__)
+                log.exception("event.subscriber_failed", subscriber=name, event_type=type(event).__name__)

@@ -84,12 +84,6 @@ async def test_a_backup_job_is_announced_journaled_and_stamped_by_the_injected_c
     assert finished.record["finished_at"] == later.isoformat()
 
 
-@pytest.mark.xfail(
-    raises=AssertionError,
-    reason="product bug: EventHub.publish logs a failing subscriber with log.exception(..., event=...), which "
-    "collides with structlog's positional 'event' argument; the TypeError escapes publish, skips the later "
-    "subscribers and fails the job",
-)
 @pytest.mark.anyio
 async def test_a_subscriber_that_raises_neither_fails_the_job_nor_starves_the_next_subscriber(
     settings: AgentSettings, clock: ManualClock, database: str
