@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import AfterValidator, BeforeValidator
 
 from kybdr_agent.backup.schedule import CronSpec, next_run
-from kybdr_agent.postgres.conninfo import ConninfoError, parse_dsn
+from kybdr_agent.postgres.conninfo import ConninfoError, check_addresses, parse_dsn
 
 HUNDRED_YEARS_DAYS: Final = 36500
 # What botocore accepts as a bucket name (it checks before every request); checked here, once.
@@ -95,9 +95,13 @@ def check_zone(value: str) -> str:
 
 
 def check_dsn(value: str | None) -> str | None:
+    """Every libpq connection parameter is accepted (some reach only pg_dump and pg_restore: see
+    ``postgres.connection``). Refused: a DSN libpq could not parse, a parameter it does not know (almost
+    always a typo), and host, hostaddr and port lists it would refuse when connecting, so the mistake shows
+    in ``config check`` rather than at 2 a.m. The message never quotes the DSN: it may hold a password."""
     if value:
         try:
-            parse_dsn(value)
+            check_addresses(parse_dsn(value))
         except ConninfoError as exc:
             raise ValueError(str(exc)) from None
     return value

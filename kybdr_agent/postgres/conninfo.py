@@ -1,18 +1,31 @@
-"""libpq connection strings, turned into the ``PG*`` environment that pg_dump, pg_restore and asyncpg share.
+"""libpq connection strings, turned into the ``PG*`` environment that pg_dump and pg_restore use, and the
+servers (host, hostaddr, port) they would try.
 
-PURE. ``database.dsn`` may be a URI (``postgresql://user@host:5432/db?sslmode=require``) or key=value pairs
-(``host=/run/postgresql port=5432 user=backup``). We never pass it on a command line: argv is visible to
-every user in ``ps``, and a DSN may carry a password. Instead each parameter becomes the environment
-variable libpq documents for it, so the child processes connect exactly as ``pg_dump`` would by itself.
+PURE. ``database.dsn`` may be a URI (``postgresql://user@h1:5432,h2:5433/db?sslmode=require``) or key=value
+pairs (``host=/run/postgresql,db2 port=5432,5433 user=backup``). We never pass it on a command line: argv is
+visible to every user in ``ps``, and a DSN may carry a password. Instead each parameter becomes the
+environment variable libpq documents for it, so the child processes connect exactly as ``pg_dump`` would by
+itself. An older libpq ignores the variables it does not know (``PGREQUIREAUTH`` under PostgreSQL 15's), so a
+parameter newer than the installed client tools never breaks them; it just has no effect there.
+
+Every connection parameter documented for PostgreSQL 15 to 17 is accepted; an unknown one is refused,
+because it is almost always a typo (``sslmod=require``) that would otherwise silently weaken a connection.
+A few parameters have no environment variable (``NO_ENV_PARAMS``): they cannot reach the children at all.
+What the agent's own asyncpg sessions make of each parameter is described in ``postgres.connection``.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Final
 from urllib.parse import unquote
 
-# libpq parameter -> environment variable (PostgreSQL docs, "34.15. Environment Variables")
+# libpq parameter -> environment variable (PostgreSQL 15-17 docs, "Environment Variables", and libpq's
+# PQconninfoOptions table). Parameters that only some versions know: requiressl (15; removed in 16),
+# require_auth, sslcertmode, gssdelegation and load_balance_hosts (16+), sslnegotiation (17+).
 PARAM_ENV: Final = {
     "host": "PGHOST",
     "hostaddr": "PGHOSTADDR",
@@ -21,19 +34,53 @@ PARAM_ENV: Final = {
     "user": "PGUSER",
     "password": "PGPASSWORD",
     "passfile": "PGPASSFILE",
+    "channel_binding": "PGCHANNELBINDING",
+    "require_auth": "PGREQUIREAUTH",
     "service": "PGSERVICE",
     "options": "PGOPTIONS",
     "application_name": "PGAPPNAME",
+    "client_encoding": "PGCLIENTENCODING",
+    "connect_timeout": "PGCONNECT_TIMEOUT",
     "sslmode": "PGSSLMODE",
+    "requiressl": "PGREQUIRESSL",
+    "sslnegotiation": "PGSSLNEGOTIATION",
+    "sslcompression": "PGSSLCOMPRESSION",
     "sslcert": "PGSSLCERT",
     "sslkey": "PGSSLKEY",
+    "sslcertmode": "PGSSLCERTMODE",
     "sslrootcert": "PGSSLROOTCERT",
     "sslcrl": "PGSSLCRL",
-    "connect_timeout": "PGCONNECT_TIMEOUT",
-    "target_session_attrs": "PGTARGETSESSIONATTRS",
+    "sslcrldir": "PGSSLCRLDIR",
+    "sslsni": "PGSSLSNI",
+    "requirepeer": "PGREQUIREPEER",
+    "ssl_min_protocol_version": "PGSSLMINPROTOCOLVERSION",
+    "ssl_max_protocol_version": "PGSSLMAXPROTOCOLVERSION",
     "gssencmode": "PGGSSENCMODE",
     "krbsrvname": "PGKRBSRVNAME",
+    "gsslib": "PGGSSLIB",
+    "gssdelegation": "PGGSSDELEGATION",
+    "target_session_attrs": "PGTARGETSESSIONATTRS",
+    "load_balance_hosts": "PGLOADBALANCEHOSTS",
 }
+ENV_PARAM: Final = {env: param for param, env in PARAM_ENV.items()}
+# Documented libpq parameters with no environment variable. Accepted, but pg_dump and pg_restore never see
+# them (that would take argv); the agent's own session uses sslpassword and fallback_application_name.
+NO_ENV_PARAMS: Final = frozenset(
+    {
+        "fallback_application_name",
+        "keepalives",
+        "keepalives_idle",
+        "keepalives_interval",
+        "keepalives_count",
+        "tcp_user_timeout",
+        "sslpassword",
+        "replication",
+    }
+)
+KNOWN_PARAMS: Final = frozenset(PARAM_ENV) | NO_ENV_PARAMS
+# Masked wherever a DSN is shown: the server password and the passphrase of the client key.
+SECRET_PARAMS: Final = frozenset({"password", "sslpassword"})
+DEFAULT_PORT: Final = 5432
 
 
 class ConninfoError(ValueError):
@@ -141,22 +188,103 @@ def _parse_keyvalue(dsn: str) -> dict[str, str]:
 
 
 def _check_keys(params: dict[str, str]) -> None:
-    unknown = sorted(set(params) - set(PARAM_ENV))
+    unknown = sorted(set(params) - KNOWN_PARAMS)
     if unknown:
-        raise ConninfoError(f"the DSN has parameters kybdr-agent does not know: {', '.join(unknown)}")
+        raise ConninfoError(f"the DSN has parameters libpq does not know: {', '.join(unknown)}")
 
 
-def libpq_env(params: dict[str, str]) -> dict[str, str]:
-    return {PARAM_ENV[key]: value for key, value in params.items()}
+def libpq_env(params: Mapping[str, str]) -> dict[str, str]:
+    """The ``PG*`` variables for ``params``; those without one (``NO_ENV_PARAMS``) are left out."""
+    return {PARAM_ENV[key]: value for key, value in params.items() if key in PARAM_ENV}
+
+
+def env_params(env: Mapping[str, str]) -> dict[str, str]:
+    """The libpq parameters a ``PG*`` environment sets: ``libpq_env`` read backwards."""
+    return {ENV_PARAM[name]: value for name, value in env.items() if name in ENV_PARAM}
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One server libpq would try: ``host`` (a name, an IP address or a socket directory; "" for libpq's
+    default socket), ``hostaddr`` (the numeric address to connect to instead of looking ``host`` up; "" if
+    none) and the port."""
+
+    host: str
+    hostaddr: str
+    port: int
+
+    def describe(self) -> str:
+        if self.host and self.hostaddr:
+            return f"{self.host} ({self.hostaddr}):{self.port}"
+        return f"{self.host or self.hostaddr or 'the default socket'}:{self.port}"
+
+
+def endpoints(params: Mapping[str, str]) -> list[Endpoint]:
+    """The servers libpq tries, in order, for these parameters, with libpq's rules for the three lists.
+
+    ``host`` and ``hostaddr`` are comma-separated lists; when both are given they must be as long as each
+    other. ``port`` is one port for every host or one per host; an empty item means the default (5432), as
+    does an empty host item mean the default socket. Refuses what libpq would refuse when it connects
+    (mismatched lists, a port that is not a number from 1 to 65535, a hostaddr that is not an IP address),
+    so the mistake is reported when the configuration is checked. Messages never quote the values.
+    """
+    hosts = params.get("host", "").split(",")
+    addrs = params.get("hostaddr", "").split(",")
+    if "host" in params and "hostaddr" in params and len(hosts) != len(addrs):
+        raise ConninfoError(f"{len(hosts)} host name(s) but {len(addrs)} hostaddr value(s) (give one per host)")
+    count = len(hosts) if "host" in params or "hostaddr" not in params else len(addrs)
+    hosts = hosts if "host" in params else [""] * count
+    addrs = addrs if "hostaddr" in params else [""] * count
+    ports = [_port(item) for item in params.get("port", "").split(",")]
+    if len(ports) == 1:
+        ports *= count
+    elif len(ports) != count:
+        raise ConninfoError(f"{len(ports)} ports for {count} host(s) (give one port, or one per host)")
+    for addr in addrs:
+        if addr:
+            try:
+                ipaddress.ip_address(addr)
+            except ValueError:
+                raise ConninfoError("a hostaddr is not a numeric IP address") from None
+    return [Endpoint(host, addr, port) for host, addr, port in zip(hosts, addrs, ports, strict=True)]
+
+
+def _port(item: str) -> int:
+    item = item.strip()
+    if not item:
+        return DEFAULT_PORT
+    if not item.isascii() or not item.isdigit() or not 0 < int(item) < 65536:
+        raise ConninfoError("a port is not a number from 1 to 65535")
+    return int(item)
+
+
+def check_addresses(params: Mapping[str, str]) -> None:
+    """What ``endpoints`` checks, as far as a DSN alone can be judged: the ports always, and the lengths of
+    the lists when the DSN names its hosts (otherwise they come from ``PGHOST`` when the agent starts)."""
+    if "host" in params or "hostaddr" in params:
+        endpoints(params)
+    else:
+        for item in params.get("port", "").split(","):
+            _port(item)
+
+
+_NEEDS_QUOTES: Final = re.compile(r"[\s'\\]")
+
+
+def _quote_value(value: str) -> str:
+    """A value as libpq's key=value syntax reads it back: quoted when empty or holding space, ' or \\."""
+    if value and not _NEEDS_QUOTES.search(value):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def mask_dsn(dsn: str) -> str:
-    """The DSN with any password replaced, for ``config check`` and logs."""
+    """The DSN with any password (and any client-key passphrase) replaced, for ``config check`` and logs."""
     try:
         params = parse_dsn(dsn)
     except ValueError:
         return "<unparseable DSN hidden>"
-    if "password" not in params:
+    if not SECRET_PARAMS & params.keys():
         return dsn
-    shown = {**params, "password": "********"}
-    return " ".join(f"{k}={v}" for k, v in shown.items())
+    shown = {k: "********" if k in SECRET_PARAMS else v for k, v in params.items()}
+    return " ".join(f"{k}={_quote_value(v)}" for k, v in shown.items())

@@ -1,5 +1,6 @@
-"""libpq connection strings (kybdr_agent/conninfo.py): URI and key=value parsing as libpq does it, unknown
-parameters refused, and passwords kept out of error messages and masked output."""
+"""libpq connection strings (kybdr_agent/postgres/conninfo.py): URI and key=value parsing as libpq does it,
+every documented parameter accepted and unknown ones refused, multi-host lists read with libpq's rules, and
+passwords kept out of error messages and masked output."""
 
 from __future__ import annotations
 
@@ -10,7 +11,19 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from kybdr_agent.postgres.conninfo import PARAM_ENV, ConninfoError, libpq_env, mask_dsn, parse_dsn
+from kybdr_agent.postgres.conninfo import (
+    KNOWN_PARAMS,
+    NO_ENV_PARAMS,
+    PARAM_ENV,
+    ConninfoError,
+    Endpoint,
+    check_addresses,
+    endpoints,
+    env_params,
+    libpq_env,
+    mask_dsn,
+    parse_dsn,
+)
 
 SECRET = "Hunter2-Sekr1t"
 HIDDEN = "<unparseable DSN hidden>"
@@ -225,7 +238,7 @@ def _malformed_with(secret: str) -> list[str]:
         f"postgresql://u:{secret}@db:notaport/app",
         f"postgresql://u:{secret}@db/app?foo=bar",
         f"postgresql://db/app?password={secret}&foo=bar",
-        f"password='{secret}' sslcompression=1",
+        f"password='{secret}' sslcompresion=1",
     ]
 
 
@@ -340,3 +353,191 @@ def test_libpq_env_maps_every_key(params: dict[str, str]) -> None:
 
 def test_libpq_env_of_empty_dsn_is_empty() -> None:
     assert libpq_env(parse_dsn("")) == {}
+
+
+# ------------------------------------------------------------------------- every libpq parameter, 15-17
+
+# From the PostgreSQL 15, 16 and 17 manuals ("Parameter Key Words", "Environment Variables"), written out
+# here rather than read from the module, so a parameter dropped from the code is caught.
+LIBPQ_ENV_15_TO_17 = {
+    "host": "PGHOST",
+    "hostaddr": "PGHOSTADDR",
+    "port": "PGPORT",
+    "dbname": "PGDATABASE",
+    "user": "PGUSER",
+    "password": "PGPASSWORD",
+    "passfile": "PGPASSFILE",
+    "channel_binding": "PGCHANNELBINDING",
+    "require_auth": "PGREQUIREAUTH",
+    "connect_timeout": "PGCONNECT_TIMEOUT",
+    "client_encoding": "PGCLIENTENCODING",
+    "options": "PGOPTIONS",
+    "application_name": "PGAPPNAME",
+    "service": "PGSERVICE",
+    "sslmode": "PGSSLMODE",
+    "requiressl": "PGREQUIRESSL",
+    "sslnegotiation": "PGSSLNEGOTIATION",
+    "sslcompression": "PGSSLCOMPRESSION",
+    "sslcert": "PGSSLCERT",
+    "sslkey": "PGSSLKEY",
+    "sslcertmode": "PGSSLCERTMODE",
+    "sslrootcert": "PGSSLROOTCERT",
+    "sslcrl": "PGSSLCRL",
+    "sslcrldir": "PGSSLCRLDIR",
+    "sslsni": "PGSSLSNI",
+    "requirepeer": "PGREQUIREPEER",
+    "ssl_min_protocol_version": "PGSSLMINPROTOCOLVERSION",
+    "ssl_max_protocol_version": "PGSSLMAXPROTOCOLVERSION",
+    "gssencmode": "PGGSSENCMODE",
+    "krbsrvname": "PGKRBSRVNAME",
+    "gsslib": "PGGSSLIB",
+    "gssdelegation": "PGGSSDELEGATION",
+    "target_session_attrs": "PGTARGETSESSIONATTRS",
+    "load_balance_hosts": "PGLOADBALANCEHOSTS",
+}
+LIBPQ_WITHOUT_ENV = [
+    "fallback_application_name",
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_count",
+    "tcp_user_timeout",
+    "sslpassword",
+    "replication",
+]
+
+
+@pytest.mark.parametrize(("param", "env"), sorted(LIBPQ_ENV_15_TO_17.items()))
+def test_every_libpq_parameter_with_a_variable_is_accepted_and_passed_on(param: str, env: str) -> None:
+    for dsn in (f"host=db {param}=x", f"postgresql://db/app?{param}=x"):
+        assert parse_dsn(dsn)[param] == "x"
+    assert libpq_env({param: "x"}) == {env: "x"}
+    assert env_params({env: "x"}) == {param: "x"}
+
+
+@pytest.mark.parametrize("param", LIBPQ_WITHOUT_ENV)
+def test_libpq_parameters_without_a_variable_are_accepted_but_reach_no_environment(param: str) -> None:
+    assert parse_dsn(f"host=db {param}=1") == {"host": "db", param: "1"}
+    assert libpq_env({"host": "db", param: "1"}) == {"PGHOST": "db"}
+
+
+def test_the_known_parameters_are_exactly_libpqs() -> None:
+    assert PARAM_ENV == LIBPQ_ENV_15_TO_17
+    assert set(LIBPQ_WITHOUT_ENV) == NO_ENV_PARAMS
+    assert set(LIBPQ_ENV_15_TO_17) | set(LIBPQ_WITHOUT_ENV) == KNOWN_PARAMS
+
+
+def test_the_parameters_from_issue_8_are_accepted() -> None:
+    dsn = (
+        "host=db channel_binding=prefer target_session_attrs=any load_balance_hosts=disable "
+        "sslnegotiation=postgres require_auth=scram-sha-256"
+    )
+    assert libpq_env(parse_dsn(dsn)) == {
+        "PGHOST": "db",
+        "PGCHANNELBINDING": "prefer",
+        "PGTARGETSESSIONATTRS": "any",
+        "PGLOADBALANCEHOSTS": "disable",
+        "PGSSLNEGOTIATION": "postgres",
+        "PGREQUIREAUTH": "scram-sha-256",
+    }
+
+
+@pytest.mark.parametrize("dsn", ["host=db sslmod=require", "postgresql://db/app?target_session_attr=any"])
+def test_a_misspelt_parameter_is_still_refused(dsn: str) -> None:
+    with pytest.raises(ConninfoError, match="does not know"):
+        parse_dsn(dsn)
+
+
+# ------------------------------------------------------------------------------------------ multi-host
+
+
+@pytest.mark.parametrize(
+    ("dsn", "env"),
+    [
+        ("postgresql://u@h1:5432,h2:5433/app", {"PGUSER": "u", "PGHOST": "h1,h2", "PGPORT": "5432,5433"}),
+        ("postgresql://h1,h2:5433/app", {"PGHOST": "h1,h2", "PGPORT": ",5433"}),
+        ("postgresql:///app?host=h1,h2&port=5432,5433", {"PGHOST": "h1,h2", "PGPORT": "5432,5433"}),
+        ("host=h1,h2 port=5432,5433", {"PGHOST": "h1,h2", "PGPORT": "5432,5433"}),
+        ("postgresql://[::1]:5432,[2001:db8::1]:5433/app", {"PGHOST": "::1,2001:db8::1", "PGPORT": "5432,5433"}),
+    ],
+)
+def test_multi_host_dsns_become_libpqs_list_variables(dsn: str, env: dict[str, str]) -> None:
+    got = libpq_env(parse_dsn(dsn))
+    got.pop("PGDATABASE", None)
+    assert got == env
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        ({}, [Endpoint("", "", 5432)]),
+        ({"port": "6543"}, [Endpoint("", "", 6543)]),
+        ({"host": "h1,h2", "port": "5432,5433"}, [Endpoint("h1", "", 5432), Endpoint("h2", "", 5433)]),
+        ({"host": "h1,h2", "port": "6000"}, [Endpoint("h1", "", 6000), Endpoint("h2", "", 6000)]),
+        ({"host": "h1,h2", "port": ",5433"}, [Endpoint("h1", "", 5432), Endpoint("h2", "", 5433)]),
+        (
+            {"host": "/run/postgresql,,h3"},
+            [Endpoint("/run/postgresql", "", 5432), Endpoint("", "", 5432), Endpoint("h3", "", 5432)],
+        ),
+        ({"hostaddr": "10.0.0.1,::1", "port": "1,2"}, [Endpoint("", "10.0.0.1", 1), Endpoint("", "::1", 2)]),
+        ({"host": "a,b", "hostaddr": "10.0.0.1,", "port": "1"}, [Endpoint("a", "10.0.0.1", 1), Endpoint("b", "", 1)]),
+    ],
+)
+def test_endpoints_follow_libpqs_list_rules(params: dict[str, str], expected: list[Endpoint]) -> None:
+    assert endpoints(params) == expected
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"host": "h1,h2", "port": "1,2,3"}, "3 ports for 2 host"),
+        ({"port": "5432,5433"}, "2 ports for 1 host"),
+        ({"host": "a", "hostaddr": "10.0.0.1,10.0.0.2"}, "1 host name.* but 2 hostaddr"),
+        ({"host": "h", "port": "abc"}, "not a number"),
+        ({"host": "h", "port": "0"}, "not a number from 1 to 65535"),
+        ({"host": "h", "port": "65536"}, "not a number from 1 to 65535"),
+        ({"host": "h1,h2", "port": "5432,-1"}, "not a number"),
+        ({"hostaddr": "db.example.com"}, "not a numeric IP address"),
+    ],
+)
+def test_endpoints_refuse_what_libpq_would_refuse_when_connecting(params: dict[str, str], message: str) -> None:
+    with pytest.raises(ConninfoError, match=message):
+        endpoints(params)
+
+
+@given(
+    st.lists(
+        st.tuples(st.from_regex(r"[a-z][a-z0-9-]{0,10}", fullmatch=True), st.none() | st.integers(1, 65535)),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_uri_host_lists_round_trip_to_endpoints(items: list[tuple[str, int | None]]) -> None:
+    netloc = ",".join(host + (f":{port}" if port else "") for host, port in items)
+    expected = [Endpoint(host, "", port or 5432) for host, port in items]
+    assert endpoints(parse_dsn(f"postgresql://u@{netloc}/app")) == expected
+
+
+def test_check_addresses_judges_what_a_dsn_alone_can_say() -> None:
+    check_addresses(parse_dsn("port=5432,5433"))  # the hosts may come from PGHOST
+    check_addresses(parse_dsn("host=h1,h2 port=5432,5433"))
+    with pytest.raises(ConninfoError, match="not a number"):
+        check_addresses(parse_dsn("port=5432,x"))
+    with pytest.raises(ConninfoError, match="2 ports for 3 host"):
+        check_addresses(parse_dsn("host=a,b,c port=1,2"))
+
+
+# ------------------------------------------------------------------------------------ mask, more secrets
+
+
+def test_mask_hides_the_client_key_passphrase_too() -> None:
+    masked = mask_dsn(f"host=db sslkey=/k.pem sslpassword={SECRET}")
+    assert SECRET not in masked
+    assert parse_dsn(masked) == {"host": "db", "sslkey": "/k.pem", "sslpassword": "********"}
+
+
+def test_masked_dsn_quotes_values_so_it_reads_back_the_same() -> None:
+    dsn = f"host=h1,h2 password={SECRET} options='-c search_path=a\\'b' application_name=''"
+    masked = mask_dsn(dsn)
+    assert SECRET not in masked
+    assert parse_dsn(masked) == {**parse_dsn(dsn), "password": "********"}
