@@ -7,9 +7,31 @@ and this one only about how a result reads. Warnings and a failed check's one li
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
+import re
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Final, ParamSpec
+
+P = ParamSpec("P")
+
+
+def _flushed(printer: Callable[P, None]) -> Callable[P, None]:
+    """Each printer writes out what it buffered before it returns, inside the command, not at exit.
+
+    When the reader has gone (``kybdr-agent config check | head -1``), the failed write then raises
+    ``BrokenPipeError`` inside the command, where ``cli`` ends it quietly; left to the interpreter's final
+    flush, the same error printed "Exception ignored ... BrokenPipeError" on stderr and exited 120.
+    """
+
+    @functools.wraps(printer)
+    def printed(*args: P.args, **kwargs: P.kwargs) -> None:
+        printer(*args, **kwargs)
+        sys.stdout.flush()
+
+    return printed
 
 
 def print_json(value: Any) -> None:
@@ -31,18 +53,82 @@ def table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
+@_flushed
 def print_config(masked: dict[str, Any], args: argparse.Namespace) -> None:
+    """The effective configuration: JSON with ``--json``, else TOML that ``tomllib`` reads back (unset
+    values shown as comments, since TOML has no null), ending in a comment saying it is valid."""
     if args.json:
         print_json(masked)
     else:
         for section, values in masked.items():
-            print(f"[{section}]")
-            for key, value in values.items():
-                print(f"{key} = {json.dumps(value)}")
+            print("\n".join(_toml_table(f"[{_toml_key(section)}]", _toml_key(section), values)))
             print()
-        print("configuration is valid")
+        print("# configuration is valid")
 
 
+_BARE_KEY: Final = re.compile(r"[A-Za-z0-9_-]+")
+_TOML_ESCAPES: Final = {"\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r", '"': '\\"', "\\": "\\\\"}
+
+
+def _toml_table(header: str, path: str, values: dict[str, Any]) -> list[str]:
+    """A table (``header`` is ``[path]`` or ``[[path]]``): its plain keys first, then its sub-tables and
+    arrays of tables, as TOML wants every plain key of a table before the next header."""
+    lines = [header]
+    nested: list[str] = []
+    for key, value in values.items():
+        inner = f"{path}.{_toml_key(key)}"
+        if value is None:
+            lines.append(f"# {_toml_key(key)} = (not set)")
+        elif isinstance(value, dict):
+            nested += ["", *_toml_table(f"[{inner}]", inner, value)]
+        elif isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+            for item in value:
+                nested += ["", *_toml_table(f"[[{inner}]]", inner, item)]
+        else:
+            lines.append(f"{_toml_key(key)} = {_toml_value(value, key)}")
+    return lines + nested
+
+
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY.fullmatch(key) else _toml_string(key)
+
+
+def _toml_value(value: Any, key: str = "") -> str:
+    """One value inline. A file mode is shown in octal (``0o660``), as it is written; an inline table
+    cannot hold a comment, so an unset value inside one is left out."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return f"0o{value:o}" if key.endswith("_mode") and value >= 0 else str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return ("inf" if value > 0 else "-inf") if math.isinf(value) else repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    if isinstance(value, dict):
+        pairs = [f"{_toml_key(str(k))} = {_toml_value(v, str(k))}" for k, v in value.items() if v is not None]
+        return "{ " + ", ".join(pairs) + " }" if pairs else "{}"
+    return _toml_string(str(value))
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string: quote, backslash and control characters escaped; a lone surrogate (an
+    undecodable byte in a path) becomes U+FFFD, since TOML text is UTF-8."""
+    out = []
+    for char in text:
+        if char in _TOML_ESCAPES:
+            out.append(_TOML_ESCAPES[char])
+        elif ord(char) < 0x20 or ord(char) == 0x7F:
+            out.append(f"\\u{ord(char):04X}")
+        elif 0xD800 <= ord(char) <= 0xDFFF:
+            out.append("\ufffd")
+        else:
+            out.append(char)
+    return '"' + "".join(out) + '"'
+
+
+@_flushed
 def print_backups(made: list[dict[str, Any]], args: argparse.Namespace) -> None:
     if args.json:
         print_json(made[0] if len(made) == 1 else made)
@@ -51,6 +137,7 @@ def print_backups(made: list[dict[str, Any]], args: argparse.Namespace) -> None:
             print(m["id"])
 
 
+@_flushed
 def print_backup_list(found: dict[str, Any], args: argparse.Namespace) -> None:
     for item in found["unreadable"]:
         print(
@@ -79,6 +166,7 @@ def print_backup_list(found: dict[str, Any], args: argparse.Namespace) -> None:
     print(table(rows, ["ID", "DATABASE", "STATUS", "FINISHED", "STORED", "COMPRESSION", "CIPHER"]))
 
 
+@_flushed
 def print_manifest(m: dict[str, Any], args: argparse.Namespace) -> None:
     if args.json:
         print_json(m)
@@ -108,6 +196,7 @@ def print_manifest(m: dict[str, Any], args: argparse.Namespace) -> None:
     print(table(rows, ["FIELD", "VALUE"]))
 
 
+@_flushed
 def print_restore(result: dict[str, Any], args: argparse.Namespace) -> None:
     if args.json:
         print_json(result)
@@ -121,6 +210,7 @@ def print_restore(result: dict[str, Any], args: argparse.Namespace) -> None:
         )
 
 
+@_flushed
 def print_validation(result: dict[str, Any], args: argparse.Namespace) -> None:
     if args.json:
         print_json(result)
@@ -135,6 +225,7 @@ def print_validation(result: dict[str, Any], args: argparse.Namespace) -> None:
         print(f"kybdr-agent: validate failed: {result['error']}", file=sys.stderr)
 
 
+@_flushed
 def print_cleanup(result: dict[str, Any], args: argparse.Namespace) -> None:
     if args.json:
         print_json(result)
@@ -151,18 +242,34 @@ def print_cleanup(result: dict[str, Any], args: argparse.Namespace) -> None:
     )
 
 
+@_flushed
 def print_stats(stats: dict[str, Any], args: argparse.Namespace) -> None:
+    """The statistics document (``backup.stats.render_stats``) as lines and a table: every nested value is
+    spelt out here, so nothing reaches the reader as a Python dict or list."""
     if args.json:
         print_json(stats)
         return
-    rate = stats["success_rate"]
+    backups = stats["backups"]
     print(
-        f"backups: {stats['backups']['count']} stored, {human_bytes(stats['backups']['stored_bytes'])}; "
-        f"success rate {'-' if rate is None else f'{rate:.1%}'} {stats['by_outcome']}"
+        f"backups: {backups['count']} stored, {human_bytes(backups['stored_bytes'])} "
+        f"({human_bytes(backups.get('dump_bytes', 0))} of dumps)"
     )
+    outcomes = ", ".join(f"{count} {outcome}" for outcome, count in stats["by_outcome"].items())
+    rate = stats["success_rate"]
+    print(f"outcomes: {outcomes or 'none recorded'}; success rate {'-' if rate is None else f'{rate:.1%}'}")
     if stats["duration_seconds"]:
         d = stats["duration_seconds"]
         print(f"duration: p50 {d['p50']:.1f} s, p90 {d['p90']:.1f} s, max {d['max']:.1f} s")
+    failure = stats.get("last_failure")
+    if failure:
+        print(
+            f"last failure: {_when(failure.get('at'))} {failure.get('database') or '-'}: {failure.get('error') or '-'}"
+        )
+    drill = stats.get("last_drill")
+    if drill:
+        print(f"last drill: {drill.get('status', '-')} {_when(drill.get('finished_at'))}{_drill_detail(drill)}")
+    if stats.get("unreadable_manifests"):
+        print(f"unreadable manifests: {stats['unreadable_manifests']} (see `kybdr-agent list`)")
     rows = [
         [
             db,
@@ -177,6 +284,26 @@ def print_stats(stats: dict[str, Any], args: argparse.Namespace) -> None:
         print(table(rows, ["DATABASE", "BACKUPS", "STORED", "LAST GOOD", "AGE"]))
 
 
+def _when(timestamp: object) -> str:
+    """An ISO timestamp from the journal as ``2026-01-01 02:00:00Z``; "-" if there is none."""
+    if not isinstance(timestamp, str) or len(timestamp) < 19:
+        return "-"
+    return timestamp[:19].replace("T", " ") + "Z"
+
+
+def _drill_detail(drill: dict[str, Any]) -> str:
+    """How many of a drill job's restores passed, or its error: the job record's result is free-form."""
+    if drill.get("error"):
+        return f": {drill['error']}"
+    result = drill.get("result")
+    runs = result.get("drills") if isinstance(result, dict) else None
+    if not isinstance(runs, list) or not runs:
+        return ""
+    passed = sum(1 for run in runs if isinstance(run, dict) and run.get("passed"))
+    return f": {passed} of {len(runs)} restore(s) passed"
+
+
+@_flushed
 def print_drills(result: dict[str, Any], args: argparse.Namespace) -> None:
     if args.json:
         print_json(result)
@@ -190,6 +317,7 @@ def print_drills(result: dict[str, Any], args: argparse.Namespace) -> None:
         print(f"kybdr-agent: test failed: {len(failed)} restore drill(s) failed", file=sys.stderr)
 
 
+@_flushed
 def print_status(status: dict[str, Any], args: argparse.Namespace) -> None:
     if args.json:
         print_json(status)
