@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from kybdr_agent.backup.retention import SEVEN_YEARS_DAYS as SEVEN_YEARS_DAYS  # re-exported by config
 from kybdr_agent.backup.streamfmt import MAX_FRAME_SIZE, MIN_FRAME_SIZE
 from kybdr_agent.config_values import (
     HUNDRED_YEARS_DAYS,
@@ -31,7 +32,6 @@ from kybdr_agent.config_values import (
 )
 
 DEFAULT_REPOSITORY_URL: Final = "file:///var/lib/kybdr/repo"
-SEVEN_YEARS_DAYS: Final = 7 * 365 + 2
 # sockaddr_un.sun_path holds 108 bytes on Linux, including the terminating NUL.
 MAX_SOCKET_PATH_BYTES: Final = 107
 MAX_KEEP: Final = 100_000

@@ -28,7 +28,6 @@ from kybdr_agent.backup.streamfmt import (
 )
 from kybdr_agent.errors import IntegrityError, KeyUnavailable
 
-READ_CHUNK: Final = 1 << 20
 QUEUE_DEPTH: Final = 4
 
 

@@ -33,7 +33,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from kybdr_agent import __version__
 from kybdr_agent.asyncutil import TailBuffer, task_group
 from kybdr_agent.backup import compress, facts, manifest
-from kybdr_agent.backup.keys import KeyRing, new_data_key
+from kybdr_agent.backup.keys import WRAP_ALGORITHM, KeyRing, new_data_key
 from kybdr_agent.backup.lease import hold_lease
 from kybdr_agent.backup.pgdump import PipeReader, child_process, drain_into, failure_message
 from kybdr_agent.backup.streamfmt import Cipher, Compression, StreamHeader, StreamSealer
@@ -214,7 +214,7 @@ def _seal_plan(options: BackupOptions, backup_id: str) -> tuple[StreamHeader, by
     encryption = manifest.Encryption(
         cipher="aes-256-gcm",
         key_id=master.key_id.hex(),
-        wrap="aes-256-gcm",
+        wrap=WRAP_ALGORITHM,
         wrapped_data_key=master.wrap(data_key, backup_id),
     )
     return header, data_key, encryption

@@ -36,8 +36,10 @@ from types import MappingProxyType
 from typing import Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-SEVEN_YEARS: Final = timedelta(days=7 * 365 + 2)
-"""Seven calendar years, leap days included: the default maximum age."""
+SEVEN_YEARS_DAYS: Final = 7 * 365 + 2
+"""Seven calendar years in days, with the two leap days seven consecutive years can hold: the default
+maximum age, of retention here and of the configuration's defaults (``config_sections`` imports it)."""
+SEVEN_YEARS: Final = timedelta(days=SEVEN_YEARS_DAYS)
 
 NEWEST_VALID: Final = "newest valid backup"
 YOUNGER_THAN_MIN_AGE: Final = "younger than min_age"
