@@ -163,7 +163,7 @@ class AgentSettings(BaseSettings):
 
     def masked(self) -> dict[str, Any]:
         """The effective configuration for people: secrets shown only as where they come from."""
-        data = self.model_dump(mode="json")
+        data = _readable_durations(self.model_dump(mode="json"), self.model_dump())
         if self.database.dsn:
             data["database"]["dsn"] = mask_dsn(self.database.dsn)
         if self.drill.dsn:
@@ -171,6 +171,28 @@ class AgentSettings(BaseSettings):
         if self.repository.endpoint_url:  # validation refuses userinfo; masked anyway, whatever reaches here
             data["repository"]["endpoint_url"] = mask_url(self.repository.endpoint_url)
         return data
+
+
+def _duration_text(value: timedelta) -> str:
+    """A duration as this configuration is written (``"90s"``, ``"1h"``, ``"2555d"``), so ``config check``
+    prints what the loader reads back, not ISO 8601's ``PT1H`` that it would refuse."""
+    seconds = value.total_seconds()
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+def _readable_durations(shown: Any, raw: Any) -> Any:
+    """``shown`` (a JSON dump) with every value that is a ``timedelta`` in ``raw`` (the same dump in Python
+    mode) written as ``_duration_text`` says."""
+    if isinstance(raw, timedelta):
+        return _duration_text(raw)
+    if isinstance(raw, dict) and isinstance(shown, dict):
+        return {key: _readable_durations(value, raw.get(key)) for key, value in shown.items()}
+    if isinstance(raw, list) and isinstance(shown, list):
+        return [_readable_durations(a, b) for a, b in zip(shown, raw, strict=False)]
+    return shown
 
 
 def load_settings(path: Path | None, *, default_path: Path = DEFAULT_CONFIG_PATH) -> AgentSettings:

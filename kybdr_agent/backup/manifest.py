@@ -10,7 +10,7 @@ import re
 import secrets
 from datetime import UTC, datetime
 from typing import Final, Literal
-from urllib.parse import quote, unquote
+from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -47,10 +47,6 @@ def database_key(database: str) -> str:
     if not database:
         raise ValueError("database name is empty")
     return quote(database, safe=_KEY_SAFE).replace(".", "%2E")
-
-
-def database_from_key(component: str) -> str:
-    return unquote(component)
 
 
 def backup_prefix(database: str, backup_id: str) -> str:

@@ -164,7 +164,8 @@ async def run_backup(
         ):
             if options.count_max_total_bytes > 0:
                 tg.start_soon(count_rows)
-            await _stream_dump(argv, connection.child_env(database), encoder, sink.write, options.progress)
+            # pg_dump goes to the server that exported the snapshot, whichever of several hosts that was.
+            await _stream_dump(argv, connection.child_env(database, conn), encoder, sink.write, options.progress)
         # pg_dump exited 0 and every byte is stored: the dump is complete and consistent, because pg_dump
         # imported the snapshot into its own transaction when it started. Ending ours is a courtesy that a
         # dead session may refuse.

@@ -151,7 +151,9 @@ async def restore_backup(
             with database_errors("creating the scratch database for the restore"):
                 await admin.execute(f"create database {quote_ident(scratch)} template template0")
             try:
-                stats_bytes = await _pg_restore_into(scratch, backup, store, keyring, connection, pg_restore, no_owner)
+                stats_bytes = await _pg_restore_into(
+                    scratch, backup, store, keyring, connection, pg_restore, no_owner, session=admin
+                )
             except BaseException:
                 await drop_scratch(admin, scratch)
                 raise
@@ -215,14 +217,17 @@ async def _pg_restore_into(
     connection: Connection,
     pg_restore: str,
     no_owner: bool,
+    *,
+    session: Any = None,
 ) -> int:
+    """Fill ``database`` with pg_restore, on the server ``session`` reached (the one that created it)."""
     argv = [pg_restore, "--exit-on-error", "--single-transaction", "--no-password", f"--dbname={database}"]
     if no_owner:
         argv += ["--no-owner", "--no-acl"]
     stderr = TailBuffer()
     async with child_process(
         argv,
-        env=connection.child_env(database),
+        env=connection.child_env(database, session),
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.DEVNULL,
     ) as proc:

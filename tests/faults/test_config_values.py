@@ -154,7 +154,7 @@ def test_sweep_older_than_may_be_zero_and_defaults_to_zero(tmp_path: Path) -> No
     config.write_text(f'[backup]\nencryption = false\n[control]\nsocket = "{tmp_path / "s.sock"}"\n')
     proc = _cli(config, "config", "check", "--json")
     assert proc.returncode == 0, proc.stderr
-    assert '"sweep_older_than": "PT0S"' in proc.stdout
+    assert '"sweep_older_than": "0s"' in proc.stdout
     config.write_text(config.read_text() + '[daemon]\nsweep_older_than = "0s"\nhousekeeping_interval = "10s"\n')
     assert _cli(config, "config", "check").returncode == 0
 

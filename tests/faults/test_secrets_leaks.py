@@ -73,10 +73,13 @@ class Child:
 
 @dataclass
 class ChildWatch:
-    """Polls /proc for every descendant of ``root`` and keeps each one's argv and environment."""
+    """Polls /proc for every descendant of ``root`` and keeps each one's argv and environment.
+
+    Keyed by pid *and* argv: a child is first seen as a copy of its parent (forked, not yet exec'd) and
+    must be looked at again once it has become pg_dump, whose environment is the one that matters."""
 
     root: int
-    seen: dict[int, Child] = field(default_factory=dict)
+    seen: dict[tuple[int, tuple[str, ...]], Child] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -105,8 +108,6 @@ class ChildWatch:
     def _poll(self) -> None:
         while not self._stop.is_set():
             for pid in self._descendants():
-                if pid in self.seen and self.seen[pid].env:
-                    continue
                 try:
                     with open(f"/proc/{pid}/cmdline", "rb") as fh:
                         argv = [a.decode(errors="replace") for a in fh.read().split(b"\0") if a]
@@ -117,8 +118,8 @@ class ChildWatch:
                 env = dict(
                     item.decode(errors="replace").partition("=")[::2] for item in raw.split(b"\0") if b"=" in item
                 )
-                if argv:
-                    self.seen[pid] = Child(pid, argv, env)
+                if argv and (env or (pid, tuple(argv)) not in self.seen):
+                    self.seen[(pid, tuple(argv))] = Child(pid, argv, env)
             time.sleep(0.002)
 
     def __enter__(self) -> ChildWatch:
