@@ -163,7 +163,7 @@ class AgentSettings(BaseSettings):
 
     def masked(self) -> dict[str, Any]:
         """The effective configuration for people: secrets shown only as where they come from."""
-        data = _readable_durations(self.model_dump(mode="json"), self.model_dump())
+        data: dict[str, Any] = _readable_durations(self.model_dump(mode="json"), self.model_dump())
         if self.database.dsn:
             data["database"]["dsn"] = mask_dsn(self.database.dsn)
         if self.drill.dsn:
