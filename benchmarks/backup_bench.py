@@ -1,20 +1,24 @@
-"""Measure ``kybdr-agent backup`` against the shell pipeline it replaces, in the same session.
+"""The agent's backup against the shell pipelines it replaces, to a folder and to S3, in one session.
 
-    .venv/bin/python benchmarks/backup_bench.py [--scale 100] [--runs 3] [--s3-scale 20]
+    .venv/bin/python benchmarks/backup_bench.py [--scale 100] [--runs 5] [--skip-double] [--out DIR]
 
-Builds realistic mixed data on a throwaway cluster (pgbench tables with a third of the filler rewritten to
-md5 text, plus timestamp/numeric/jsonb/text rows — plain pgbench compresses ~100× and would hide the
-codec's cost), then times, interleaved and repeated:
+Builds dataset B (../shared/bench/dataset-b.sh: pgbench rows whose filler compresses ~3×, scale 100 ≈ 1.03 GB
+``pg_dump -Fc -Z0``) on a throwaway cluster, starts a moto S3 server and two ``kybdr-agent run`` daemons (one
+on a folder repository, one on S3), then runs every variant once per round, in the same order each round:
 
-    floor          pg_dump -Fc -Z0 > /dev/null
-    baseline       pg_dump -Fc -Z0 | zstd -3 > file
-    agent          kybdr-agent backup (zstd-3 + AES-256-GCM + SHA-256 + manifest) into a local folder
-    agent_zstd_t0  the same with compression.threads = 0 (zstd in the pipeline's own worker thread)
+    floor                  pg_dump -Fc -Z0 > /dev/null
+    shell → file           pg_dump -Fc -Z0 | zstd -3 -T1 > file                         (folder baseline)
+    agent → folder         daemon: POST /v1/backup?wait=true; CLI: kybdr-agent --local backup
+    shell → S3             pg_dump -Fc -Z0 | zstd -3 -T1 | aws s3 cp - s3://…           (S3 baseline)
+    agent → S3             daemon and CLI, as above
 
-and reports medians as ratios to the baseline, with the agent's peak RSS (from wait4). It then doubles the
-database and measures peak RSS again (it must stay flat), and times a backup to a moto S3 server on a
-smaller database against the same shell baseline. Machines here are shared and noisy: read the ratios, not
-the seconds.
+Why it is built this way: the machines are shared and noisy, so absolute seconds drift from one hour to the
+next; variants are interleaved and each agent variant is divided by its own baseline's median from the same
+rounds, so the ratios stay comparable across runs. Reported per variant: median wall seconds, the ratio to
+its baseline, median CPU seconds of the whole process tree (pg_dump included, for the agent as for the
+shell), and the agent process's own peak RSS (VmHWM, never wait4's ru_maxrss — see bench_support.py).
+Finally a database twice the size is backed up once through each daemon: the peak RSS must stay flat.
+It prints a Markdown table (docs/benchmarks.md carries it as printed) and writes the figures as JSON.
 """
 
 from __future__ import annotations
@@ -23,214 +27,323 @@ import argparse
 import json
 import os
 import secrets
+import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench_support import (  # noqa: E402
+    DUMMY_AWS,
+    AgentDaemon,
+    Measurement,
+    MotoS3,
+    build_database,
+    build_dataset_b,
+    dump_size,
+    pg_env,
+    run_process,
+)
 from kybdr_agent.postgres.cluster import PG_BIN, Cluster, start_cluster  # noqa: E402
-from tests.support import start_moto_server  # noqa: E402
+
+__all__ = ["build_database", "main"]  # control_bench.py imports build_database from here
 
 AGENT = [sys.executable, "-m", "kybdr_agent"]
-
-MIXED_SQL = """
-update pgbench_accounts set filler = md5(aid::text) || md5((aid * 7)::text) where aid % 3 = 0;
-create table ledger (
-    id bigint primary key, account bigint, booked_at timestamptz, amount numeric(14, 2),
-    memo text, attributes jsonb
-);
-insert into ledger
-select g, 1 + g % 100000, timestamptz '2024-01-01' + g * interval '13 seconds', (g * 7919 % 1000000) / 100.0,
-       md5(g::text) || ' transfer ' || (g % 977),
-       jsonb_build_object('channel', (array['web', 'api', 'branch', 'atm'])[1 + g % 4], 'risk', g % 101,
-                          'ref', md5((g * 31)::text))
-from generate_series(1::bigint, {ledger_rows}) g;
-vacuum analyze;
-"""
+PG_DUMP = f"{PG_BIN}/pg_dump -Fc -Z0"
+BUCKET = "bench"
 
 
-@dataclass
-class Timing:
-    seconds: float
-    max_rss_kib: int = 0
+@dataclass(frozen=True)
+class Variant:
+    key: str
+    label: str
+    command: str  # as the table shows it
+    baseline: str | None  # key of the variant it is divided by; None for the floor and the baselines
+    run: Callable[[str], Measurement]  # database name → one timed run (its output cleared afterwards)
 
 
-def run_timed(argv: list[str] | str, *, env: dict[str, str], shell: bool = False) -> Timing:
-    start = time.perf_counter()
-    proc = subprocess.Popen(argv, env=env, shell=shell, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    elapsed = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    stderr = proc.stderr.read().decode() if proc.stderr else ""
-    if proc.returncode != 0:
-        raise RuntimeError(f"{argv!r} failed ({proc.returncode}): {stderr}")
-    return Timing(elapsed, usage.ru_maxrss)
+def tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def build_database(cluster: Cluster, name: str, scale: int) -> int:
-    env = {**os.environ, **cluster.env()}
-    cluster.psql("postgres", f"create database {name}")
-    subprocess.run(
-        [str(PG_BIN / "pgbench"), "-i", "-q", "-s", str(scale), "--unlogged-tables", name],
-        env=env,
-        check=True,
-        capture_output=True,
-    )
-    cluster.psql(name, MIXED_SQL.format(ledger_rows=15_000 * scale))
-    return int(cluster.psql(name, "select pg_database_size(current_database())"))
+class Bench:
+    """The cluster, the moto server, the daemons and the configs every variant runs against."""
 
+    def __init__(self, cluster: Cluster, workdir: Path) -> None:
+        self.cluster = cluster
+        self.workdir = workdir
+        self.key = workdir / "master.key"
+        self.key.write_text(secrets.token_hex(32))
+        self.key.chmod(0o600)
+        aws = shutil.which("aws")
+        if aws is None:
+            raise RuntimeError("the aws CLI is not on PATH (it uploads the shell baseline to S3)")
+        self.aws = aws
+        self.daemons: dict[str, AgentDaemon] = {}
+        self.moto = MotoS3([BUCKET])
 
-def dump_size(cluster: Cluster, name: str) -> int:
-    env = {**os.environ, **cluster.env(), "PGDATABASE": name}
-    out = subprocess.run(
-        f"{PG_BIN}/pg_dump -Fc -Z0 | wc -c",
-        shell=True,
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return int(out.stdout.strip())
+    def repository(self, target: str, name: str) -> str:
+        if target == "s3":
+            return self.moto.repository(BUCKET, f"agent-{name}")
+        return f'url = "file://{self.workdir / f"repo-{name}"}"'
 
-
-def write_config(workdir: Path, cluster: Cluster, repository: str, key: Path, zstd_threads: int = 1) -> Path:
-    config = workdir / f"agent-{secrets.token_hex(3)}.toml"
-    config.write_text(
-        f'[backup]\nbackup_dir = "{workdir}/state"\n\n'
-        f'[database]\ndsn = "host={cluster.socket_dir} port={cluster.port} user=postgres"\n\n'
-        f'[encryption]\nkey_file = "{key}"\n\n[compression]\nthreads = {zstd_threads}\n\n'
-        f"[repository]\n{repository}\n"
-    )
-    return config
-
-
-def compare(cluster: Cluster, name: str, workdir: Path, key: Path, runs: int) -> dict[str, Any]:
-    env = {**os.environ, **cluster.env(), "PGDATABASE": name}
-    repo = workdir / "repo"
-    config = write_config(workdir, cluster, f'url = "file://{repo}"', key)
-    config_t0 = write_config(workdir, cluster, f'url = "file://{repo}"', key, zstd_threads=0)
-    out_file = workdir / "baseline.dump.zst"
-    results: dict[str, list[Timing]] = {"floor": [], "baseline": [], "agent": [], "agent_zstd_t0": []}
-    for _ in range(runs):
-        results["floor"].append(run_timed(f"{PG_BIN}/pg_dump -Fc -Z0 > /dev/null", env=env, shell=True))
-        results["baseline"].append(
-            run_timed(f"{PG_BIN}/pg_dump -Fc -Z0 | zstd -q -3 > {out_file}", env=env, shell=True)
+    def config(self, name: str, target: str, *, daemon: bool) -> Path:
+        """One agent configuration per variant: its own state directory, repository and socket."""
+        state = self.workdir / f"state-{name}"
+        text = (
+            f'[backup]\nbackup_dir = "{state}"\n\n'
+            f'[database]\ndsn = "host={self.cluster.socket_dir} port={self.cluster.port} user=postgres"\n\n'
+            f'[encryption]\nkey_file = "{self.key}"\n\n[repository]\n{self.repository(target, name)}\n'
+            '[drill]\nschedule = ""\n'
         )
-        for variant, cfg in (("agent", config), ("agent_zstd_t0", config_t0)):
-            results[variant].append(run_timed([*AGENT, "--config", str(cfg), "backup", "--database", name], env=env))
-            shutil.rmtree(repo, ignore_errors=True)
-    baseline_stored = out_file.stat().st_size
-    out_file.unlink()
-    med = {k: statistics.median(t.seconds for t in v) for k, v in results.items()}
-    return {
-        "seconds": {k: round(v, 2) for k, v in med.items()},
-        "all_seconds": {k: [round(t.seconds, 2) for t in v] for k, v in results.items()},
-        "agent_vs_baseline": round(med["agent"] / med["baseline"], 3),
-        "agent_zstd_t0_vs_baseline": round(med["agent_zstd_t0"] / med["baseline"], 3),
-        "agent_vs_floor": round(med["agent"] / med["floor"], 3),
-        "baseline_vs_floor": round(med["baseline"] / med["floor"], 3),
-        "agent_peak_rss_mib": round(max(t.max_rss_kib for t in results["agent"]) / 1024, 1),
-        "agent_zstd_t0_peak_rss_mib": round(max(t.max_rss_kib for t in results["agent_zstd_t0"]) / 1024, 1),
-        "baseline_stored_bytes": baseline_stored,
-    }
+        if daemon:
+            text += f'\n[control]\nsocket = "{self.workdir / f"{name}.sock"}"\n\n[daemon]\nshutdown_grace_seconds = 2\n'
+        path = self.workdir / f"{name}.toml"
+        path.write_text(text)
+        return path
+
+    def start_daemons(self) -> None:
+        for target in ("folder", "s3"):
+            name = f"daemon-{target}"
+            config = self.config(name, target, daemon=True)
+            self.daemons[target] = AgentDaemon(config, self.workdir / f"{name}.sock", self.workdir / name, DUMMY_AWS)
+
+    def stop(self) -> None:
+        for daemon in self.daemons.values():
+            daemon.stop()
+        self.moto.stop()
+
+    # --- the variants: each returns its measurement with the bytes it stored, and clears what it wrote ---
+
+    def floor(self, database: str) -> Measurement:
+        return run_process(f"{PG_DUMP} > /dev/null", pg_env(self.cluster, database), shell=True)
+
+    def shell_file(self, database: str) -> Measurement:
+        out = self.workdir / "shell.dump.zst"
+        measured = run_process(f"{PG_DUMP} | zstd -q -3 -T1 > {out}", pg_env(self.cluster, database), shell=True)
+        stored = out.stat().st_size
+        out.unlink()  # at once: its dirty pages are dropped, not written back during the next variant
+        return replace(measured, stored_bytes=stored)
+
+    def shell_s3(self, database: str) -> Measurement:
+        upload = f"{self.aws} s3 cp - s3://{BUCKET}/shell/{database}.dump.zst --endpoint-url {self.moto.endpoint}"
+        env = {**pg_env(self.cluster, database), **DUMMY_AWS}
+        measured = run_process(f"{PG_DUMP} | zstd -q -3 -T1 | {upload} --only-show-errors", env, shell=True)
+        return replace(measured, stored_bytes=self.moto.empty(BUCKET))
+
+    def agent_daemon(self, target: str) -> Callable[[str], Measurement]:
+        def run(database: str) -> Measurement:
+            measured, _ = self.daemons[target].backup(database)
+            return replace(measured, stored_bytes=self.clear(target, f"daemon-{target}"))
+
+        return run
+
+    def agent_cli(self, target: str) -> Callable[[str], Measurement]:
+        name = f"cli-{target}"
+        config = self.config(name, target, daemon=False)
+        argv = [*AGENT, "--config", str(config), "--local", "backup", "--database"]
+
+        def run(database: str) -> Measurement:
+            env = {**pg_env(self.cluster), **DUMMY_AWS}
+            measured = run_process([*argv, database], env, rss=True)
+            return replace(measured, stored_bytes=self.clear(target, name))
+
+        return run
+
+    def clear(self, target: str, name: str) -> int:
+        """Empty a variant's repository; returns the bytes it held (data object and manifest)."""
+        if target == "s3":
+            return self.moto.empty(BUCKET)
+        repo = self.workdir / f"repo-{name}"
+        stored = tree_bytes(repo)
+        shutil.rmtree(repo)
+        return stored
+
+    def variants(self) -> list[Variant]:
+        zstd = "pg_dump -Fc -Z0 \\| zstd -3 -T1"
+        post = "`POST /v1/backup?wait=true` to `kybdr-agent run`"
+        cli = "`kybdr-agent --local backup --database …`"
+        return [
+            Variant("floor", "floor", "`pg_dump -Fc -Z0 > /dev/null`", None, self.floor),
+            Variant("shell_file", "shell → file", f"`{zstd} > file`", None, self.shell_file),
+            Variant("agent_folder_daemon", "agent → folder, daemon", post, "shell_file", self.agent_daemon("folder")),
+            Variant("agent_folder_cli", "agent → folder, CLI", cli, "shell_file", self.agent_cli("folder")),
+            Variant("shell_s3", "shell → S3", f"`{zstd} \\| aws s3 cp - s3://…`", None, self.shell_s3),
+            Variant("agent_s3_daemon", "agent → S3, daemon", post, "shell_s3", self.agent_daemon("s3")),
+            Variant("agent_s3_cli", "agent → S3, CLI", cli, "shell_s3", self.agent_cli("s3")),
+        ]
 
 
-def s3_compare(cluster: Cluster, name: str, workdir: Path, key: Path, runs: int) -> dict[str, Any]:
-    import boto3
+# --- rounds and summaries -------------------------------------------------------------------------------
 
-    moto = start_moto_server()
-    endpoint = moto.endpoint
-    try:
-        s3 = boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            region_name="us-east-1",
-            aws_access_key_id="bench",
-            aws_secret_access_key="bench",
-        )
-        s3.create_bucket(Bucket="bench")
-        env = {
-            **os.environ,
-            **cluster.env(),
-            "PGDATABASE": name,
-            "AWS_ACCESS_KEY_ID": "bench",
-            "AWS_SECRET_ACCESS_KEY": "bench",
+
+def run_rounds(variants: list[Variant], database: str, runs: int) -> dict[str, list[Measurement]]:
+    """``runs`` rounds; each runs every variant once, in the same order."""
+    results: dict[str, list[Measurement]] = {v.key: [] for v in variants}
+    for round_no in range(1, runs + 1):
+        for variant in variants:
+            measured = variant.run(database)
+            results[variant.key].append(measured)
+            print(f"  round {round_no}/{runs} {variant.label}: {measured.seconds:.2f} s", flush=True)
+    return results
+
+
+def mib(kib: int | None) -> float | None:
+    return None if kib is None else round(kib / 1024, 1)
+
+
+def summarize(variants: list[Variant], results: dict[str, list[Measurement]]) -> dict[str, dict[str, Any]]:
+    """Per variant: median seconds and CPU, the ratio to its baseline, the highest peak RSS, every run."""
+    median = {key: statistics.median(m.seconds for m in runs) for key, runs in results.items()}
+    summary: dict[str, dict[str, Any]] = {}
+    for v in variants:
+        runs = results[v.key]
+        rss = [m.peak_rss_kib for m in runs if m.peak_rss_kib is not None]
+        summary[v.key] = {
+            "label": v.label,
+            "median_seconds": round(median[v.key], 3),
+            "vs_baseline": round(median[v.key] / median[v.baseline], 3) if v.baseline in median else None,
+            "vs_floor": round(median[v.key] / median["floor"], 3) if "floor" in median else None,
+            "median_cpu_seconds": round(statistics.median(m.cpu_seconds for m in runs), 2),
+            "peak_rss_mib": mib(max(rss)) if rss else None,
+            "idle_rss_mib": mib(runs[-1].idle_rss_kib),
+            "stored_bytes": runs[-1].stored_bytes,
+            "runs": [
+                {
+                    "seconds": round(m.seconds, 3),
+                    "cpu_seconds": round(m.cpu_seconds, 2),
+                    "peak_rss_mib": mib(m.peak_rss_kib),
+                }
+                for m in runs
+            ],
         }
-        config = write_config(
-            workdir,
-            cluster,
-            f'url = "s3://bench/agent"\nendpoint_url = "{endpoint}"\nregion = "us-east-1"\naddressing_style = "path"',
-            key,
+    return summary
+
+
+NOTES = (
+    "Agent: zstd -3 with one worker thread, AES-256-GCM, SHA-256 and a manifest; the folder repository fsyncs, "
+    "`> file` does not. × its baseline: median ÷ the median of shell → file (folder rows) or shell → S3 (S3 rows), "
+    "same rounds. CPU s: user+sys of the whole process tree, pg_dump included. Agent peak RSS: VmHWM of the agent "
+    "process alone, pg_dump excluded (CLI: polled every 20 ms until exit; daemon: reset through clear_refs before "
+    "each request, read when it answers)."
+)
+
+
+def cell(value: float | None, fmt: str = "{:.2f}") -> str:
+    return "—" if value is None else fmt.format(value)
+
+
+def markdown_table(variants: list[Variant], summary: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        "| variant | command | median s | × its baseline | CPU s | agent peak RSS MiB | stored MB |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for v in variants:
+        s = summary[v.key]
+        ratio = "baseline" if v.key in ("shell_file", "shell_s3") else cell(s["vs_baseline"], "{:.3f}")
+        stored = None if s["stored_bytes"] is None else s["stored_bytes"] / 1e6
+        lines.append(
+            f"| {v.label} | {v.command} | {cell(s['median_seconds'])} | {ratio} | {cell(s['median_cpu_seconds'])} "
+            f"| {cell(s['peak_rss_mib'], '{:.1f}')} | {cell(stored, '{:.1f}')} |"
         )
-        out_file = workdir / "baseline.dump.zst"
-        agent: list[Timing] = []
-        baseline: list[Timing] = []
-        for _ in range(runs):
-            baseline.append(run_timed(f"{PG_BIN}/pg_dump -Fc -Z0 | zstd -q -3 > {out_file}", env=env, shell=True))
-            agent.append(run_timed([*AGENT, "--config", str(config), "backup", "--database", name], env=env))
-            for obj in s3.list_objects_v2(Bucket="bench").get("Contents", []):
-                s3.delete_object(Bucket="bench", Key=obj["Key"])
-        out_file.unlink()
-        a = statistics.median(t.seconds for t in agent)
-        b = statistics.median(t.seconds for t in baseline)
-        return {
-            "seconds": {"baseline_to_file": round(b, 2), "agent_to_moto": round(a, 2)},
-            "agent_vs_baseline": round(a / b, 3),
-            "agent_peak_rss_mib": round(max(t.max_rss_kib for t in agent) / 1024, 1),
-        }
-    finally:
-        moto.stop()
+    return "\n".join(lines)
+
+
+def doubled_table(summary: dict[str, dict[str, Any]], doubled: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        "| variant | seconds 1× (median) | seconds 2× | idle RSS MiB | peak RSS MiB 1× | peak RSS MiB 2× |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for key, s2 in doubled.items():
+        s1 = summary[key]
+        seconds = [cell(s1["median_seconds"]), cell(s2["median_seconds"])]
+        rss = [cell(v, "{:.1f}") for v in (s2["idle_rss_mib"], s1["peak_rss_mib"], s2["peak_rss_mib"])]
+        lines.append("| " + " | ".join([s2["label"], *seconds, *rss]) + " |")
+    return "\n".join(lines)
+
+
+def header(args: argparse.Namespace, dump_bytes: int, runs: int) -> str:
+    command = shlex.join([".venv/bin/python", "benchmarks/backup_bench.py", *sys.argv[1:]])
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    rounds = f"{runs} interleaved round{'s' if runs > 1 else ''}"
+    return (
+        f"`{command}` — {when}, Linux {os.uname().release}, {os.cpu_count()} CPUs; dataset {args.dataset} at "
+        f"scale {args.scale}, dump {dump_bytes / 1e9:.2f} GB (`pg_dump -Fc -Z0`); {rounds}, medians"
+    )
+
+
+# --- main -----------------------------------------------------------------------------------------------
+
+
+def build(cluster: Cluster, dataset: str, name: str, scale: int) -> int:
+    print(f"building dataset {dataset} at scale {scale} as {name} …", flush=True)
+    if dataset == "mixed":
+        build_database(cluster, name, scale)
+    else:
+        build_dataset_b(cluster, name, scale)
+    return dump_size(cluster, name)
+
+
+def doubled_check(bench: Bench, variants: list[Variant], args: argparse.Namespace, report: dict[str, Any]) -> str:
+    """One round on a database twice the size, through each daemon: the agent's peak RSS must stay flat."""
+    report["dump_bytes_2x"] = build(bench.cluster, args.dataset, "bench2x", args.scale * 2)
+    daemon_variants = [v for v in variants if v.key.endswith("_daemon")]
+    results = run_rounds(daemon_variants, "bench2x", 1)
+    bench.cluster.psql("postgres", "drop database bench2x")
+    report["doubled"] = summarize(daemon_variants, results)
+    return (
+        f"Doubled database (scale {args.scale * 2}, dump {report['dump_bytes_2x'] / 1e9:.2f} GB), one run through "
+        f"each daemon:\n\n{doubled_table(report['variants'], report['doubled'])}"
+    )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scale", type=int, default=100, help="pgbench scale of the main database (100 ≈ 1 GB dump)")
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--s3-scale", type=int, default=20, help="pgbench scale of the database sent to moto")
+    parser.add_argument("--scale", type=int, default=100, help="pgbench scale (dataset B: 100 ≈ 1.03 GB dump)")
+    parser.add_argument("--runs", type=int, default=5, help="interleaved rounds")
+    parser.add_argument("--dataset", choices=("B", "mixed"), default="B", help="B: ../shared/bench/dataset-b.sh")
     parser.add_argument("--skip-double", action="store_true", help="skip the doubled database (RSS flatness)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="where the JSON goes")
     args = parser.parse_args()
 
     args.out.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="kybdr-bench-"))
-    key = workdir / "master.key"
-    key.write_text(secrets.token_hex(32))
-    key.chmod(0o600)
-    report: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "nproc": os.cpu_count()}
+    report: dict[str, Any] = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "argv": sys.argv[1:],
+        "kernel": os.uname().release,
+        "nproc": os.cpu_count(),
+    }
     cluster = start_cluster()
+    bench: Bench | None = None
     try:
-        print(f"building scale {args.scale} database …", flush=True)
-        report["db_bytes"] = build_database(cluster, "bench", args.scale)
-        report["dump_bytes"] = dump_size(cluster, "bench")
-        print(f"dump is {report['dump_bytes'] / 1e9:.2f} GB; timing {args.runs} interleaved runs …", flush=True)
-        report["folder"] = compare(cluster, "bench", workdir, key, args.runs)
-        print(json.dumps(report["folder"], indent=2), flush=True)
+        report["dump_bytes"] = build(cluster, args.dataset, "bench", args.scale)
+        bench = Bench(cluster, workdir)
+        bench.start_daemons()
+        variants = bench.variants()
+        print(f"dump is {report['dump_bytes'] / 1e9:.2f} GB; {args.runs} interleaved round(s) …", flush=True)
+        report["variants"] = summarize(variants, run_rounds(variants, "bench", args.runs))
+        table = markdown_table(variants, report["variants"])
+        text = f"{header(args, report['dump_bytes'], args.runs)}\n\n{table}\n\n{NOTES}"
         if not args.skip_double:
-            print(f"building scale {args.scale * 2} database for the memory check …", flush=True)
-            build_database(cluster, "bench2x", args.scale * 2)
-            report["dump_bytes_2x"] = dump_size(cluster, "bench2x")
-            report["folder_2x"] = compare(cluster, "bench2x", workdir, key, 1)
-            cluster.psql("postgres", "drop database bench2x")
-            print(json.dumps(report["folder_2x"], indent=2), flush=True)
-        print(f"building scale {args.s3_scale} database for moto …", flush=True)
-        build_database(cluster, "bench_s3", args.s3_scale)
-        report["s3_dump_bytes"] = dump_size(cluster, "bench_s3")
-        report["s3"] = s3_compare(cluster, "bench_s3", workdir, key, args.runs)
-        print(json.dumps(report["s3"], indent=2), flush=True)
+            text += "\n\n" + doubled_check(bench, variants, args, report)
     finally:
+        if bench is not None:
+            bench.stop()
         cluster.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+    report["markdown"] = text
     path = args.out / f"backup-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {path}")
+    print(f"\n{text}\n\nwrote {path}")
     return 0
 
 
