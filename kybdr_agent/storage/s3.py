@@ -119,7 +119,14 @@ class S3Store:
             connect_timeout=options.connect_timeout,
             read_timeout=options.request_timeout,
             retries={"total_max_attempts": 1},
-            s3={"addressing_style": options.addressing_style},
+            # With a SHA-256 checksum on every part (and on every small object) S3 verifies each body
+            # itself, and the signature covers that checksum header; signing the payload too would hash
+            # every part a second time, on the event loop, in botocore's signer (it always does over plain
+            # HTTP). Without our checksums botocore keeps its default (signed payloads over HTTP).
+            s3={
+                "addressing_style": options.addressing_style,
+                **({"payload_signing_enabled": False} if options.checksums == "sha256" else {}),
+            },
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
             max_pool_connections=max(10, options.upload_concurrency * 2),
