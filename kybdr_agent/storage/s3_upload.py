@@ -33,10 +33,11 @@ class MultipartUpload:
         self._upload_id = upload_id
         self._base = base_part_size
         self._result = result
-        # Pending bytes as the chunks that arrived: a part is assembled by one join, so a part costs one
-        # copy of its size, not a growing buffer plus slices of it.
-        self._pending: list[bytes] = []
-        self._pending_size = 0
+        # The part being filled: allocated at its final size and filled in place, then handed to the request
+        # as it is. Each byte is copied once (from the pipeline's batch into the part), and a part never
+        # exists twice (no pending list joined into a second buffer).
+        self._part: bytearray | None = None
+        self._filled = 0
         self._next_part = 1
         self._inflight: set[asyncio.Task[None]] = set()
         self._completed: dict[int, dict[str, Any]] = {}
@@ -50,29 +51,20 @@ class MultipartUpload:
 
     async def write(self, data: bytes) -> None:
         self._result.size += len(data)
-        self._pending.append(data)
-        self._pending_size += len(data)
-        while self._pending_size >= (size := self._current_part_size()):
-            await self._submit(self._take(size))
+        view = memoryview(data)
+        while view:
+            if self._part is None:
+                self._part = bytearray(self._current_part_size())
+                self._filled = 0
+            take = min(len(view), len(self._part) - self._filled)
+            self._part[self._filled : self._filled + take] = view[:take]
+            self._filled += take
+            view = view[take:]
+            if self._filled == len(self._part):
+                part, self._part = self._part, None
+                await self._submit(part)
 
-    def _take(self, size: int) -> bytes:
-        """The first ``size`` pending bytes as one object; the rest stays pending."""
-        taken: list[bytes] = []
-        need = size
-        while need:
-            chunk = self._pending[0]
-            if len(chunk) <= need:
-                taken.append(self._pending.pop(0))
-                need -= len(chunk)
-            else:
-                view = memoryview(chunk)
-                taken.append(bytes(view[:need]))
-                self._pending[0] = bytes(view[need:])
-                need = 0
-        self._pending_size -= size
-        return b"".join(taken)
-
-    async def _submit(self, part: bytes) -> None:
+    async def _submit(self, part: bytearray) -> None:
         opts = self._store.options
         if self._next_part > opts.max_parts:
             raise StoreError(
@@ -94,7 +86,7 @@ class MultipartUpload:
         if errors:
             raise errors[0]
 
-    async def _upload_part(self, number: int, body: bytes) -> None:
+    async def _upload_part(self, number: int, body: bytearray) -> None:
         kwargs: dict[str, Any] = {}
         if self._store.options.checksums == "sha256":
             digest = await anyio.to_thread.run_sync(lambda: hashlib.sha256(body).digest())
@@ -117,8 +109,11 @@ class MultipartUpload:
         self._completed[number] = entry
 
     async def finish(self) -> None:
-        if self._pending_size or self._next_part == 1:
-            await self._submit(self._take(self._pending_size))
+        if self._part is not None or self._next_part == 1:
+            part = self._part if self._part is not None else bytearray()
+            del part[self._filled :]  # the last part is as long as what it holds
+            self._part = None
+            await self._submit(part)
         while self._inflight:
             await self._reap(asyncio.ALL_COMPLETED)
         parts = [self._completed[n] for n in sorted(self._completed)]
