@@ -16,16 +16,19 @@ variant B runs under another host name (a UTS namespace), so it judges A's lease
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import secrets
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from kybdr_agent.postgres.cluster import Cluster
+from kybdr_agent.postgres.cluster import PG_BIN, Cluster
 from tests.daemon_support import Daemon
 from tests.faults.fault_support import (
     HoldingProxy,
@@ -156,6 +159,36 @@ def _invalid(daemon: Daemon, ids: set[str]) -> dict[str, str]:
     return bad
 
 
+@contextlib.contextmanager
+def _dump_held_back(pg: Cluster, database: str, seconds: float) -> Iterator[None]:
+    """An ACCESS EXCLUSIVE lock on one of ``database``'s tables for ``seconds``: a pg_dump started meanwhile
+    waits for it with its upload open, so a folder backup (over in half a second otherwise) stays in
+    flight long enough for the other agent's sweeps to meet it."""
+    table = pg.psql(
+        database,
+        "select quote_ident(relname) from pg_class where relkind = 'r' "
+        "and relnamespace = 'public'::regnamespace order by relname limit 1",
+    ).strip()
+    holder = subprocess.Popen(
+        [str(PG_BIN / "psql"), "-X", "-q", "-d", database],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **pg.env()},
+    )
+    assert holder.stdin is not None
+    holder.stdin.write(
+        f"begin; lock table {table} in access exclusive mode; select pg_sleep({seconds}); commit;\n".encode()
+    )
+    holder.stdin.close()
+    held = f"select count(*) from pg_locks where mode = 'AccessExclusiveLock' and relation = '{table}'::regclass"
+    wait_for(lambda: pg.psql(database, held).strip() == "1", 30, f"the lock on {table}")
+    try:
+        yield
+    finally:
+        holder.wait(timeout=seconds + 60)
+
+
 @pytest.mark.parametrize("kind", ["folder", "s3"])
 def test_two_agents_on_one_repository_never_delete_each_others_backups(
     kind: str, pg: Cluster, tmp_path: Path, keys: Path, moto_server: MotoServer
@@ -200,6 +233,9 @@ def test_two_agents_on_one_repository_never_delete_each_others_backups(
             kept_a = [_backup(agent_a, db_a), _backup(agent_a, db_a)]
             made_b = [_backup(agent_b, db_b), _backup(agent_b, db_b)]
 
+            held_back = contextlib.ExitStack()
+            if kind == "folder":  # (the S3 variant's parts crawl through the proxy instead)
+                held_back.enter_context(_dump_held_back(pg, big_a, 4.0))
             job = _one_job(agent_a, "/v1/backup", {"database": big_a})
             started = time.monotonic()
             wait_for(lambda: repo_b.uploads(), 60, "A's upload to start")
@@ -217,6 +253,7 @@ def test_two_agents_on_one_repository_never_delete_each_others_backups(
                 time.sleep(0.05)
             a_seconds = time.monotonic() - started
             finished = agent_a.wait_job(job["id"])
+            held_back.close()
             outputs = [proc.communicate(timeout=120) for proc in one_shots]
             one_shot_codes = [proc.returncode for proc in one_shots]
             if one_shots[1].returncode == 0:
