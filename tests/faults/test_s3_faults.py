@@ -265,4 +265,6 @@ def test_a_restore_that_cannot_read_fails_cleanly(restored: dict[str, Outcome]) 
     (run,) = outcome.runs
     assert run.returncode == 1, run.stderr[-2000:]
     assert run.message.startswith("kybdr-agent: restore failed: "), run.message
-    assert "after 3 attempts: SlowDown" in run.message, run.message
+    # The restore reads through the repository its source backup was written to (the survivor with the most
+    # retries, so which one is a matter of timing), with that repository's max_attempts.
+    assert f"after {run.repo.attempts} attempts: SlowDown" in run.message, run.message
