@@ -20,7 +20,6 @@ import stat
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import anyio
 
@@ -31,7 +30,7 @@ from kybdr_agent.backup.settings import BackupConfig
 from kybdr_agent.clock import Clock, utc_now
 from kybdr_agent.config import AgentSettings, RepositorySettings
 from kybdr_agent.errors import ConfigError
-from kybdr_agent.events import EventHub, JobFinished
+from kybdr_agent.events import Event, EventHub, JobFinished, Subscriber
 from kybdr_agent.jobs import Job, JobManager
 from kybdr_agent.journal import Journal
 from kybdr_agent.pathutil import NothingExists, nearest_existing
@@ -44,7 +43,7 @@ from kybdr_agent.storage.retry import RetryPolicy
 # --- adapters -----------------------------------------------------------------------------------
 
 
-async def _open_store(repo: RepositorySettings) -> LocalStore | Any:
+async def _open_store(repo: RepositorySettings) -> BlobStore:
     if repo.scheme == "file":
         return LocalStore(repo.local_path)
     # Imported here: aiobotocore costs ~0.2 s and ~30 MiB, which a folder repository never needs.
@@ -201,12 +200,12 @@ def record_jobs(jobs: JobManager, events: EventHub, *, via: str) -> None:
     jobs.on_finish.append(finished)
 
 
-def journal_subscriber(journal: Journal) -> Any:
+def journal_subscriber(journal: Journal) -> Subscriber:
     """The journal keeps every finished job. Synchronous on purpose: a job's outcome must reach the journal
     even when the job was cancelled by shutdown; one small fsynced append per finished job does not stall
     the loop noticeably."""
 
-    def on_event(event: object) -> None:
+    def on_event(event: Event) -> None:
         if isinstance(event, JobFinished):
             journal.append(dict(event.record))
 

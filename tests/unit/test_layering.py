@@ -6,7 +6,7 @@ so they are exhaustively tested without a database, a store or a clock, and the 
 decide. A PURE module that imports an event loop, a socket or a subprocess has stopped being pure, even if no
 test notices yet. Components (``backup/``, ``dr/``) are built on lower layers (``storage/``, ``postgres/``),
 talk to each other through events and register their routes with ``control/``, a framework that knows no
-component. The composition root (``daemon``/``app``, ``wiring``) is the only place that picks
+component. The composition root (``app`` and ``daemon``) is the only place that picks
 implementations; a component that imports it, or the CLI, can no longer be built or tested without the whole
 agent, and adding a component would mean editing the others. And tests inject time and collaborators instead of
 patching our modules, so a test never depends on how a module spells its own internals.
