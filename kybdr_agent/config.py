@@ -44,6 +44,7 @@ from kybdr_agent.config_sections import (
     DaemonSettings,
     DatabaseSettings,
     DrillSettings,
+    DRSettings,
     EncryptionSettings,
     PolicySettings,
     RepositorySettings,
@@ -79,6 +80,7 @@ __all__ = [
     "DaemonSettings",
     "DatabaseNames",
     "DatabaseSettings",
+    "DRSettings",
     "DrillSettings",
     "Duration",
     "EncryptionSettings",
@@ -112,6 +114,7 @@ class AgentSettings(BaseSettings):
     control: ControlSettings = ControlSettings()
     daemon: DaemonSettings = DaemonSettings()
     drill: DrillSettings = DrillSettings()
+    dr: DRSettings = DRSettings()
 
     toml_data: ClassVar[dict[str, Any] | None] = None
 
@@ -168,6 +171,9 @@ class AgentSettings(BaseSettings):
             data["database"]["dsn"] = mask_dsn(self.database.dsn)
         if self.drill.dsn:
             data["drill"]["dsn"] = mask_dsn(self.drill.dsn)
+        for name in ("primary_dsn", "standby_dsn"):
+            if getattr(self.dr, name):
+                data["dr"][name] = mask_dsn(getattr(self.dr, name))
         if self.repository.endpoint_url:  # validation refuses userinfo; masked anyway, whatever reaches here
             data["repository"]["endpoint_url"] = mask_url(self.repository.endpoint_url)
         return data

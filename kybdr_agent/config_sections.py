@@ -20,6 +20,7 @@ from kybdr_agent.config_values import (
     HUNDRED_YEARS_DAYS,
     Age,
     DatabaseNames,
+    Duration,
     Interval,
     MaxAge,
     SweepGrace,
@@ -305,3 +306,111 @@ class DrillSettings(_Section):
     @classmethod
     def _cron_parses(cls, value: str | None) -> str | None:
         return check_cron(value) if value else value
+
+
+_ARN: Final = r"^arn:aws[a-z-]*:[a-z0-9-]+:[a-z0-9-]*:[0-9]{0,12}:.+$"
+
+
+def _http_url(value: str | None) -> str | None:
+    """A health, witness or peer URL: http(s), a host, no credentials (a token goes in a file)."""
+    if value is None:
+        return value
+    return check_endpoint(value)
+
+
+class DRSettings(_Section):
+    """``[dr]``: the seed's ``DRConfig`` in snake_case (the keys terraform's ``agent_config`` output hands
+    the agent) plus what a fenced, witnessed failover needs. Off unless ``enabled``."""
+
+    enabled: bool = False
+    role: Literal["dr", "primary"] = Field(
+        "dr", description='"dr": beside the standby, watches and acts; "primary": beside the primary, answers as peer'
+    )
+    primary_region: str | None = Field(None, pattern=_REGION)
+    dr_region: str | None = Field(None, pattern=_REGION)
+    health_check_url: str | None = Field(None, description="the primary region's health URL")
+    dr_health_check_url: str | None = Field(None, description="the DR region's health URL")
+    health_check_interval: Interval = Field(timedelta(seconds=10), description="time between probes (1s..1d)")
+    probe_timeout: Duration = Field(
+        timedelta(seconds=3), description="hard bound on each probe, TCP connect included (below the interval)"
+    )
+    failover_threshold: int = Field(3, ge=1, le=100, description="consecutive failed probes of the active region")
+    auto_failover: bool = False
+    failback_threshold: int = Field(12, ge=1, le=10_000, description="consecutive healthy probes before failback")
+    auto_failback: bool = False
+    route53_zone_id: str | None = Field(None, pattern=r"^[A-Z0-9]{1,32}$")
+    route53_domain: str | None = Field(None, min_length=1, max_length=253, pattern=r"^[A-Za-z0-9_.*-]+\.?$")
+    load_balancer_arn: str | None = Field(None, pattern=_ARN)
+    dr_load_balancer_arn: str | None = Field(None, pattern=_ARN)
+    primary_dsn: str | None = Field(None, description="libpq DSN of the primary region's database")
+    standby_dsn: str | None = Field(None, description="libpq DSN of the DR region's database (the standby)")
+    password_file: Path | None = Field(None, description="password for both DSNs; default database.password_file")
+    witness_urls: list[str] = Field(
+        default_factory=list, description="third vantage points: 2xx while they see the primary healthy"
+    )
+    peer_url: str | None = Field(None, description="the other agent's control API over TCP")
+    peer_token_file: Path | None = Field(None, description="bearer token for peer_url (admin on the peer)")
+    max_lag_bytes: int = Field(16 << 20, ge=0, le=1 << 40, description="automatic failover refused above this lag")
+    max_staleness: Duration = Field(timedelta(seconds=30), description="refused when the last WAL receipt is older")
+    cooldown: Duration = Field(timedelta(minutes=10), description="minimum time between automatic role changes")
+    flap_budget: int = Field(2, ge=1, le=100, description="automatic role changes per hour before halting")
+    partition_timeout: Duration = Field(
+        timedelta(seconds=20), description="a primary cut off from peer and witnesses this long fences itself"
+    )
+    catchup_timeout: Duration = Field(timedelta(seconds=30), description="wait for replay to reach receive")
+    promote_timeout: Duration = Field(timedelta(seconds=60), description="pg_promote wait")
+    dns_sync_timeout: Duration = Field(timedelta(seconds=120), description="wait for Route53 INSYNC")
+    dns_ttl: int = Field(60, ge=0, le=86400, description="seconds clients may keep the old answer (reported)")
+    aws_endpoint_url: str | None = Field(None, description="Route53/ELBv2/S3 control-plane endpoint override")
+    fence_command: list[str] | None = Field(
+        None, description="argv run to fence the old primary (no shell); exit 0 = fenced"
+    )
+    pgdata: Path | None = Field(None, description="this host's data directory, for dr rejoin")
+
+    @field_validator("health_check_url", "dr_health_check_url", "peer_url", "aws_endpoint_url")
+    @classmethod
+    def _urls(cls, value: str | None) -> str | None:
+        return _http_url(value)
+
+    @field_validator("witness_urls")
+    @classmethod
+    def _witnesses(cls, value: list[str]) -> list[str]:
+        for url in value:
+            _http_url(url)
+        if len(set(value)) != len(value):
+            raise ValueError("a witness is listed twice (it would vote twice)")
+        return value
+
+    @field_validator("primary_dsn", "standby_dsn")
+    @classmethod
+    def _dsn_parses(cls, value: str | None) -> str | None:
+        return check_dsn(value)
+
+    @field_validator("fence_command")
+    @classmethod
+    def _argv(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and (not value or not value[0]):
+            raise ValueError("must name a program: an argv list such as ['/usr/local/bin/fence', '--now']")
+        return value
+
+    @model_validator(mode="after")
+    def _complete_when_enabled(self) -> DRSettings:
+        if not self.enabled:
+            return self
+        if self.probe_timeout >= self.health_check_interval:
+            raise ValueError("probe_timeout must be shorter than health_check_interval")
+        if self.role == "dr":
+            needed = (
+                "primary_region", "dr_region", "health_check_url", "primary_dsn", "standby_dsn",
+                "route53_zone_id", "route53_domain", "load_balancer_arn", "dr_load_balancer_arn",
+            )  # fmt: skip
+        else:
+            needed = ("primary_dsn",)
+        missing = [name for name in needed if getattr(self, name) in (None, "")]
+        if missing:
+            raise ValueError(f"dr.enabled with role {self.role!r} needs: {', '.join(missing)}")
+        if self.role == "primary" and not (self.peer_url or self.witness_urls):
+            raise ValueError("role 'primary' needs peer_url or witness_urls: whom it stays in contact with")
+        if self.peer_url and self.peer_token_file is None:
+            raise ValueError("peer_url needs peer_token_file (the peer's API over TCP requires a token)")
+        return self
