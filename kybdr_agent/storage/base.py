@@ -68,6 +68,23 @@ class BlobStore(Protocol):
 
     async def delete(self, key: str) -> None: ...
 
+    async def put_if_absent(self, key: str, data: bytes) -> str | None:
+        """Create a small object only if no object exists at ``key`` (S3 ``If-None-Match: *``).
+
+        Returns the new object's etag, or None when one already exists. The check and the write are one
+        atomic step in the store, so of several writers racing for the same key exactly one wins: this is
+        what the DR lease is built on."""
+
+    async def put_if_match(self, key: str, data: bytes, etag: str) -> str | None:
+        """Replace the object at ``key`` only if its etag is still ``etag`` (S3 ``If-Match``).
+
+        Returns the new etag, or None when the object changed since ``etag`` was read or no longer
+        exists (compare-and-swap: a writer that read a stale version never overwrites a newer one)."""
+
+    async def get_with_etag(self, key: str, *, max_size: int) -> tuple[bytes, str] | None:
+        """Read a small object whole with the etag a later ``put_if_match`` compares against; None when
+        it does not exist. Refuses one larger than ``max_size``."""
+
     async def incomplete_uploads(self, prefix: str) -> list[IncompleteUpload]:
         """Uploads begun and never finished (open multipart uploads; temp files of a folder store)."""
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
+import hashlib
 import os
 import secrets
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Final
@@ -81,6 +83,27 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextmanager
+def _locked_dir(directory: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on a folder: the lock the conditional writes of one folder take.
+
+    The folder itself is locked rather than a lock file beside the object, because every file in a
+    repository is an object to ``list_objects`` (and a temp-marked one would be swept by ``abort_incomplete``
+    while held). Blocks until the lock is free; conditional writes are small, so it is never held long."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def _etag(data: bytes) -> str:
+    """A folder object's etag: the SHA-256 of its content (the same content always has the same etag,
+    which is all compare-and-swap needs: a writer that read it can tell whether it changed since)."""
+    return hashlib.sha256(data).hexdigest()
 
 
 class LocalStore:
@@ -173,6 +196,101 @@ class LocalStore:
             raise NotFound(f"{path} does not exist") from None
         except OSError as exc:
             raise StoreError(f"reading {path} failed: {exc.strerror}") from exc
+
+    def _write_temp(self, path: Path, data: bytes) -> Path:
+        """``data`` in a fsynced temp file beside ``path`` (not yet visible under its key)."""
+        temp = self._temp_for(path)
+        try:
+            with open(temp, "xb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        return temp
+
+    @staticmethod
+    def _read_bounded(path: Path, max_size: int) -> bytes:
+        with open(path, "rb") as fh:
+            data = fh.read(max_size + 1)
+        if len(data) > max_size:
+            raise StoreError(f"{path} is larger than {max_size} bytes")
+        return data
+
+    async def put_if_absent(self, key: str, data: bytes) -> str | None:
+        """Create ``key`` only if absent: the complete, fsynced content is hard-linked into place.
+
+        ``link(2)`` fails with EEXIST when the name exists, atomically, whoever else writes (even a plain
+        ``put_bytes``); and the object appears complete or not at all, which an ``O_EXCL`` create of the
+        final name followed by writes would not give a reader. On a filesystem without hard links the check
+        and the rename happen under the folder's lock instead, which excludes the other conditional writes.
+        """
+        path = self._path(key)
+
+        def create() -> str | None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with _locked_dir(path.parent):
+                temp = self._write_temp(path, data)
+                try:
+                    try:
+                        os.link(temp, path)
+                    except FileExistsError:
+                        return None
+                    except OSError as exc:
+                        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                            raise
+                        if path.exists():  # no hard links here: the folder lock makes check-then-rename safe
+                            return None
+                        os.replace(temp, path)
+                finally:
+                    temp.unlink(missing_ok=True)
+                _fsync_dir(path.parent)
+            return _etag(data)
+
+        try:
+            return await anyio.to_thread.run_sync(create)
+        except OSError as exc:
+            raise StoreError(f"creating {path} failed: {exc.strerror}") from exc
+
+    async def put_if_match(self, key: str, data: bytes, etag: str) -> str | None:
+        """Replace ``key`` only if its content still hashes to ``etag``: compare and rename under the
+        folder's lock, so two conditional writers never both succeed against the same version."""
+        path = self._path(key)
+
+        def swap() -> str | None:
+            if not path.parent.is_dir():
+                return None
+            with _locked_dir(path.parent):
+                try:
+                    with open(path, "rb") as fh:
+                        current = _etag(fh.read())
+                except FileNotFoundError:
+                    return None
+                if current != etag:
+                    return None
+                temp = self._write_temp(path, data)
+                try:
+                    os.replace(temp, path)
+                finally:
+                    temp.unlink(missing_ok=True)
+                _fsync_dir(path.parent)
+            return _etag(data)
+
+        try:
+            return await anyio.to_thread.run_sync(swap)
+        except OSError as exc:
+            raise StoreError(f"replacing {path} failed: {exc.strerror}") from exc
+
+    async def get_with_etag(self, key: str, *, max_size: int) -> tuple[bytes, str] | None:
+        path = self._path(key)
+        try:
+            data = await anyio.to_thread.run_sync(self._read_bounded, path, max_size)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreError(f"reading {path} failed: {exc.strerror}") from exc
+        return data, _etag(data)
 
     async def read(self, key: str, *, start: int = 0, chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
         path = self._path(key)

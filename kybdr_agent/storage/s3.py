@@ -42,6 +42,7 @@ from kybdr_agent.telemetry import get_logger
 ABORT_DEADLINE: Final = 60.0
 _NOT_FOUND_CODES: Final = frozenset({"NoSuchKey", "404", "NotFound", "NoSuchUpload"})
 _SWEEP_NOTE: Final = "the next sweep (the agent's next housekeeping tick, or the next kybdr-agent command) aborts it"
+_CONDITION_FAILED_CODES: Final = frozenset({"PreconditionFailed", "ConditionalRequestConflict", "412", "409"})
 _COPY_SINGLE_LIMIT: Final = 5 << 30
 _COPY_PART: Final = 1 << 30
 log = get_logger("kybdr_agent.s3")
@@ -303,6 +304,92 @@ class S3Store:
             Body=data,
             **extra,
         )
+
+    async def _conditional_put(self, what: str, key: str, data: bytes, **condition: str) -> str | None:
+        """PutObject with a precondition: the new etag, or None when the precondition does not hold.
+
+        412 PreconditionFailed (the object exists / changed) and 409 ConditionalRequestConflict (another
+        conditional write to the key is in flight; AWS suggests retrying, but for a lease the loser of a
+        race simply loses this round) are answers, not failures; a missing object under ``If-Match``
+        (404) is a mismatch too. Other failures are retried as every call is. One retry case needs care:
+        when an attempt's answer was lost after the store applied it, the retry fails its own
+        precondition (the object is now ours). So a precondition failure after a retry reads the object
+        back, and content identical to ours means the write was ours.
+        """
+        extra: dict[str, Any] = dict(condition)
+        if self.options.checksums == "sha256":
+            extra["ChecksumSHA256"] = base64.b64encode(hashlib.sha256(data).digest()).decode()
+        retried: list[int] = []
+        try:
+            answer = await self.call(
+                what,
+                "put_object",
+                retried=retried,
+                Bucket=self.options.bucket,
+                Key=self.full_key(key),
+                Body=data,
+                **extra,
+            )
+        except NotFound:
+            return None
+        except StoreError as exc:
+            cause = exc.__cause__
+            if not isinstance(cause, ClientError):
+                raise
+            code = str(cause.response.get("Error", {}).get("Code", ""))
+            status = str(cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+            if code not in _CONDITION_FAILED_CODES and status not in _CONDITION_FAILED_CODES:
+                raise
+            if retried:
+                current = await self.get_with_etag(key, max_size=len(data))
+                if current is not None and current[0] == data:
+                    return current[1]
+            return None
+        return str(answer["ETag"])
+
+    async def put_if_absent(self, key: str, data: bytes) -> str | None:
+        """PutObject with ``If-None-Match: *`` (AWS S3 since August 2024; moto 5 honours it)."""
+        return await self._conditional_put(f"creating {key} if absent", key, data, IfNoneMatch="*")
+
+    async def put_if_match(self, key: str, data: bytes, etag: str) -> str | None:
+        """PutObject with ``If-Match: etag`` (AWS S3 since November 2024; moto 5.2.5 honours it on
+        PutObject: 412 on a mismatch, 404 when the object is gone). A store that ignores the header would
+        make this an unconditional overwrite, so it is only for stores known to support it; the DR lease
+        says in its docs which ones those are."""
+        return await self._conditional_put(f"replacing {key} if unchanged", key, data, IfMatch=etag)
+
+    async def get_with_etag(self, key: str, *, max_size: int) -> tuple[bytes, str] | None:
+        """One GetObject read whole, with its ETag. Not resumed with ranged reads like ``read``: a resumed
+        range could come from a newer version than the etag names; a failed body read repeats the GET."""
+        policy = self.options.retry
+        failures = 0
+        while True:
+            try:
+                response = await self.call(
+                    f"reading {key}", "get_object", Bucket=self.options.bucket, Key=self.full_key(key)
+                )
+            except NotFound:
+                return None
+            body = response["Body"]
+            chunks: list[bytes] = []
+            total = 0
+            try:
+                while True:
+                    with anyio.fail_after(self.options.request_timeout):
+                        chunk = await body.read(1 << 16)
+                    if not chunk:
+                        return b"".join(chunks), str(response["ETag"])
+                    total += len(chunk)
+                    if total > max_size:
+                        raise StoreError(f"{key} in {self.describe()} is larger than {max_size} bytes")
+                    chunks.append(chunk)
+            except (TimeoutError, BotoCoreError, aiohttp.ClientError, OSError) as exc:
+                failures += 1
+                if failures >= policy.attempts:
+                    raise StoreError(self._failure(f"reading {key}", exc, failures)) from exc
+                await anyio.sleep(policy.delay(failures, _JITTER))
+            finally:
+                body.close()
 
     async def get_bytes(self, key: str, *, max_size: int) -> bytes:
         chunks: list[bytes] = []
