@@ -125,7 +125,7 @@ class DnsRetry:
 
     def delay(self, retry: int) -> float:
         """Before the ``retry``-th retry (1-based): half fixed, half jitter, so backoff always grows."""
-        cap = min(self.max_delay, self.base_delay * 2 ** (retry - 1))
+        cap = min(self.max_delay, self.base_delay * 2.0 ** (retry - 1))
         return cap / 2 + _JITTER.uniform(0, cap / 2)
 
 
