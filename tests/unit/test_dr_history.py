@@ -53,9 +53,11 @@ def _operation(op: str, outcome: str, duration: float, trigger: str = "manual") 
 
 def test_append_read_limit_kind(tmp_path: Path) -> None:
     h = _history(tmp_path)
-    assert h.read() == [] and h.read(5) == []
+    assert h.read() == []
+    assert h.read(5) == []
     first = h.append({"kind": "transition", "from": "starting", "to": "steady", "reason": "boot"})
-    assert first["seq"] == 1 and first["at"] == (T0 + timedelta(seconds=1)).isoformat()
+    assert first["seq"] == 1
+    assert first["at"] == (T0 + timedelta(seconds=1)).isoformat()
     assert first["from"] == "starting"
     for i in range(2, 21):
         h.append({"kind": "intent" if i % 2 else "result", "operation": "failover", "step": f"s{i}", "n": i})
@@ -69,17 +71,21 @@ def test_append_read_limit_kind(tmp_path: Path) -> None:
     assert h.read(100) == everything
     # a caller's own seq/at never override the history's numbering
     forged = h.append({"kind": "alert", "seq": 999, "at": "yesterday"})
-    assert forged["seq"] == 21 and forged["at"] != "yesterday"
+    assert forged["seq"] == 21
+    assert forged["at"] != "yesterday"
     # values that are not JSON are written as strings (datetimes, paths)
     odd = h.append({"kind": "alert", "when": T0, "where": Path("/x")})
-    assert h.read(1) == [odd] and odd["when"] == T0.isoformat() and odd["where"] == "/x"
+    assert h.read(1) == [odd]
+    assert odd["when"] == T0.isoformat()
+    assert odd["where"] == "/x"
 
 
 def test_file_mode_and_durability_layout(tmp_path: Path) -> None:
     h = _history(tmp_path)
     h.append({"kind": "alert"})
     assert stat.S_IMODE(h.path.stat().st_mode) == 0o600
-    assert h.path.read_bytes().endswith(b"\n") and h.path.read_bytes().count(b"\n") == 1
+    assert h.path.read_bytes().endswith(b"\n")
+    assert h.path.read_bytes().count(b"\n") == 1
 
 
 def test_seq_survives_reopen_and_a_second_writer(tmp_path: Path) -> None:
@@ -116,7 +122,8 @@ def test_torn_last_line_is_reported_fenced_and_skipped(tmp_path: Path) -> None:
     record = reopened.append({"kind": "result", "operation": "failover", "step": "promote", "ok": True})
     assert record["seq"] == 4  # the torn record never reached disk whole, so its number is free
     lines = reopened.path.read_bytes().split(b"\n")
-    assert lines[3].startswith(b'{"seq":4') and lines[3].endswith(b'"kind":"res')  # kept, on its own line
+    assert lines[3].startswith(b'{"seq":4')
+    assert lines[3].endswith(b'"kind":"res')
     assert json.loads(lines[4])["ok"] is True
     assert [r["seq"] for r in reopened.read()] == [1, 2, 3, 4]
     assert [r["seq"] for r in reopened.read(1)] == [4]
@@ -176,7 +183,9 @@ def test_read_with_a_small_limit_reads_from_the_end(tmp_path: Path, monkeypatch:
 def test_statistics(tmp_path: Path) -> None:
     h = _history(tmp_path)
     empty = h.statistics()
-    assert empty["count_by_kind"] == {} and empty["last"] is None and empty["last_drill"] is None
+    assert empty["count_by_kind"] == {}
+    assert empty["last"] is None
+    assert empty["last_drill"] is None
     assert empty["time_to_failover_s"] == {"count": 0, "mean": None, "worst": None}
     h.append({"kind": "transition", "from": "steady", "to": "suspect"})
     h.append(_operation("failover", "succeeded", 12.0, trigger="auto"))
@@ -190,10 +199,13 @@ def test_statistics(tmp_path: Path) -> None:
     assert s["count_by_kind"] == {"failover": 3, "test-failover": 1, "failback": 1, "test-failback": 1}
     assert s["count_by_trigger"]["failover"] == {"auto": 1, "manual": 2}
     assert s["count_by_outcome"]["failover"] == {"succeeded": 2, "failed": 1}
-    assert s["last"]["operation"] == "test-failback" and s["last"]["seq"] == 7
-    assert s["last_drill"]["operation"] == "test-failback" and s["last_drill"]["outcome"] == "failed"
+    assert s["last"]["operation"] == "test-failback"
+    assert s["last"]["seq"] == 7
+    assert s["last_drill"]["operation"] == "test-failback"
+    assert s["last_drill"]["outcome"] == "failed"
     assert s["time_to_failover_s"] == {"count": 2, "mean": 16.0, "worst": 20.0}
-    assert s["records"] == 8 and s["unreadable_lines"] == 0
+    assert s["records"] == 8
+    assert s["unreadable_lines"] == 0
 
 
 @pytest.mark.anyio
@@ -210,7 +222,8 @@ async def test_copy_to_a_folder_repository_is_idempotent_and_never_overwrites(tm
     assert await h.copy_to(store) == 2
     assert await h.copy_to(store) == 0
     keys = [o.key async for o in store.list_objects("dr/history/")]
-    assert len(keys) == 2 and all(k.startswith("dr/history/dr-host/") for k in keys)
+    assert len(keys) == 2
+    assert all(k.startswith("dr/history/dr-host/") for k in keys)
     assert keys[0].startswith("dr/history/dr-host/000000000001-000000000005-")
     copied = []
     for key in keys:
@@ -240,7 +253,8 @@ async def test_copy_to_after_a_crash_between_upload_and_progress(tmp_path: Path)
     h.append({"kind": "transition", "i": 6})  # appended since: must not join the pending batch
     assert await h.copy_to(store) == 4  # the pending three again (already there), then the new one
     after = {o.key: o.modified async for o in store.list_objects("dr/history/")}
-    assert set(before) < set(after) and len(after) == 3
+    assert set(before) < set(after)
+    assert len(after) == 3
     assert all(after[k] == before[k] for k in before)  # nothing rewritten
     assert load_state(h.progress_path) == {"copied_through": 7}
 
