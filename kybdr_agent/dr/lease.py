@@ -77,29 +77,31 @@ class LeaseRecord:
     def from_json(cls, raw: bytes, etag: str) -> LeaseRecord:
         """Parse a lease object; anything malformed is a ``ValueError`` (such a lease protects nothing)."""
         try:
-            data: Any = json.loads(raw)
-            if not isinstance(data, dict) or not isinstance(data.get("holder"), str):
-                raise ValueError("not a DR lease")
-            expires = datetime.fromisoformat(str(data["expires_at"]))
-            if expires.tzinfo is None:
-                raise ValueError("expires_at has no time zone")
-
-            def when(name: str) -> datetime | None:
-                value = data.get(name)
-                return datetime.fromisoformat(value) if isinstance(value, str) else None
-
-            pid = data.get("pid")
-            return cls(
-                holder=data["holder"],
-                expires_at=expires,
-                etag=etag,
-                host=str(data.get("host") or ""),
-                pid=pid if isinstance(pid, int) else None,
-                acquired_at=when("acquired_at"),
-                renewed_at=when("renewed_at"),
-            )
+            return _parse_lease(json.loads(raw), etag)
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"unreadable DR lease: {exc}") from None
+
+
+def _when(value: object) -> datetime | None:
+    return datetime.fromisoformat(value) if isinstance(value, str) else None
+
+
+def _parse_lease(data: Any, etag: str) -> LeaseRecord:
+    if not isinstance(data, dict) or not isinstance(data.get("holder"), str):
+        raise TypeError("not a DR lease")
+    expires = datetime.fromisoformat(str(data["expires_at"]))
+    if expires.tzinfo is None:
+        raise ValueError("expires_at has no time zone")
+    pid = data.get("pid")
+    return LeaseRecord(
+        holder=data["holder"],
+        expires_at=expires,
+        etag=etag,
+        host=str(data.get("host") or ""),
+        pid=pid if isinstance(pid, int) else None,
+        acquired_at=_when(data.get("acquired_at")),
+        renewed_at=_when(data.get("renewed_at")),
+    )
 
 
 class DrLease:
