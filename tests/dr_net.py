@@ -242,6 +242,8 @@ class ScriptedHttpServer:
                     return
         except (ConnectionError, OSError):
             return
+        except asyncio.CancelledError:
+            return  # the server is stopping (see TcpProxy._connection)
         finally:
             self._writers.discard(writer)
             writer.transport.abort()
@@ -328,6 +330,8 @@ class TcpProxy:
             await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer))
         except (ConnectionError, OSError):
             pass
+        except asyncio.CancelledError:
+            return  # the proxy is stopping; ending quietly keeps asyncio from logging the cancelled handler
         finally:
             for w in (writer, up_writer):
                 if w is not None:
