@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -39,6 +42,9 @@ from kybdr_agent.storage.base import BlobStore, ReplicaStore
 from kybdr_agent.storage.local import LocalStore
 from kybdr_agent.storage.parts import MIB
 from kybdr_agent.storage.retry import RetryPolicy
+
+if TYPE_CHECKING:
+    from kybdr_agent.dr.component import DRComponent
 
 # --- adapters -----------------------------------------------------------------------------------
 
@@ -254,3 +260,109 @@ async def in_process(settings: AgentSettings, *, clock: Clock = utc_now) -> Asyn
         jobs.attach(tg)
         yield LocalAgent(service, jobs)
         await jobs.wait_idle(float("inf"))
+
+
+# --- the DR component ------------------------------------------------------------------------------
+
+
+def dr_connection(settings: AgentSettings, dsn: str | None) -> Connection:
+    """A DR database: ``dr.password_file`` when set, else ``database.password_file`` (or the passfile)."""
+    dr, db = settings.dr, settings.database
+    password_file = dr.password_file or db.password_file
+    return Connection.from_settings(dsn, password_file, db.pg_bin_dir, dr.probe_timeout.total_seconds())
+
+
+async def open_dr(
+    settings: AgentSettings, stores: Stores, *, jobs: JobManager, events: EventHub, clock: Clock
+) -> DRComponent | None:
+    """The DR component for ``[dr]``, or None when DR is off (its routes then answer 503).
+
+    The component owns its prober and DNS clients (closed when it stops); the lease lives in the
+    repository, next to the backups, because that is the one store every agent of a deployment shares."""
+    dr = settings.dr
+    if not dr.enabled:
+        return None
+    from kybdr_agent.dr.component import DRComponent, DRParts, lease_ttl
+    from kybdr_agent.dr.executor import ExecutorConfig, StepExecutor
+    from kybdr_agent.dr.history import History
+    from kybdr_agent.dr.lease import DrLease
+    from kybdr_agent.dr.observations import Region
+    from kybdr_agent.dr.probes import Prober, ProbeTargets
+
+    token = secret_files.peer_token(settings)
+    dbs: dict[Region, Connection] = {"primary": dr_connection(settings, dr.primary_dsn)}
+    if dr.standby_dsn:
+        dbs["dr"] = dr_connection(settings, dr.standby_dsn)
+    health: dict[Region, str] = {}
+    if dr.health_check_url:
+        health["primary"] = dr.health_check_url
+    if dr.dr_health_check_url:
+        health["dr"] = dr.dr_health_check_url
+    maintenance = settings.database.maintenance_database
+    timeout = dr.probe_timeout.total_seconds()
+    prober = Prober(
+        ProbeTargets(
+            health=health,
+            dbs=dbs,
+            witnesses=tuple(dr.witness_urls),
+            peer_url=dr.peer_url,
+            peer_token=token,
+            timeout=timeout,
+            maintenance_database=maintenance,
+        ),
+        clock=clock,
+    )
+    dns = None
+    if dr.role == "dr":
+        from kybdr_agent.dr.dns import Route53Switcher
+
+        # DRSettings refuses role "dr" without these; the checks narrow the types.
+        if not (dr.route53_zone_id and dr.route53_domain and dr.load_balancer_arn and dr.dr_load_balancer_arn):
+            raise ConfigError("dr.role 'dr' needs route53_zone_id, route53_domain and both load balancer ARNs")
+        if not (dr.primary_region and dr.dr_region):
+            raise ConfigError("dr.role 'dr' needs primary_region and dr_region")
+        dns = await Route53Switcher.open(
+            zone_id=dr.route53_zone_id,
+            domain=dr.route53_domain,
+            load_balancers={"primary": dr.load_balancer_arn, "dr": dr.dr_load_balancer_arn},
+            regions={"primary": dr.primary_region, "dr": dr.dr_region},
+            endpoint_url=dr.aws_endpoint_url,
+            sync_timeout=dr.dns_sync_timeout.total_seconds(),
+        )
+    executor = StepExecutor(
+        ExecutorConfig(
+            databases=dbs,
+            maintenance_database=maintenance,
+            local_region="dr" if dr.role == "dr" else "primary",
+            pgdata=dr.pgdata,
+            pg_bin_dir=settings.database.pg_bin_dir,
+            peer_url=dr.peer_url,
+            peer_token=token,
+            fence_command=tuple(dr.fence_command) if dr.fence_command else None,
+            catchup_timeout=dr.catchup_timeout.total_seconds(),
+            promote_timeout=dr.promote_timeout.total_seconds(),
+            probe_timeout=timeout,
+        ),
+        dns,
+    )
+    state_dir = settings.backup.backup_dir / "dr"
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    repository = await stores.get(settings.repository)
+    lease = None
+    if dr.role == "dr":
+        lease = DrLease(
+            repository,
+            holder=f"{socket.gethostname()}:{settings.control.socket}",
+            ttl=timedelta(seconds=lease_ttl(dr)),
+            clock=clock,
+        )
+    parts = DRParts(
+        prober=prober,
+        executor=executor,
+        dns=dns,
+        history=History(state_dir / "history.jsonl", clock=clock),
+        lease=lease,
+        repository=repository,
+        state_path=state_dir / "state.json",
+    )
+    return DRComponent(settings, parts, jobs=jobs, events=events, clock=clock)

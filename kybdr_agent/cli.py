@@ -102,6 +102,10 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("run", help="run the agent (the systemd service's command)")
 
+    from kybdr_agent.dr.cli import add_parser as add_dr_parser
+
+    add_dr_parser(sub)
+
     p = sub.add_parser("config", help="configuration tools")
     config_sub = p.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
     c = config_sub.add_parser("check", help="validate the configuration and print it, secrets masked")
@@ -252,6 +256,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             return anyio.run(run_daemon, args.config)
         except BaseExceptionGroup as group:
             raise primary_error(group) from None
+    if args.command == "dr":
+        from kybdr_agent.dr import cli as dr_cli
+
+        return _run(lambda: dr_cli.run(settings, args))
     command = COMMANDS[args.command]
     ops = _operations(settings, args)
 

@@ -399,6 +399,7 @@ class DRSettings(_Section):
             return self
         if self.probe_timeout >= self.health_check_interval:
             raise ValueError("probe_timeout must be shorter than health_check_interval")
+        needed: tuple[str, ...]
         if self.role == "dr":
             needed = (
                 "primary_region", "dr_region", "health_check_url", "primary_dsn", "standby_dsn",

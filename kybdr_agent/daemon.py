@@ -37,6 +37,7 @@ from kybdr_agent.config import AgentSettings, load_settings
 from kybdr_agent.control.client import check_socket_location
 from kybdr_agent.control.routes import RouteTable
 from kybdr_agent.control.server import ControlContext, Role, build_app
+from kybdr_agent.dr.routes import dr_routes
 from kybdr_agent.errors import ConfigError, KybdrError
 from kybdr_agent.events import EventHub
 from kybdr_agent.jobs import JobManager
@@ -214,10 +215,12 @@ async def run_daemon(config_path: Path | None, now: Clock = utc_now) -> int:
             clock=now,
             rebuild=build,
         )
+        dr = await app.open_dr(settings, stores, jobs=jobs, events=events, clock=now)
+        components: list[Component] = [backup] if dr is None else [backup, dr]
         ctx = ControlContext(jobs=jobs, tokens=_tokens(settings), max_body_bytes=settings.control.max_body_bytes)
-        agent = Agent(config_path, settings, ctx, [backup])
+        agent = Agent(config_path, settings, ctx, components)
         ctx.health = agent.health_fields
-        runner = await start_control(ctx, settings, [backup_routes(backup)])
+        runner = await start_control(ctx, settings, [backup_routes(backup), dr_routes(dr)])
         try:
             await _supervise(agent, jobs, now)
         finally:

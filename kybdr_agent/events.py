@@ -82,7 +82,53 @@ class RetentionDeleted:
     stored_bytes: int
 
 
-Event = JobFinished | BackupCompleted | BackupFailed | ValidationVerdict | DrillResult | RetentionDeleted
+@dataclass(frozen=True)
+class DRTransition:
+    """The DR state machine changed phase (``steady`` → ``suspect`` …); ``active`` is the region now active."""
+
+    from_phase: str
+    to_phase: str
+    active: str
+    reason: str
+    at: datetime
+
+
+@dataclass(frozen=True)
+class DRAlert:
+    """Something an operator must hear about: a refused or failed failover, a fence, a split-brain risk."""
+
+    severity: str  # "info" | "warning" | "critical"
+    message: str
+    at: datetime
+
+
+@dataclass(frozen=True)
+class DROperationFinished:
+    """A failover, failback or drill ended; ``record`` is its history entry (outcome, steps, timings)."""
+
+    record: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class DRProbed:
+    """One round of probes (for metrics: primary healthy, lag, probe latency)."""
+
+    observations: Mapping[str, Any]
+    primary_healthy: bool
+
+
+Event = (
+    JobFinished
+    | BackupCompleted
+    | BackupFailed
+    | ValidationVerdict
+    | DrillResult
+    | RetentionDeleted
+    | DRTransition
+    | DRAlert
+    | DROperationFinished
+    | DRProbed
+)
 Subscriber = Callable[[Event], None]
 
 

@@ -196,6 +196,8 @@ def check_password_files(settings: AgentSettings, *, drill: bool = True) -> None
         read_password(settings.database.password_file, "database.password_file", owners)
     if drill and settings.drill.password_file is not None:
         read_password(settings.drill.password_file, "drill.password_file", owners)
+    if settings.dr.enabled and settings.dr.password_file is not None:
+        read_password(settings.dr.password_file, "dr.password_file", owners)
 
 
 # --- control tokens -----------------------------------------------------------------------------
@@ -264,3 +266,12 @@ def check_all(settings: AgentSettings) -> None:
     load_keyring(settings)
     check_password_files(settings)
     settings_tokens(settings)
+    peer_token(settings)
+
+
+def peer_token(settings: AgentSettings) -> str | None:
+    """The token this agent presents to its DR peer (``dr.peer_token_file``), checked like every token."""
+    dr = settings.dr
+    if not dr.enabled or dr.peer_token_file is None:
+        return None
+    return read_token(dr.peer_token_file, "dr.peer_token_file", trusted_owners(settings.daemon.service_user))

@@ -1,0 +1,709 @@
+"""The DR component: probe, decide, execute — one step at a time, run to completion, written down first.
+
+One loop per agent. Every ``health_check_interval`` it takes one round of probes (``probes.Prober``), hands
+them to the pure machine (``machine.decide``), commits the new state (the state file, fsynced, so a
+restarted agent resumes the same operation instead of repeating it), writes every record the machine asked
+for to the history, and then executes the step the machine chose (``executor.StepExecutor``). The step's
+result goes back into the machine (``machine.step_done``), which may choose the next step; only when the
+operation has no step left does the loop look at the world again. A probe never cancels a step: the
+pytransitions lesson (dr-anchors §4).
+
+Operator commands (the API, the CLI) go through the same machine under the same lock (``machine.command``):
+a refusal (409 busy, 412 a guard) changes nothing; an accepted command's steps are executed by the same
+executor, serialised with the loop's, and the caller gets a job that ends when the operation ends.
+
+Only the lease holder acts (``lease.DrLease``: a lease object in the repository, conditional writes): an
+agent that does not hold it keeps watching with its automation paused, and refuses commands with 409.
+
+On the primary side (``dr.role = "primary"``) the loop is smaller: the agent answers as the DR agent's
+peer, and fences its own database when it has lost its peer and every witness for ``partition_timeout``, or
+when its peer says the DR region has taken over (``machine.decide_primary_side``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import anyio
+from anyio.abc import TaskStatus
+
+from kybdr_agent.clock import Clock
+from kybdr_agent.component import Health
+from kybdr_agent.config import AgentSettings, DRSettings
+from kybdr_agent.dr import machine
+from kybdr_agent.dr.dns import DnsError, DnsSwitcher
+from kybdr_agent.dr.executor import StepAction, StepExecutor
+from kybdr_agent.dr.history import History
+from kybdr_agent.dr.lease import DrLease
+from kybdr_agent.dr.machine import (
+    Alert,
+    Decision,
+    Failback,
+    Failover,
+    Fence,
+    FenceSelf,
+    Policy,
+    PrimarySideState,
+    Promote,
+    Record,
+    Refusal,
+    Rejoin,
+    Resume,
+    SetSwitch,
+    State,
+    StepResult,
+    SwitchDns,
+    Switches,
+    Unfence,
+)
+from kybdr_agent.dr.observations import REGIONS, Observations, Region, other
+from kybdr_agent.dr.privileges import privilege_check
+from kybdr_agent.dr.probes import Prober
+from kybdr_agent.dr.state_file import load_state, save_state
+from kybdr_agent.errors import KybdrError
+from kybdr_agent.events import DRAlert, DROperationFinished, DRProbed, DRTransition, EventHub
+from kybdr_agent.jobs import Job, JobFailed, JobManager
+from kybdr_agent.storage.base import BlobStore
+from kybdr_agent.telemetry import get_logger
+
+log = get_logger("kybdr_agent.dr")
+
+# A step's own timeouts bound it; this outer bound only keeps a bug from holding the loop forever.
+STEP_HARD_LIMIT_SECONDS: Final = 900.0
+HISTORY_COPY_SECONDS: Final = 60.0
+LEASE_MIN_TTL_SECONDS: Final = 30.0
+LOOP_STALE_FACTOR: Final = 3  # /healthz: unhealthy when no round completed for this many intervals (+ probe time)
+
+Command = Failover | Failback | SetSwitch | Resume
+
+
+class DRUnavailable(KybdrError):
+    """DR is not configured on this agent (``dr.enabled`` is false): the API answers 503."""
+
+
+@dataclass
+class DRParts:
+    """What the root built for the component: the adapters it drives."""
+
+    prober: Prober
+    executor: StepExecutor
+    dns: DnsSwitcher | None
+    history: History
+    lease: DrLease | None
+    repository: BlobStore | None
+    state_path: Path
+
+
+@dataclass
+class _Waiter:
+    done: anyio.Event = field(default_factory=anyio.Event)
+    record: dict[str, Any] | None = None
+
+
+class DRComponent:
+    name = "dr"
+
+    def __init__(
+        self, settings: AgentSettings, parts: DRParts, *, jobs: JobManager, events: EventHub, clock: Clock
+    ) -> None:
+        self.settings = settings.dr
+        self.region_names: dict[Region, str] = {
+            "primary": settings.dr.primary_region or "primary",
+            "dr": settings.dr.dr_region or "dr",
+        }
+        self.parts = parts
+        self.jobs = jobs
+        self.events = events
+        self.clock = clock
+        self.policy = Policy.from_settings(settings.dr)
+        self.lock = anyio.Lock()  # the machine's state: decide, command and step_done never interleave
+        self.exec_lock = anyio.Lock()  # one step executing at a time, the loop's or a command's
+        self.last_obs: Observations | None = None
+        self.heartbeat = time.monotonic()
+        self.executing: str | None = None  # the step running now, for status and health
+        self.holder = False
+        self.lease_holder: str | None = None
+        self._waiters: dict[str, _Waiter] = {}
+        self._wake = anyio.Event()
+        self._tg: anyio.abc.TaskGroup | None = None
+        persisted = load_state(parts.state_path)
+        switches = Switches(auto_failover=self.settings.auto_failover, auto_failback=self.settings.auto_failback)
+        restored = State.from_json(persisted["machine"]) if persisted and "machine" in persisted else None
+        self.state: State = machine.initial_state(switches, restored)
+        self.primary_side = PrimarySideState(last_contact=None, fenced=False, started_at=clock())
+        if persisted and "primary_side" in persisted:
+            self.primary_side = replace(self.primary_side, fenced=bool(persisted["primary_side"].get("fenced")))
+        self._config_switches = (self.settings.auto_failover, self.settings.auto_failback)
+
+    @property
+    def role(self) -> Literal["dr", "primary"]:
+        return self.settings.role
+
+    @property
+    def local_region(self) -> Region:
+        return "dr" if self.role == "dr" else "primary"
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                tg.start_soon(self._loop, name="dr-loop")
+                tg.start_soon(self._copy_history_loop, name="dr-history-copy")
+                log.info("dr.started", role=self.role, phase=self.state.phase, active=self.state.active)
+                task_status.started()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.parts.prober.aclose()
+                if self.parts.dns is not None:
+                    await self.parts.dns.aclose()
+
+    def health(self) -> Health:
+        interval = self.settings.health_check_interval.total_seconds()
+        age = time.monotonic() - self.heartbeat
+        stale = age > LOOP_STALE_FACTOR * interval + self.settings.probe_timeout.total_seconds() + 5
+        ok = self.executing is not None or not stale
+        fields = {"dr": {"role": self.role, "state": self._phase(), "active": self.state.active}}
+        return Health(
+            ok=ok, fields=fields, reason="" if ok else f"the DR loop has not completed a round for {age:.0f} s"
+        )
+
+    async def reload(self, settings: AgentSettings) -> None:
+        """Thresholds, guards and the auto switches apply at once; addresses, DSNs and role need a restart."""
+        new = settings.dr
+        fixed = (
+            "enabled",
+            "role",
+            "primary_dsn",
+            "standby_dsn",
+            "health_check_url",
+            "dr_health_check_url",
+            "witness_urls",
+            "peer_url",
+            "route53_zone_id",
+            "route53_domain",
+            "load_balancer_arn",
+            "dr_load_balancer_arn",
+            "aws_endpoint_url",
+            "pgdata",
+            "fence_command",
+        )
+        changed = [name for name in fixed if getattr(new, name) != getattr(self.settings, name)]
+        if changed:
+            log.warning("dr.reload_needs_restart", fields=changed, note="these take effect when the agent restarts")
+        async with self.lock:
+            self.policy = Policy.from_settings(new)
+            # A switch the operator changed in the file is applied; one the file still says as before keeps
+            # what an operator set through the API (the state file), which survives restarts.
+            switches = self.state.switches
+            if new.auto_failover != self._config_switches[0]:
+                switches = replace(switches, auto_failover=new.auto_failover)
+            if new.auto_failback != self._config_switches[1]:
+                switches = replace(switches, auto_failback=new.auto_failback)
+            self._config_switches = (new.auto_failover, new.auto_failback)
+            if switches != self.state.switches:
+                self.state = replace(self.state, switches=switches)
+                self._save()
+        self.settings = replace_fixed(self.settings, new, fixed)
+
+    # --- the loop ----------------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        interval = self.settings.health_check_interval.total_seconds()
+        while True:
+            started = time.monotonic()
+            try:
+                await self.tick()
+            except Exception:  # the loop outlives a bug in one round; the watchdog sees the stale heartbeat
+                log.exception("dr.round_crashed")
+            else:
+                self.heartbeat = time.monotonic()
+            self._wake = anyio.Event()
+            with anyio.move_on_after(max(0.0, interval - (time.monotonic() - started))):
+                await self._wake.wait()
+
+    async def tick(self) -> None:
+        obs = await self.parts.prober.observe()
+        self.last_obs = obs
+        self.events.publish(DRProbed(obs.to_json(), primary_healthy=_region_ok(obs, "primary")))
+        if self.role == "primary":
+            await self._primary_side_round(obs)
+            return
+        await self._renew_lease()
+        async with self.exec_lock:
+            async with self.lock:
+                decision = machine.decide(self._as_seen_by_machine(), obs, self.clock(), self.policy)
+                steps = self._commit(decision)
+            await self._execute(steps)
+        log.info(
+            "dr.round",
+            phase=self.state.phase,
+            active=self.state.active,
+            failures=self.state.failures,
+            recoveries=self.state.recoveries,
+            lease=self.holder,
+            primary_ok=_region_ok(obs, "primary"),
+        )
+
+    def _as_seen_by_machine(self) -> State:
+        """Without the lease this agent watches but must not act: the machine sees automation paused."""
+        if self.holder or self.parts.lease is None:
+            return self.state
+        return replace(self.state, switches=replace(self.state.switches, paused=True))
+
+    async def _renew_lease(self) -> None:
+        lease = self.parts.lease
+        if lease is None:
+            self.holder = True
+            return
+        try:
+            with anyio.fail_after(max(5.0, self.settings.probe_timeout.total_seconds() * 2)):
+                self.holder = await lease.acquire_or_renew()
+                record = await lease.holder()
+            self.lease_holder = record.holder if record else None
+        except (KybdrError, TimeoutError) as exc:
+            # Unknown is not "ours": an agent that cannot prove it holds the lease does not act.
+            self.holder = False
+            log.warning("dr.lease_unavailable", error=str(exc) or "timed out")
+
+    async def _primary_side_round(self, obs: Observations) -> None:
+        async with self.exec_lock:
+            async with self.lock:
+                self.primary_side, actions = machine.decide_primary_side(
+                    self.primary_side, obs, self.clock(), self.policy
+                )
+                self._save()
+            for action in actions:
+                if isinstance(action, Alert):
+                    self._alert(action)
+                elif isinstance(action, Record):
+                    self._record(action.kind, action.fields)
+                elif isinstance(action, FenceSelf):
+                    self._record("intent", {"operation": "self-fence", "step": "fence", "reason": action.reason})
+                    result = await self._run_step(action, "self-fence")
+                    self._record("result", _result_record(result, "self-fence"))
+                    self._alert(
+                        Alert("critical", f"fenced the primary database ({action.reason}): {result.error or 'ok'}")
+                    )
+
+    # --- committing decisions and executing steps --------------------------------------------------
+
+    def _commit(self, decision: Decision) -> list[StepAction]:
+        """Adopt the machine's new state (persisted before any side effect) and act on its records and
+        alerts; return the step actions for the caller to execute, outside the state lock."""
+        before = self.state
+        state = decision.state
+        if not self.holder and self.parts.lease is not None:
+            # The machine saw "paused" because we lack the lease; the operator's switch stays as it was.
+            state = replace(state, switches=replace(state.switches, paused=before.switches.paused))
+        self.state = state
+        self._save()
+        if before.phase != state.phase:
+            reason = state.last_transition.reason if state.last_transition else ""
+            self.events.publish(DRTransition(before.phase, state.phase, state.active, reason, self.clock()))
+            log.info("dr.transition", from_phase=before.phase, to_phase=state.phase, active=state.active, reason=reason)
+        steps: list[StepAction] = []
+        for action in decision.actions:
+            if isinstance(action, Record):
+                self._record(action.kind, action.fields)
+            elif isinstance(action, Alert):
+                self._alert(action)
+            elif isinstance(action, Fence | Promote | SwitchDns | Rejoin | Unfence | FenceSelf):
+                steps.append(action)
+        if state.phase == "halted" and before.phase != "halted":
+            for op_id, waiter in list(self._waiters.items()):
+                if not waiter.done.is_set() and (state.operation is None or state.operation.id == op_id):
+                    waiter.record = {"operation_id": op_id, "outcome": "halted", "reason": state.halted_reason}
+                    waiter.done.set()
+        return steps
+
+    async def _execute(self, steps: list[StepAction]) -> None:
+        """Run the steps the machine chose, feeding each result back; must be called with ``exec_lock``."""
+        pending = list(steps)
+        while pending:
+            action = pending.pop(0)
+            op_id = getattr(action, "operation_id", "self-fence")
+            result = await self._run_step(action, op_id)
+            self._record("result", _result_record(result, op_id))
+            async with self.lock:
+                pending.extend(self._commit(machine.step_done(self.state, result, self.clock(), self.policy)))
+
+    async def _run_step(self, action: StepAction, op_id: str) -> StepResult:
+        step = type(action).__name__.lower()
+        self.executing = step
+        try:
+            # Shielded: SIGTERM during a promotion waits for the step (bounded) instead of leaving it half-done.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(STEP_HARD_LIMIT_SECONDS) as scope:
+                result = await self.parts.executor.run(action, op_id)
+            if scope.cancelled_caught:
+                result = StepResult(op_id, step, False, STEP_HARD_LIMIT_SECONDS, {}, "the step did not finish in time")
+        finally:
+            self.executing = None
+        log.info(
+            "dr.step",
+            operation=op_id,
+            step=result.step,
+            ok=result.ok,
+            seconds=round(result.seconds, 3),
+            error=result.error or None,
+        )
+        return result
+
+    def _save(self) -> None:
+        data: dict[str, Any] = {"machine": self.state.to_json()}
+        if self.role == "primary":
+            data["primary_side"] = {"fenced": self.primary_side.fenced}
+        save_state(self.parts.state_path, data)
+
+    def _record(self, kind: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+        record = self.parts.history.append({"kind": kind, **fields})
+        if kind == "operation":
+            self.events.publish(DROperationFinished(record))
+            op_id = str(fields.get("operation_id") or fields.get("id") or "")
+            waiter = self._waiters.get(op_id)
+            if waiter is not None:
+                waiter.record = record
+                waiter.done.set()
+        return record
+
+    def _alert(self, alert: Alert) -> None:
+        level = {"info": log.info, "warning": log.warning}.get(alert.severity, log.critical)
+        level("dr.alert", severity=alert.severity, message=alert.message)
+        self.parts.history.append({"kind": "alert", "severity": alert.severity, "message": alert.message})
+        self.events.publish(DRAlert(alert.severity, alert.message, self.clock()))
+
+    # --- commands (API and CLI) --------------------------------------------------------------------
+
+    async def command(self, cmd: Command) -> Decision | Refusal:
+        """Evaluate a command under the state lock; an accepted one's steps start in the background."""
+        if not self.settings.enabled:
+            raise DRUnavailable("disaster recovery is not configured on this agent (dr.enabled = false)")
+        if self.role != "dr" and isinstance(cmd, Failover | Failback | Resume):
+            return Refusal(409, "this agent is the primary-side peer; failover and failback run on the DR agent", ())
+        if isinstance(cmd, Failover | Failback) and not self.holder and self.parts.lease is not None:
+            holder = self.lease_holder or "unknown (the lease could not be read)"
+            return Refusal(409, f"another agent holds the DR lease ({holder}); only the holder acts", ())
+        async with self.lock:
+            result = machine.command(self.state, cmd, self.clock(), self.policy, self.last_obs)
+            if isinstance(result, Refusal):
+                return result
+            steps = self._commit(result)
+            operation = result.state.operation
+            if operation is not None and operation.id not in self._waiters:
+                self._waiters[operation.id] = _Waiter()
+        if steps:
+            assert self._tg is not None
+            self._tg.start_soon(self._execute_locked, steps, name="dr-operation")
+        self._wake.set()
+        return result
+
+    async def _execute_locked(self, steps: list[StepAction]) -> None:
+        async with self.exec_lock:
+            await self._execute(steps)
+
+    async def wait_operation(self, op_id: str) -> dict[str, Any]:
+        waiter = self._waiters.setdefault(op_id, _Waiter())
+        await waiter.done.wait()
+        self._waiters.pop(op_id, None)
+        return waiter.record or {"operation_id": op_id, "outcome": "unknown"}
+
+    def submit_operation(self, kind: str, decision: Decision, params: dict[str, Any]) -> Job:
+        """The job a caller follows: it ends when the operation ends (succeeded, rolled back or halted)."""
+        operation = decision.state.operation
+        assert operation is not None
+        op_id = operation.id
+
+        async def work(job: Job) -> Any:
+            job.progress.stage = self._phase()
+            record = await self.wait_operation(op_id)
+            if record.get("outcome") not in ("succeeded",):
+                raise JobFailed(
+                    f"{kind} {record.get('outcome')}: {record.get('reason') or record.get('error') or ''}".strip(),
+                    record,
+                )
+            return record
+
+        return self.jobs.submit(f"dr-{kind}", work, params=params, key=op_id)
+
+    async def set_switch(
+        self, name: Literal["auto_failover", "auto_failback", "paused"], value: bool
+    ) -> dict[str, Any]:
+        result = await self.command(SetSwitch(name, value))
+        if isinstance(result, Refusal):
+            raise KybdrError(result.reason)
+        return self.status()
+
+    # --- drills --------------------------------------------------------------------------------------
+
+    async def drill(self, kind: Literal["test-failover", "test-failback"]) -> dict[str, Any]:
+        """Every guard and precondition of a real operation, checked and reported; a timed write and delete of
+        the test record; no promotion, no fencing, no production record touched, no state changed."""
+        if not self.settings.enabled:
+            raise DRUnavailable("disaster recovery is not configured on this agent (dr.enabled = false)")
+        started = time.monotonic()
+        steps: dict[str, float] = {}
+        checks: list[dict[str, Any]] = []
+
+        def check(name: str, ok: bool, detail: str, *, soft: bool = False) -> None:
+            checks.append({"name": name, "ok": ok, "soft": soft, "detail": detail})
+
+        t = time.monotonic()
+        obs = await self.parts.prober.observe()
+        steps["probe"] = time.monotonic() - t
+        target: Region = "dr" if kind == "test-failover" else "primary"
+        source = other(target)
+        now = self.clock()
+        dry = machine.command(self.state, Failover() if kind == "test-failover" else Failback(), now, self.policy, obs)
+        if isinstance(dry, Refusal):
+            check("machine", False, dry.reason)
+            for guard in dry.guards:
+                check(guard.name, guard.ok, guard.detail, soft=guard.soft)
+        else:
+            check("machine", True, f"a {kind.removeprefix('test-')} would start now")
+            for guard in machine.evaluate_guards(self.state, obs, now, self.policy, forced=False):
+                check(guard.name, guard.ok, guard.detail, soft=guard.soft)
+        target_db = obs.db.get(target)
+        check(
+            f"{target}-database-promotable",
+            bool(target_db and target_db.reachable and target_db.in_recovery),
+            "reachable and in recovery"
+            if target_db and target_db.reachable
+            else (target_db.error if target_db else "not probed"),
+        )
+        t = time.monotonic()
+        check("promote-privilege", *await self._privilege(target, "pg_promote"))
+        check("fence-privilege", *await self._privilege(source, "alter_system"))
+        steps["privileges"] = time.monotonic() - t
+        if self.settings.peer_url:
+            peer = obs.peer
+            check(
+                "peer-reachable",
+                bool(peer and peer.reachable),
+                peer.error if peer and not peer.reachable else "answered",
+            )
+        for witness in obs.witnesses:
+            check(f"witness {witness.target}", witness.reachable, witness.error or f"HTTP {witness.status}")
+        if self.parts.lease is not None:
+            check("lease", self.holder, "held by this agent" if self.holder else f"held by {self.lease_holder}")
+        if self.parts.dns is not None:
+            try:
+                t = time.monotonic()
+                current = await self.parts.dns.current()
+                steps["dns_read"] = time.monotonic() - t
+                check(
+                    "dns-record",
+                    current is not None,
+                    f"points at the {current} load balancer" if current else "not found",
+                )
+                t = time.monotonic()
+                result, delete_s = await self.parts.dns.test_record(target)
+                steps["dns_test_write"] = result.submitted_s
+                steps["dns_test_insync"] = result.insync_s
+                steps["dns_test_delete"] = delete_s
+                check(
+                    "dns-test-record",
+                    result.verified,
+                    f"{result.record} → {result.target.dns_name}, in sync and deleted",
+                )
+            except DnsError as exc:
+                check("dns-test-record", False, str(exc))
+        hard_failed = [c for c in checks if not c["ok"] and not c["soft"]]
+        soft_failed = [c for c in checks if not c["ok"] and c["soft"]]
+        outcome = "failed" if hard_failed else ("passed-with-warnings" if soft_failed else "passed")
+        steps = {name: round(seconds, 3) for name, seconds in steps.items()}
+        return self._record(
+            "operation",
+            {
+                "operation": kind,
+                "trigger": "manual",
+                "outcome": outcome,
+                "duration_s": round(time.monotonic() - started, 3),
+                "steps": steps,
+                "checks": checks,
+                "target": target,
+            },
+        )
+
+    async def _privilege(self, region: Region, what: Literal["pg_promote", "alter_system"]) -> tuple[bool, str]:
+        return await privilege_check(
+            self.parts.executor.config.databases[region],
+            database=self.parts.executor.config.maintenance_database,
+            what=what,
+            timeout=self.settings.probe_timeout.total_seconds() * 2,
+        )
+
+    # --- views ----------------------------------------------------------------------------------------
+
+    def _phase(self) -> str:
+        if self.role == "primary":
+            return "fenced" if self.primary_side.fenced else "peer"
+        return self.state.phase
+
+    def status(self) -> dict[str, Any]:
+        state = self.state
+        transition = state.last_transition
+        vantage = state.vantage
+        status: dict[str, Any] = {
+            "enabled": self.settings.enabled,
+            "role": self.role,
+            "state": self._phase(),
+            "active": state.active,
+            "active_region": self.region_names[state.active],
+            "primary_region": self.region_names["primary"],
+            "dr_region": self.region_names["dr"],
+            "auto_failover": state.switches.auto_failover,
+            "auto_failback": state.switches.auto_failback,
+            "paused": state.switches.paused,
+            "lease_holder": self.lease_holder if self.parts.lease is not None else "this agent (no lease configured)",
+            "holds_lease": self.holder,
+            "last_transition": (
+                {
+                    "from": transition.from_phase,
+                    "to": transition.to_phase,
+                    "at": transition.at.isoformat(),
+                    "reason": transition.reason,
+                }
+                if transition
+                else None
+            ),
+            "failures": state.failures,
+            "failover_threshold": self.policy.failover_threshold,
+            "recoveries": state.recoveries,
+            "failback_threshold": self.policy.failback_threshold,
+            "vantage": vantage,
+            "vantage_note": (
+                "single vantage point: no witness or peer is configured, so this agent cannot tell a dead "
+                "primary from a cut link; automatic failover relies on its own probes alone"
+                if vantage == "single"
+                else "confirmed by a witness or the peer before any automatic failover"
+            ),
+            "operation": _operation_view(state.operation),
+            "executing": self.executing,
+            "halted_reason": state.halted_reason or None,
+            "guards": [{"name": g.name, "ok": g.ok, "soft": g.soft, "detail": g.detail} for g in state.guards],
+            "last_probe_at": self.last_obs.at.isoformat() if self.last_obs else None,
+        }
+        if self.role == "primary":
+            status["fenced"] = self.primary_side.fenced
+            status["last_contact"] = _iso(self.primary_side.last_contact)
+        return status
+
+    def health_report(self) -> dict[str, Any]:
+        obs = self.last_obs
+        if obs is None:
+            return {"at": None, "regions": {}, "witnesses": [], "peer": None, "note": "no probe has completed yet"}
+        data = obs.to_json()
+        regions: dict[str, Any] = {}
+        for region in REGIONS:
+            regions[region] = {
+                "name": self.region_names[region],
+                "healthy": _region_ok(obs, region),
+                "health_check": data["health"].get(region),
+                "database": data["db"].get(region),
+            }
+        return {"at": data["at"], "regions": regions, "witnesses": data["witnesses"], "peer": data["peer"]}
+
+    def peer_view(self) -> dict[str, Any]:
+        """What this agent tells its peer: the database beside it and which region it believes is active."""
+        obs = self.last_obs
+        local = obs.db.get(self.local_region) if obs else None
+        active: Region = self.state.active
+        if self.role == "primary" and obs is not None and obs.peer is not None and obs.peer.active:
+            active = obs.peer.active
+        return {
+            "role": self.role,
+            "db_reachable": local.reachable if local else None,
+            "db_writable": local.writable if local else None,
+            "fenced": self.primary_side.fenced if self.role == "primary" else bool(local and local.read_only),
+            "active": active,
+            "state": self._phase(),
+        }
+
+    async def fence_local(self) -> dict[str, Any]:
+        """``POST /v1/disaster-recovery/fence`` from the peer: fence the database beside this agent."""
+        if not self.settings.enabled:
+            raise DRUnavailable("disaster recovery is not configured on this agent (dr.enabled = false)")
+        async with self.exec_lock:
+            self._record("intent", {"operation": "peer-fence", "step": "fence", "region": self.local_region})
+            detail = await self.parts.executor.fence(self.local_region, allow_peer=False)
+            self._record("result", {"operation": "peer-fence", "step": "fence", **detail})
+            if detail.get("ok") and self.role == "primary":
+                async with self.lock:
+                    self.primary_side = replace(self.primary_side, fenced=True)
+                    self._save()
+        self._alert(Alert("critical", f"the {self.local_region} database was fenced at the peer's request"))
+        return {"fenced": bool(detail.get("ok")), "lsn": detail.get("lsn"), "how": detail.get("how")}
+
+    def history_view(self, limit: int, kind: str | None) -> dict[str, Any]:
+        return {
+            "entries": self.parts.history.read(limit=limit, kind=kind),
+            "statistics": self.parts.history.statistics(),
+        }
+
+    async def _copy_history_loop(self) -> None:
+        store = self.parts.repository
+        if store is None:
+            return
+        while True:
+            await anyio.sleep(HISTORY_COPY_SECONDS)
+            try:
+                with anyio.fail_after(120):
+                    await self.parts.history.copy_to(store)
+            except (KybdrError, TimeoutError, OSError) as exc:
+                log.warning("dr.history_copy_failed", error=str(exc) or "timed out")
+
+
+def replace_fixed(old: DRSettings, new: DRSettings, fixed: tuple[str, ...]) -> DRSettings:
+    """The new settings, except the fields that only a restart applies (they keep the running values)."""
+    return new.model_copy(update={name: getattr(old, name) for name in fixed})
+
+
+def _region_ok(obs: Observations, region: Region) -> bool:
+    health = obs.health.get(region)
+    db = obs.db.get(region)
+    return (health is None or health.ok) and db is not None and db.writable
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def _operation_view(operation: machine.Operation | None) -> dict[str, Any] | None:
+    if operation is None:
+        return None
+    return {
+        "id": operation.id,
+        "kind": operation.kind,
+        "trigger": operation.trigger,
+        "forced": operation.forced,
+        "allow_unfenced": operation.allow_unfenced,
+        "from": operation.source,
+        "to": operation.target,
+        "step": operation.step,
+        "started_at": operation.started_at.isoformat(),
+        "fence_deadline": _iso(operation.fence_deadline),
+        "steps": dict(operation.steps),
+        "data_loss_risk": operation.data_loss_risk,
+        "reason": operation.reason,
+    }
+
+
+def _result_record(result: StepResult, op_id: str) -> dict[str, Any]:
+    return {
+        "operation_id": op_id,
+        "step": result.step,
+        "ok": result.ok,
+        "duration_s": round(result.seconds, 3),
+        "detail": dict(result.detail),
+        "error": result.error or None,
+    }
+
+
+def lease_ttl(settings: DRSettings) -> float:
+    return max(LEASE_MIN_TTL_SECONDS, 3 * settings.health_check_interval.total_seconds())
