@@ -50,7 +50,7 @@ from kybdr_agent.dr.observations import REGIONS, DbProbe, HttpProbe, Observation
 from kybdr_agent.postgres.connection import Connection, pg_message
 
 PEER_PATH: Final = "/v1/disaster-recovery/peer"
-# Enough for two health URLs, a handful of witnesses and the peer at once; more witnesses just queue.
+# At least this many HTTP connections at once (raised to the number of HTTP targets, see Prober._http).
 CONNECTION_LIMIT: Final = 16
 # A peer's answer is a few hundred bytes of JSON; anything far larger is not our peer.
 MAX_PEER_BODY: Final = 64 * 1024
@@ -100,8 +100,11 @@ class Prober:
 
     def _http(self) -> aiohttp.ClientSession:
         # Created on first use: a ClientSession belongs to the running event loop, which __init__ may precede.
+        # The limit never makes a probe wait for a slot: time queued would count against its deadline and a
+        # healthy witness could read as unreachable because there were many of them.
         if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=CONNECTION_LIMIT, force_close=True)
+            wanted = len(self.targets.health) + len(self.targets.witnesses) + 1
+            connector = aiohttp.TCPConnector(limit=max(CONNECTION_LIMIT, wanted), force_close=True)
             self._session = aiohttp.ClientSession(
                 connector=connector, timeout=aiohttp.ClientTimeout(total=self.targets.timeout)
             )
@@ -109,7 +112,10 @@ class Prober:
 
     async def observe(self) -> Observations:
         """One round: all probes at once, so a round takes as long as its slowest probe (≤ timeout), not
-        the sum. ``at`` is when the round started, from the injected clock."""
+        the sum. ``at`` is when the round started, from the injected clock.
+
+        Unreachable targets never raise; a bug (an exception no probe expects) does, on purpose: reported
+        as "unreachable" it would count as evidence that a region is down."""
         targets = self.targets
         at = self._clock()
         session = self._http()
