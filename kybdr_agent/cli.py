@@ -102,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("run", help="run the agent (the systemd service's command)")
 
-    from kybdr_agent.dr.cli import add_parser as add_dr_parser
+    from kybdr_agent.cli_dr import add_parser as add_dr_parser
 
     add_dr_parser(sub)
 
@@ -257,7 +257,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         except BaseExceptionGroup as group:
             raise primary_error(group) from None
     if args.command == "dr":
-        from kybdr_agent.dr import cli as dr_cli
+        from kybdr_agent import cli_dr as dr_cli
 
         return _run(lambda: dr_cli.run(settings, args))
     command = COMMANDS[args.command]

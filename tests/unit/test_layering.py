@@ -43,6 +43,8 @@ EXPLICITLY_PURE: Final = (
     "kybdr_agent/backup/schedule.py",
     "kybdr_agent/storage/parts.py",
     "kybdr_agent/backup/slots.py",
+    "kybdr_agent/dr/machine.py",
+    "kybdr_agent/dr/observations.py",
 )
 # Libraries that do I/O (or run an event loop); a pure module imports none of them.
 IO_LIBRARIES: Final = frozenset(
@@ -59,6 +61,7 @@ ROOT_MODULES: Final = (
     "kybdr_agent.daemon",
     "kybdr_agent.cli",
     "kybdr_agent.cli_output",
+    "kybdr_agent.cli_dr",
     "kybdr_agent.operations",
 )
 CONTROL: Final = "kybdr_agent.control"
