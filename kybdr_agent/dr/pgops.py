@@ -34,7 +34,13 @@ import asyncpg
 from anyio.abc import Process
 
 from kybdr_agent.errors import KybdrError
-from kybdr_agent.postgres.connection import DATABASE_ERRORS, Connection, pg_message
+from kybdr_agent.postgres.connection import (
+    DATABASE_ERRORS,
+    Connection,
+    close_quietly,
+    pg_message,
+    session_settings_sql,
+)
 
 POLL_INTERVAL: Final = 0.05
 # pg_terminate_backend(pid, timeout) waits this long (ms) per backend for it to exit (PostgreSQL 14+).
@@ -121,12 +127,20 @@ async def fence(conn: Connection, *, database: str, timeout: float) -> FenceResu
     started from then on is read-only), then terminate every other client backend (they may hold an open
     read-write transaction), then read the WAL position.
     """
-    connected = False
+    answered = False  # the server spoke PostgreSQL to us: it is up, fenced or not
     started = time.monotonic()
     try:
         with anyio.fail_after(timeout):
-            async with conn.connect(database) as session:
-                connected = True
+            try:
+                session = await asyncpg.connect(**conn.asyncpg_kwargs(database))
+            except asyncpg.PostgresError:
+                # Authentication failed, too many connections, starting up...: the server is there. It
+                # must never be reported unreachable, or the caller would promote beside a live primary.
+                answered = True
+                raise
+            answered = True
+            try:
+                await session.execute(session_settings_sql(session.get_server_version().major))
                 await session.execute(f"ALTER SYSTEM SET {_READ_ONLY_GUC} = on")
                 await session.fetchval("SELECT pg_reload_conf()")
                 await _wait_setting(conn, database, "on", "checking the fence")
@@ -137,26 +151,27 @@ async def fence(conn: Connection, *, database: str, timeout: float) -> FenceResu
                 )
                 lsn = await session.fetchval(_LSN_SQL)
                 in_recovery = await session.fetchval("SELECT pg_is_in_recovery()")
+            finally:
+                await close_quietly(session)
     except TimeoutError:
-        where = "while fencing" if connected else "connecting"
+        where = "while fencing" if answered else "connecting"
         return FenceResult(
             fenced=False,
-            reachable=connected,
+            reachable=answered,
             how="sql",
             lsn=None,
             detail=f"timed out after {timeout:g}s {where} ({conn.describe()})",
         )
     except DRError as exc:
         return FenceResult(fenced=False, reachable=True, how="sql", lsn=None, detail=str(exc))
-    except KybdrError as exc:  # connect failed: conn.connect reports it as DumpError
-        return FenceResult(fenced=False, reachable=connected, how="sql", lsn=None, detail=str(exc))
     except DATABASE_ERRORS as exc:
+        doing = "fencing" if answered else "cannot connect to"
         return FenceResult(
             fenced=False,
-            reachable=connected,
+            reachable=answered,
             how="sql",
             lsn=None,
-            detail=f"fencing {conn.describe()} failed: {pg_message(exc)}",
+            detail=f"{doing} {conn.describe()}: {pg_message(exc)}",
         )
     role = "standby" if in_recovery else "primary"
     return FenceResult(

@@ -46,7 +46,10 @@ PASSFILE_NAME: Final = "kybdr-replication.pgpass"
 # Settings rejoin owns in postgresql.auto.conf: rewritten (or dropped) every time.
 _MANAGED: Final = ("primary_conninfo", "primary_slot_name", "default_transaction_read_only")
 # libpq parameters never copied into primary_conninfo: secrets, and what a walreceiver sets itself.
-_NOT_IN_CONNINFO: Final = frozenset({"password", "passfile", "sslpassword", "dbname", "replication"})
+# application_name too: the walreceiver then names itself by cluster_name, as synchronous_standby_names expects.
+_NOT_IN_CONNINFO: Final = frozenset(
+    {"password", "passfile", "sslpassword", "dbname", "replication", "application_name", "fallback_application_name"}
+)
 OUTPUT_TAIL: Final = 800
 
 
@@ -162,7 +165,6 @@ def _passfile_escape(value: str) -> str:
 def primary_conninfo(new_primary: Connection, passfile: Path | None) -> str:
     """The walreceiver's conninfo: how the agent reaches the new primary, minus every secret."""
     params = {k: v for k, v in new_primary.params.items() if k not in _NOT_IN_CONNINFO and v != ""}
-    params.setdefault("application_name", "kybdr-rejoined-standby")
     if passfile is not None:
         params["passfile"] = str(passfile)
     return " ".join(f"{key}={_quote_conninfo(value)}" for key, value in params.items())
@@ -249,9 +251,10 @@ async def rejoin(
         raise DRError(f"rejoin of {pgdata}: {pg_message(exc)}") from None
 
 
-async def _primary_facts(new_primary: Connection) -> tuple[int, str, str]:
+async def _primary_facts(new_primary: Connection) -> tuple[int, str, int]:
     """Checks the new primary is one and returns (timeline, data_directory, postmaster start time); the
-    CHECKPOINT makes its control file show its new timeline, which pg_rewind reads."""
+    CHECKPOINT makes its control file show its new timeline, which pg_rewind reads. The start time is in
+    whole seconds, as postmaster.pid has it."""
     what = f"checking the new primary {new_primary.describe()}"
     async with _session(new_primary, MAINTENANCE_DB, what) as session:
         if await session.fetchval("SELECT pg_is_in_recovery()"):
@@ -261,17 +264,16 @@ async def _primary_facts(new_primary: Connection) -> tuple[int, str, str]:
         await session.execute("CHECKPOINT")
         timeline = await _timeline(session)
         directory = str(await session.fetchval("SHOW data_directory"))
-        since = str(await session.fetchval("SELECT pg_postmaster_start_time()::text"))
+        since = int(await session.fetchval("SELECT extract(epoch FROM pg_postmaster_start_time())::bigint"))
     return timeline, directory, since
 
 
-async def _local_state(local: Connection, timeline: int) -> tuple[bool, str, str, bool] | None:
-    """If the local server answers: (in recovery, data_directory, start time, streaming on ``timeline``)."""
+async def _local_state(local: Connection, timeline: int) -> tuple[bool, bool] | None:
+    """If the local server answers: (in recovery, streaming on ``timeline``)."""
     try:
         async with local.connect(MAINTENANCE_DB) as session:
             row = await session.fetchrow(
-                "SELECT pg_is_in_recovery() AS rec, current_setting('data_directory') AS dir,"
-                " pg_postmaster_start_time()::text AS since,"
+                "SELECT pg_is_in_recovery() AS rec,"
                 " (SELECT status = 'streaming' AND received_tli = $1 FROM pg_stat_wal_receiver) AS streaming",
                 timeline,
             )
@@ -279,7 +281,16 @@ async def _local_state(local: Connection, timeline: int) -> tuple[bool, str, str
         return None
     if row is None:
         return None
-    return bool(row["rec"]), str(row["dir"]), str(row["since"]), bool(row["streaming"])
+    return bool(row["rec"]), bool(row["streaming"])
+
+
+def _postmaster(pgdata: Path) -> tuple[str, int] | None:
+    """(data directory, start time in epoch seconds) from a running server's postmaster.pid."""
+    try:
+        lines = (pgdata / "postmaster.pid").read_text(errors="replace").splitlines()
+        return lines[1], int(lines[2])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 async def _rejoin(
@@ -298,14 +309,16 @@ async def _rejoin(
     timeline, primary_dir, primary_since = await _primary_facts(new_primary)
     running = await _is_running(pg_ctl, pgdata, owner)
     if running:
+        # The same data directory path and start second as the new primary: it is the new primary (the
+        # configuration or the host is mixed up). postmaster.pid does not depend on the local DSN being right.
+        if _postmaster(pgdata) == (primary_dir, primary_since):
+            raise DRError(
+                f"the local server at {pgdata} IS the new primary {new_primary.describe()}: refusing to"
+                " rewind it (run rejoin on the old primary's host)"
+            )
         state = await _local_state(local, timeline)
         if state is not None:
-            in_recovery, local_dir, local_since, streaming = state
-            if not in_recovery and (local_dir, local_since) == (primary_dir, primary_since):
-                raise DRError(
-                    f"the local server at {pgdata} IS the new primary {new_primary.describe()}: refusing to"
-                    " rewind it (run rejoin on the old primary's host)"
-                )
+            in_recovery, streaming = state
             if in_recovery and streaming:
                 await _drop_fence(pgdata, owner)
                 return RejoinResult(
@@ -425,6 +438,6 @@ async def _wait_streaming(local: Connection, timeline: int) -> None:
     """Until the local server is in recovery with its walreceiver streaming the new primary's timeline."""
     while True:
         state = await _local_state(local, timeline)
-        if state is not None and state[0] and state[3]:
+        if state is not None and state[0] and state[1]:
             return
         await anyio.sleep(POLL_INTERVAL)

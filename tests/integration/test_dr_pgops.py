@@ -134,6 +134,7 @@ def test_fence_with_a_wrong_password_fails_without_showing_it(pair: Pair, tmp_pa
     conn = Connection.from_settings(pair.dsn(pair.primary), wrong, PG_BIN, 5.0)
     result = _run(partial(fence, conn, database=DB, timeout=5))
     assert not result.fenced
+    assert result.reachable  # the server answered: never "unreachable", or a caller would promote beside it
     assert "password authentication failed" in result.detail
     assert "not-the-password" not in result.detail
 
