@@ -116,8 +116,11 @@ class History:
     """See the module docstring. ``origin`` names this agent's records in the repository copy (default:
     the host name), so the histories of several agents sharing one repository never collide."""
 
-    def __init__(self, path: Path, *, clock: Clock, origin: str | None = None) -> None:
+    def __init__(
+        self, path: Path, *, clock: Clock, origin: str | None = None, copy_batch_records: int = COPY_MAX_RECORDS
+    ) -> None:
         self.path = path
+        self.copy_batch_records = max(1, copy_batch_records)  # records per repository object
         self._clock = clock
         self.origin = _origin_name(origin if origin is not None else socket.gethostname())
         self._lock = threading.Lock()  # appends from the event loop and from worker threads
@@ -331,7 +334,7 @@ class History:
                 highest = max(highest, seq)
                 if seq <= after or (through is not None and seq > through):
                     continue
-                full = len(lines) >= COPY_MAX_RECORDS or (lines and size + len(line) > COPY_MAX_BYTES)
+                full = len(lines) >= self.copy_batch_records or (lines and size + len(line) > COPY_MAX_BYTES)
                 if full and through is None:
                     continue  # keep reading only to learn the highest seq
                 lines.append(line)
@@ -350,7 +353,7 @@ class History:
     async def copy_to(self, store: BlobStore, prefix: str = "dr/history/") -> int:
         """Copy the records not copied yet to ``store``; returns how many were copied by this call.
 
-        Each batch (up to 1000 records or 1 MiB) becomes one new object
+        Each batch (up to ``copy_batch_records`` records or 1 MiB) becomes one new object
         ``<prefix><origin>/<first seq>-<last seq>-<sha256 prefix>.jsonl`` written with ``put_if_absent``:
         nothing is ever overwritten or deleted. Progress lives in a sidecar file
         (``dr-history.jsonl.copied``), written ahead: the batch about to be uploaded is recorded first, so

@@ -12,6 +12,7 @@ import os
 import stat
 import subprocess
 import sys
+import tracemalloc
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -147,37 +148,33 @@ def test_garbage_and_oversized_lines_never_break_reading(tmp_path: Path) -> None
     assert isinstance(HistoryError("x"), KybdrError)
 
 
-def test_read_with_a_small_limit_reads_from_the_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A long history: the newest records come from the last block(s), not from loading the file."""
+def test_read_with_a_small_limit_reads_from_the_end(tmp_path: Path) -> None:
+    """A long history (8 MiB, written directly): the newest records cost memory by the limit, not by the
+    file — measured with tracemalloc while reading."""
     h = _history(tmp_path)
-    big = "z" * 2000
-    for i in range(400):  # ~800 KiB, a dozen 64 KiB blocks
-        h.append({"kind": "transition", "i": i, "pad": big})
-    reads: list[int] = []
-    real_open = open
-
-    class Counting:
-        def __init__(self, fh: Any) -> None:
-            self._fh = fh
-
-        def read(self, n: int = -1) -> bytes:
-            data: bytes = self._fh.read(n)
-            reads.append(len(data))
-            return data
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self._fh, name)
-
-        def __enter__(self) -> Counting:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            self._fh.close()
-
-    monkeypatch.setattr(history_mod, "open", lambda *a, **k: Counting(real_open(*a, **k)), raising=False)
-    newest = h.read(3)
-    assert [r["i"] for r in newest] == [397, 398, 399]
-    assert sum(reads) <= 2 * history_mod.BLOCK
+    h.path.parent.mkdir(parents=True)
+    pad = "z" * 2000
+    with open(h.path, "w") as fh:
+        for i in range(1, 4001):
+            fh.write(json.dumps({"seq": i, "at": T0.isoformat(), "kind": "transition", "pad": pad}) + "\n")
+    assert h.path.stat().st_size > 8_000_000
+    tracemalloc.start()
+    try:
+        newest = h.read(3)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert [r["seq"] for r in newest] == [3998, 3999, 4000]
+    assert peak < 4 * history_mod.BLOCK
+    assert h.append({"kind": "alert"})["seq"] == 4001
+    tracemalloc.start()
+    try:
+        stats = h.statistics()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert stats["records"] == 4001
+    assert peak < 1 << 20  # streamed, one line at a time
 
 
 def test_statistics(tmp_path: Path) -> None:
@@ -260,9 +257,8 @@ async def test_copy_to_after_a_crash_between_upload_and_progress(tmp_path: Path)
 
 
 @pytest.mark.anyio
-async def test_copy_to_in_batches_and_with_a_lost_sidecar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(history_mod, "COPY_MAX_RECORDS", 4)
-    h = _history(tmp_path)
+async def test_copy_to_in_batches_and_with_a_lost_sidecar(tmp_path: Path) -> None:
+    h = History(tmp_path / "state" / "dr-history.jsonl", clock=FakeClock(), origin="dr-host", copy_batch_records=4)
     store = LocalStore(tmp_path / "repo")
     for i in range(10):
         h.append({"kind": "transition", "i": i})
