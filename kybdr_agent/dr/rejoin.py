@@ -43,6 +43,7 @@ POLL_INTERVAL: Final = 0.1
 # The node's own configuration, kept across pg_rewind (which copies the source's over it).
 CONFIG_FILES: Final = ("postgresql.conf", "postgresql.auto.conf", "pg_hba.conf", "pg_ident.conf")
 PASSFILE_NAME: Final = "kybdr-replication.pgpass"
+START_LOG: Final = "kybdr-rejoin-start.log"
 # Settings rejoin owns in postgresql.auto.conf: rewritten (or dropped) every time.
 _MANAGED: Final = ("primary_conninfo", "primary_slot_name", "default_transaction_read_only")
 # libpq parameters never copied into primary_conninfo: secrets, and what a walreceiver sets itself.
@@ -131,6 +132,16 @@ async def _run(
 
 def _tail(out: str) -> str:
     return out[-OUTPUT_TAIL:]
+
+
+def _read_tail(path: Path) -> str:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - OUTPUT_TAIL))
+            return handle.read().decode(errors="replace").strip()
+    except OSError:
+        return "(unreadable)"
 
 
 def _base_env() -> dict[str, str]:
@@ -223,7 +234,9 @@ async def rejoin(
     ``local`` reaches the local server (to see whether it already is a streaming standby, and to wait for it
     to stream); ``new_primary`` is the promoted server (its password reaches pg_rewind through the
     environment and the walreceiver through ``passfile``, default ``pgdata/kybdr-replication.pgpass``).
-    ``log_file`` is passed to ``pg_ctl start -l`` (default: none; the server's own logging settings apply).
+    ``log_file`` is passed to ``pg_ctl start -l`` (default ``pgdata/log/kybdr-rejoin-start.log``): without
+    ``-l`` the server would inherit pg_ctl's output pipe and hold it open for its whole life. The server's
+    own logging settings (``logging_collector``) take over once it runs.
     With ``start=False`` the data directory is left ready for the operator's service manager to start.
     Raises ``DRError`` with what went wrong and what to do.
     """
@@ -374,12 +387,19 @@ async def _rejoin(
 
     streaming = False
     if start:
-        argv = [pg_ctl, "-D", str(pgdata), "start", "-w", "-t", "600"]
-        if log_file is not None:
-            argv += ["-l", str(log_file)]
+        if log_file is None:
+            log_file = pgdata / "log" / START_LOG
+            if not log_file.parent.exists():
+                log_file.parent.mkdir(mode=0o700)
+                if os.geteuid() == 0:
+                    os.chown(log_file.parent, owner.uid, owner.gid)
+        argv = [pg_ctl, "-D", str(pgdata), "start", "-w", "-t", "600", "-l", str(log_file)]
         status, out = await _run(argv, owner, cwd=pgdata)
         if status != 0:
-            raise DRError(f"the rewound server at {pgdata} did not start (pg_ctl status {status}): {_tail(out)}")
+            raise DRError(
+                f"the rewound server at {pgdata} did not start (pg_ctl status {status}): {_tail(out)}\n"
+                f"Its log: {log_file}: {_tail(_read_tail(log_file))}"
+            )
         await _wait_streaming(local, timeline)
         streaming = True
     return RejoinResult(

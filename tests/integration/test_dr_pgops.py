@@ -194,6 +194,17 @@ def test_promote_refuses_when_the_standby_cannot_catch_up_and_leaves_it_a_standb
     assert pair.standby.in_recovery()
 
 
+def test_rejoin_without_wal_log_hints_or_checksums_is_refused_clearly() -> None:
+    with start_pair(extra_conf={"wal_log_hints": "off"}) as pair:
+        old, dr = pair.connection(pair.primary), pair.connection(pair.standby)
+        _run(partial(promote, dr, database=DB, catchup_timeout=30, promote_timeout=30))
+        with pytest.raises(DRError, match="cannot be rewound: it has neither wal_log_hints = on nor data checksums"):
+            _run(
+                partial(rejoin, pgdata=pair.primary.data_dir, local=old, new_primary=dr, pg_bin_dir=PG_BIN, timeout=30)
+            )
+        assert pair.primary.is_running()  # refused before stopping anything
+
+
 def test_rejoin_refusals_touch_nothing(pair: Pair, tmp_path: Path) -> None:
     primary, standby = pair.connection(pair.primary), pair.connection(pair.standby)
     with pytest.raises(DRError, match="not a PostgreSQL data directory"):
@@ -347,9 +358,9 @@ def test_failover_rejoin_and_zero_loss_switchover_back() -> None:
                 new_primary=old_conn,
                 pg_bin_dir=PG_BIN,
                 timeout=120,
-                log_file=dr.log_file,
             )
         )
+        assert (dr.data_dir / "log" / "kybdr-rejoin-start.log").exists()  # pg_ctl start -l by default
         assert rejoined.streaming
         assert rejoined.timeline == 3
         assert dr.psql(DB, "SHOW default_transaction_read_only") == "off"  # the fence went with the rejoin
