@@ -313,18 +313,18 @@ class S3Store:
         race simply loses this round) are answers, not failures; a missing object under ``If-Match``
         (404) is a mismatch too. Other failures are retried as every call is. One retry case needs care:
         when an attempt's answer was lost after the store applied it, the retry fails its own
-        precondition (the object is now ours). So a precondition failure after a retry reads the object
-        back, and content identical to ours means the write was ours.
+        precondition (the object is now ours). Such a retry may happen below us too (aiohttp resends an
+        idempotent PUT once when a kept-alive connection drops), so every precondition failure reads the
+        object back: content identical to ours means the write was ours (a lease body names its holder,
+        host, pid and times, so nobody else writes the same bytes).
         """
         extra: dict[str, Any] = dict(condition)
         if self.options.checksums == "sha256":
             extra["ChecksumSHA256"] = base64.b64encode(hashlib.sha256(data).digest()).decode()
-        retried: list[int] = []
         try:
             answer = await self.call(
                 what,
                 "put_object",
-                retried=retried,
                 Bucket=self.options.bucket,
                 Key=self.full_key(key),
                 Body=data,
@@ -340,10 +340,14 @@ class S3Store:
             status = str(cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
             if code not in _CONDITION_FAILED_CODES and status not in _CONDITION_FAILED_CODES:
                 raise
-            if retried:
+            try:  # bounded by our own size: a larger object is not ours
                 current = await self.get_with_etag(key, max_size=len(data))
-                if current is not None and current[0] == data:
-                    return current[1]
+            except StoreError as read_error:
+                log.info("s3.conditional_put_not_ours", key=key, reason=str(read_error))
+                return None
+            if current is not None and current[0] == data:
+                log.info("s3.conditional_put_was_ours", key=key, note="an earlier attempt's answer was lost")
+                return current[1]
             return None
         return str(answer["ETag"])
 

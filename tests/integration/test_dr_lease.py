@@ -24,6 +24,7 @@ from kybdr_agent.storage.base import BlobStore
 from kybdr_agent.storage.local import LocalStore
 from kybdr_agent.storage.retry import RetryPolicy
 from kybdr_agent.storage.s3 import S3Options, S3Store
+from tests.faultproxy import FaultProxy, fault
 from tests.support import MotoServer
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -47,13 +48,15 @@ class FakeClock:
 
 
 async def _s3(endpoint: str, bucket: str, *, attempts: int = 3, timeout: float = 10.0) -> S3Store:
-    """As kybdr_agent/app.py ``_open_store`` opens an s3:// repository."""
+    """As kybdr_agent/app.py ``_open_store`` opens an s3:// repository (path-style, which the fault
+    proxy's request classifier reads)."""
     return await S3Store.open(
         S3Options(
             bucket=bucket,
             prefix="agents",
             region="us-east-1",
             endpoint_url=endpoint,
+            addressing_style="path",
             connect_timeout=timeout,
             request_timeout=timeout,
             retry=RetryPolicy(attempts=attempts, base_delay=0.01, attempt_deadline=timeout),
@@ -203,6 +206,33 @@ async def test_a_holder_cut_off_from_the_store_holds_until_its_expiry_only(
     finally:
         await dead.aclose()
         await good.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_lost_answer_to_a_conditional_put_is_recognised(moto_server: MotoServer, bucket: str) -> None:
+    """S3 applied the conditional PUT but the answer was lost (connection reset mid-response): the retry
+    fails its own precondition, and the store reads back to find the object is ours — the lease is held,
+    not wrongly reported lost (and never written twice)."""
+    with FaultProxy(moto_server.endpoint, seed=3) as proxy:
+        rule = proxy.add(fault("PutObject", "reset_response", every=1, limit=1, where=bucket))
+        store = await _s3(proxy.endpoint, bucket)
+        try:
+            clock = FakeClock()
+            a = DrLease(store, holder="agent-a", ttl=TTL, clock=clock)
+            assert await a.acquire_or_renew()  # created through put_if_absent, answer lost once
+            assert rule.hits == 1
+            clock.advance(5)
+            rule.hits = 0  # arm it again
+            assert await a.acquire_or_renew()  # renewed through put_if_match, answer lost once
+            assert rule.hits == 1
+            held = await a.holder()
+            assert held is not None
+            assert held.etag == (await store.get_with_etag("dr/lease", max_size=1 << 16) or (b"", ""))[1]
+            assert held.renewed_at == clock.now
+            b = DrLease(store, holder="agent-b", ttl=TTL, clock=clock)
+            assert not await b.acquire_or_renew()
+        finally:
+            await store.aclose()
 
 
 def test_simultaneous_contenders_on_a_folder_repository(tmp_path: Path) -> None:
