@@ -356,7 +356,7 @@ def test_single_vantage_fails_over_on_own_probes_and_says_so() -> None:
         (standby_db("dr", receipt=T0 - timedelta(minutes=5)), "staleness"),
         (standby_db("dr", receipt=None), "staleness"),
         (standby_db("dr", timeline=2), "timeline"),
-        (writable_db("dr") if False else DbProbe("dr", True, in_recovery=False, read_only=True), "standby"),
+        (DbProbe("dr", True, in_recovery=False, read_only=True), "standby"),
     ],
 )
 def test_guards_refuse_automatic_failover_and_alert_once(standby: DbProbe, guard: str) -> None:
@@ -1179,13 +1179,6 @@ class Model:
         if self.pending is not None:
             self.pending = (self.pending[0], self.pending[1] - 1)
         assert not (self.p.writable and self.d.writable), f"two writable databases at {self.now}"
-
-    def role_changes(self) -> list[datetime]:
-        return [
-            datetime.fromisoformat(r.fields["at"]) if "at" in r.fields else T0
-            for r in self.history
-            if r.kind == "operation" and r.fields["trigger"] == "auto" and r.fields["outcome"] == "succeeded"
-        ]
 
 
 @pytest.mark.parametrize(
