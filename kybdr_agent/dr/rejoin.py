@@ -44,6 +44,7 @@ POLL_INTERVAL: Final = 0.1
 CONFIG_FILES: Final = ("postgresql.conf", "postgresql.auto.conf", "pg_hba.conf", "pg_ident.conf")
 PASSFILE_NAME: Final = "kybdr-replication.pgpass"
 START_LOG: Final = "kybdr-rejoin-start.log"
+START_TIME_SLACK: Final = 2.0
 # Settings rejoin owns in postgresql.auto.conf: rewritten (or dropped) every time.
 _MANAGED: Final = ("primary_conninfo", "primary_slot_name", "default_transaction_read_only")
 # libpq parameters never copied into primary_conninfo: secrets, and what a walreceiver sets itself.
@@ -264,10 +265,24 @@ async def rejoin(
         raise DRError(f"rejoin of {pgdata}: {pg_message(exc)}") from None
 
 
-async def _primary_facts(new_primary: Connection) -> tuple[int, str, int]:
-    """Checks the new primary is one and returns (timeline, data_directory, postmaster start time); the
-    CHECKPOINT makes its control file show its new timeline, which pg_rewind reads. The start time is in
-    whole seconds, as postmaster.pid has it."""
+@dataclass(frozen=True)
+class _Postmaster:
+    """Enough of a running server's identity to tell whether two descriptions are the same server."""
+
+    data_directory: str
+    port: int
+    started: float  # epoch seconds
+
+    def same_as(self, other: _Postmaster) -> bool:
+        # postmaster.pid holds whole seconds taken a moment apart from pg_postmaster_start_time().
+        return (self.data_directory, self.port) == (other.data_directory, other.port) and abs(
+            self.started - other.started
+        ) <= START_TIME_SLACK
+
+
+async def _primary_facts(new_primary: Connection) -> tuple[int, _Postmaster]:
+    """Checks the new primary is one and returns its timeline and identity; the CHECKPOINT makes its
+    control file show its new timeline, which pg_rewind reads."""
     what = f"checking the new primary {new_primary.describe()}"
     async with _session(new_primary, MAINTENANCE_DB, what) as session:
         if await session.fetchval("SELECT pg_is_in_recovery()"):
@@ -276,9 +291,12 @@ async def _primary_facts(new_primary: Connection) -> tuple[int, str, int]:
             raise DRError(f"{what}: full_page_writes is off there, and pg_rewind needs it on its source")
         await session.execute("CHECKPOINT")
         timeline = await _timeline(session)
-        directory = str(await session.fetchval("SHOW data_directory"))
-        since = int(await session.fetchval("SELECT extract(epoch FROM pg_postmaster_start_time())::bigint"))
-    return timeline, directory, since
+        row = await session.fetchrow(
+            "SELECT current_setting('data_directory') AS dir, current_setting('port')::int AS port,"
+            " extract(epoch FROM pg_postmaster_start_time())::float8 AS started"
+        )
+    assert row is not None
+    return timeline, _Postmaster(str(row["dir"]), int(row["port"]), float(row["started"]))
 
 
 async def _local_state(local: Connection, timeline: int) -> tuple[bool, bool] | None:
@@ -297,11 +315,11 @@ async def _local_state(local: Connection, timeline: int) -> tuple[bool, bool] | 
     return bool(row["rec"]), bool(row["streaming"])
 
 
-def _postmaster(pgdata: Path) -> tuple[str, int] | None:
-    """(data directory, start time in epoch seconds) from a running server's postmaster.pid."""
+def _postmaster(pgdata: Path) -> _Postmaster | None:
+    """A running server's identity from its postmaster.pid (pid, data directory, start time, port...)."""
     try:
         lines = (pgdata / "postmaster.pid").read_text(errors="replace").splitlines()
-        return lines[1], int(lines[2])
+        return _Postmaster(lines[1], int(lines[3]), float(lines[2]))
     except (OSError, IndexError, ValueError):
         return None
 
@@ -319,12 +337,14 @@ async def _rejoin(
     started: float,
 ) -> RejoinResult:
     pg_ctl, pg_rewind, pg_controldata = tools
-    timeline, primary_dir, primary_since = await _primary_facts(new_primary)
+    timeline, primary = await _primary_facts(new_primary)
     running = await _is_running(pg_ctl, pgdata, owner)
     if running:
-        # The same data directory path and start second as the new primary: it is the new primary (the
-        # configuration or the host is mixed up). postmaster.pid does not depend on the local DSN being right.
-        if _postmaster(pgdata) == (primary_dir, primary_since):
+        # The same data directory path, port and start time as the new primary: it is the new primary (the
+        # configuration or the host is mixed up). postmaster.pid does not depend on the local DSN being right,
+        # and a false match only refuses.
+        local_postmaster = _postmaster(pgdata)
+        if local_postmaster is not None and local_postmaster.same_as(primary):
             raise DRError(
                 f"the local server at {pgdata} IS the new primary {new_primary.describe()}: refusing to"
                 " rewind it (run rejoin on the old primary's host)"
