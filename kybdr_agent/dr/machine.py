@@ -751,6 +751,8 @@ def _failover_guards(
     # standby whose replication silently stopped long before must not be promoted.
     ref = state.suspect_since or now
     receipt = standby.last_receipt if standby else None
+    if receipt is None and state.last_standby is not None:
+        receipt = state.last_standby.last_receipt  # the receiver stopped with the primary: its last receipt
     if receipt is None:
         guards.append(GuardResult("staleness", False, True, "no WAL receipt time: replication is not running"))
     else:
@@ -1029,9 +1031,17 @@ def decide(state: State, obs: Observations, now: datetime, policy: Policy) -> De
     else:
         _watch(run, obs, policy)
     # Remember the standby as seen now: the next round's WAL-progress veto compares against it.
+    # A receiver that stopped (the primary died) reports no receipt time: keep the last one known, which is
+    # what the staleness guard must judge (when did WAL last arrive, not "is it arriving now").
     standby = _db(obs, "dr")
     if standby is not None and standby.reachable:
-        run.set(last_standby=LastStandby(standby.receive_lsn, standby.last_receipt))
+        before = run.state.last_standby
+        run.set(
+            last_standby=LastStandby(
+                standby.receive_lsn if standby.receive_lsn is not None else (before.receive_lsn if before else None),
+                standby.last_receipt if standby.last_receipt is not None else (before.last_receipt if before else None),
+            )
+        )
     return run.decision()
 
 

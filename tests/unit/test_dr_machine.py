@@ -24,6 +24,7 @@ from kybdr_agent.dr.machine import (
     Failover,
     Fence,
     FenceSelf,
+    LastStandby,
     Operation,
     Policy,
     PrimarySideState,
@@ -360,7 +361,8 @@ def test_single_vantage_fails_over_on_own_probes_and_says_so() -> None:
     ],
 )
 def test_guards_refuse_automatic_failover_and_alert_once(standby: DbProbe, guard: str) -> None:
-    state = steady_state()
+    # "No receipt time" means replication never ran while we watched: the steady rounds saw none either.
+    state = steady_state(last_standby=LastStandby(5000, None)) if standby.last_receipt is None else steady_state()
     ds = run_ticks(state, lambda now: dead_primary(now, dr=standby), 5)
     assert all(not kinds(d.actions, Fence) for d in ds)
     assert ds[2].state.phase == "confirming"
@@ -1269,3 +1271,11 @@ def test_policy_from_settings() -> None:
     assert policy.peer
     assert policy.interval == dr.health_check_interval
     assert policy.vantage == "multi"
+
+
+def test_a_receiver_that_stopped_with_the_primary_is_judged_by_its_last_receipt() -> None:
+    """When the primary dies its WAL receiver exits and reports no receipt time; the staleness guard must
+    judge the last receipt seen before the failures began (fresh here), not refuse for "no receipt"."""
+    state = steady_state()
+    ds = run_ticks(state, lambda now: dead_primary(now, dr=standby_db("dr", receipt=None, streaming=False)), 4)
+    assert any(kinds(d.actions, Fence) for d in ds)
