@@ -137,7 +137,15 @@ class DRComponent:
         self.state: State = machine.initial_state(switches, restored)
         self.primary_side = PrimarySideState(last_contact=None, fenced=False, started_at=clock())
         if persisted and "primary_side" in persisted:
-            self.primary_side = replace(self.primary_side, fenced=bool(persisted["primary_side"].get("fenced")))
+            # The partition clock survives a restart: an agent restarted mid-partition must fence itself when
+            # the DR side expects it to (its deadline counts from the last contact), not partition_timeout later.
+            side = persisted["primary_side"]
+            contact = side.get("last_contact")
+            self.primary_side = replace(
+                self.primary_side,
+                fenced=bool(side.get("fenced")),
+                last_contact=datetime.fromisoformat(contact) if isinstance(contact, str) else None,
+            )
         self._config_switches = (self.settings.auto_failover, self.settings.auto_failback)
 
     @property
@@ -358,7 +366,10 @@ class DRComponent:
     def _save(self) -> None:
         data: dict[str, Any] = {"machine": self.state.to_json()}
         if self.role == "primary":
-            data["primary_side"] = {"fenced": self.primary_side.fenced}
+            data["primary_side"] = {
+                "fenced": self.primary_side.fenced,
+                "last_contact": _iso(self.primary_side.last_contact),
+            }
         save_state(self.parts.state_path, data)
 
     def _record(self, kind: str, fields: Mapping[str, Any]) -> dict[str, Any]:
