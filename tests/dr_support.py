@@ -224,7 +224,7 @@ class DRWorld:
             **common,
             "role": "primary",
             "primary_dsn": self.pair.dsn(self.primary),
-            "standby_dsn": self.pair.dsn(self.standby, self.link.port),
+            "standby_dsn": self.pair.dsn(self.standby),  # the link proxies to the primary: not this way
             "witness_urls": [f"http://127.0.0.1:{self.witness_links['primary'].port}/primary"],
             "peer_url": f"http://127.0.0.1:{self.peer_links['primary'].port}",
             "peer_token_file": str(dr_agent.token_file),
