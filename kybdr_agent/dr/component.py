@@ -130,6 +130,7 @@ class DRComponent:
         self.lease_holder: str | None = None
         self._waiters: dict[str, _Waiter] = {}
         self._wake = anyio.Event()
+        self._copy_now = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
         persisted = load_state(parts.state_path)
         switches = Switches(auto_failover=self.settings.auto_failover, auto_failback=self.settings.auto_failback)
@@ -376,6 +377,7 @@ class DRComponent:
         record = self.parts.history.append({"kind": kind, **fields})
         if kind == "operation":
             self.events.publish(DROperationFinished(record))
+            self._copy_now.set()
             op_id = str(fields.get("operation_id") or fields.get("id") or "")
             waiter = self._waiters.get(op_id)
             if waiter is not None:
@@ -662,7 +664,11 @@ class DRComponent:
         if store is None:
             return
         while True:
-            await anyio.sleep(HISTORY_COPY_SECONDS)
+            # Every minute, and at once after an operation ends: the record of a failover should reach the
+            # repository while the region that wrote it still exists.
+            with anyio.move_on_after(HISTORY_COPY_SECONDS):
+                await self._copy_now.wait()
+            self._copy_now = anyio.Event()
             try:
                 with anyio.fail_after(120):
                     await self.parts.history.copy_to(store)

@@ -57,3 +57,9 @@ def test_primary_death_fails_over_fences_switches_dns_and_records_every_step(wor
     transitions = [(e["from"], e["to"]) for e in dr.history(kind="transition")]
     assert ("confirming", "fencing") in transitions
     assert writable_after < 60
+
+    # The history reaches the repository right after the operation (immutable objects under dr/history/).
+    copied = world.tmp / "repo" / "dr" / "history"
+    wait_until("history copied", lambda: copied.exists() and any(copied.rglob("*.jsonl")), timeout=20)
+    lines = [line for path in copied.rglob("*.jsonl") for line in path.read_text().splitlines()]
+    assert any('"operation": "failover"' in line or '"operation":"failover"' in line for line in lines)
