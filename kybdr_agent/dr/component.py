@@ -248,6 +248,16 @@ class DRComponent:
         async with self.exec_lock:
             async with self.lock:
                 decision = machine.decide(self._as_seen_by_machine(), obs, self.clock(), self.policy)
+                if not self._may_act() and any(_is_step(action) for action in decision.actions):
+                    # Without the lease even an interrupted operation is not ours to resume: another DR
+                    # agent holds it and may be running it. Watch, and say why nothing happens.
+                    log.warning(
+                        "dr.not_lease_holder",
+                        holder=self.lease_holder,
+                        phase=decision.state.phase,
+                        note="a step is due but another agent holds the DR lease",
+                    )
+                    return
                 steps = self._commit(decision)
             await self._execute(steps)
         log.info(
@@ -259,6 +269,9 @@ class DRComponent:
             lease=self.holder,
             primary_ok=_region_ok(obs, "primary"),
         )
+
+    def _may_act(self) -> bool:
+        return self.holder or self.parts.lease is None
 
     def _as_seen_by_machine(self) -> State:
         """Without the lease this agent watches but must not act: the machine sees automation paused."""
@@ -323,7 +336,7 @@ class DRComponent:
                 self._record(action.kind, action.fields)
             elif isinstance(action, Alert):
                 self._alert(action)
-            elif isinstance(action, Fence | Promote | SwitchDns | Rejoin | Unfence | FenceSelf):
+            elif _is_step(action):
                 steps.append(action)
         if state.phase == "halted" and before.phase != "halted":
             for op_id, waiter in list(self._waiters.items()):
@@ -679,6 +692,10 @@ class DRComponent:
 def replace_fixed(old: DRSettings, new: DRSettings, fixed: tuple[str, ...]) -> DRSettings:
     """The new settings, except the fields that only a restart applies (they keep the running values)."""
     return new.model_copy(update={name: getattr(old, name) for name in fixed})
+
+
+def _is_step(action: object) -> bool:
+    return isinstance(action, Fence | Promote | SwitchDns | Rejoin | Unfence | FenceSelf)
 
 
 def _region_ok(obs: Observations, region: Region) -> bool:

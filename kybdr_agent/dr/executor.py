@@ -38,6 +38,7 @@ log = get_logger("kybdr_agent.dr")
 
 PEER_FENCE_PATH: Final = "/v1/disaster-recovery/fence"
 FENCE_TIMEOUT_SECONDS: Final = 15.0
+PEER_FENCE_MIN_SECONDS: Final = 3.0
 REJOIN_TIMEOUT_SECONDS: Final = 600.0
 
 StepAction = Fence | Promote | SwitchDns | Rejoin | Unfence | FenceSelf
@@ -139,10 +140,13 @@ class StepExecutor:
         config = self.config
         assert config.peer_url is not None
         headers = {"Authorization": f"Bearer {config.peer_token}"} if config.peer_token else {}
-        timeout = aiohttp.ClientTimeout(total=FENCE_TIMEOUT_SECONDS + 5, connect=config.probe_timeout)
+        # A peer that accepts the connection and never answers (a blackholed link) must not hold the
+        # failover for the whole fence timeout: a real peer fence takes well under a second.
+        bound = max(PEER_FENCE_MIN_SECONDS, 3 * config.probe_timeout)
+        timeout = aiohttp.ClientTimeout(total=bound, connect=config.probe_timeout)
         url = config.peer_url.rstrip("/") + PEER_FENCE_PATH
         try:
-            with anyio.fail_after(FENCE_TIMEOUT_SECONDS + 10):
+            with anyio.fail_after(bound + 1):
                 async with (
                     aiohttp.ClientSession(timeout=timeout) as session,
                     session.post(url, json={}, headers=headers) as response,
