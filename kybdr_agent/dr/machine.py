@@ -753,19 +753,23 @@ def _failover_guards(
     receipt = standby.last_receipt if standby else None
     if receipt is None and state.last_standby is not None:
         receipt = state.last_standby.last_receipt  # the receiver stopped with the primary: its last receipt
-    if receipt is None:
+    # An idle primary sends the standby nothing but a keepalive every wal_receiver_timeout / 2 (30 s by
+    # default), so an old receipt alone is no sign of loss: a standby that has received everything the
+    # primary had written when last seen healthy is caught up, however quiet the link has been.
+    caught_up = healthy is not None and healthy.lsn is not None and receive is not None and receive >= healthy.lsn
+    if receipt is None and caught_up:
+        guards.append(GuardResult("staleness", True, True, "no WAL receipt time, but the standby has everything"))
+    elif receipt is None:
         guards.append(GuardResult("staleness", False, True, "no WAL receipt time: replication is not running"))
     else:
         age = ref - receipt
-        guards.append(
-            GuardResult(
-                "staleness",
-                age <= policy.max_staleness,
-                True,
-                f"last WAL receipt {age.total_seconds():.1f} s before the failures began "
-                f"(max {policy.max_staleness.total_seconds():.0f} s)",
-            )
+        detail = (
+            f"last WAL receipt {age.total_seconds():.1f} s before the failures began "
+            f"(max {policy.max_staleness.total_seconds():.0f} s)"
         )
+        if age > policy.max_staleness and caught_up:
+            detail += ", but the standby had received all the primary had written: an idle link, not a stale one"
+        guards.append(GuardResult("staleness", age <= policy.max_staleness or caught_up, True, detail))
     guards.append(_cooldown_guard(state, now, policy))
     if trigger == "auto":
         guards.append(_flap_guard(state, now, policy))

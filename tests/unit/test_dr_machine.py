@@ -354,15 +354,16 @@ def test_single_vantage_fails_over_on_own_probes_and_says_so() -> None:
     ("standby", "guard"),
     [
         (standby_db("dr", receive=3000), "lag"),
-        (standby_db("dr", receipt=T0 - timedelta(minutes=5)), "staleness"),
-        (standby_db("dr", receipt=None), "staleness"),
+        # Stale: no receipt for 5 minutes AND behind the primary's last position (within the lag bound).
+        (standby_db("dr", receive=4500, receipt=T0 - timedelta(minutes=5)), "staleness"),
+        (standby_db("dr", receive=4500, receipt=None), "staleness"),
         (standby_db("dr", timeline=2), "timeline"),
         (DbProbe("dr", True, in_recovery=False, read_only=True), "standby"),
     ],
 )
 def test_guards_refuse_automatic_failover_and_alert_once(standby: DbProbe, guard: str) -> None:
     # "No receipt time" means replication never ran while we watched: the steady rounds saw none either.
-    state = steady_state(last_standby=LastStandby(5000, None)) if standby.last_receipt is None else steady_state()
+    state = steady_state(last_standby=LastStandby(4500, None)) if standby.last_receipt is None else steady_state()
     ds = run_ticks(state, lambda now: dead_primary(now, dr=standby), 5)
     assert all(not kinds(d.actions, Fence) for d in ds)
     assert ds[2].state.phase == "confirming"
@@ -1278,4 +1279,16 @@ def test_a_receiver_that_stopped_with_the_primary_is_judged_by_its_last_receipt(
     judge the last receipt seen before the failures began (fresh here), not refuse for "no receipt"."""
     state = steady_state()
     ds = run_ticks(state, lambda now: dead_primary(now, dr=standby_db("dr", receipt=None, streaming=False)), 4)
+    assert any(kinds(d.actions, Fence) for d in ds)
+
+
+def test_an_idle_caught_up_standby_is_not_stale() -> None:
+    """An idle primary only sends keepalives (every wal_receiver_timeout / 2), so the last receipt can be
+    older than max_staleness although the standby has everything: that is no reason to refuse."""
+    state = steady_state()
+    healthy = state.last_healthy
+    assert healthy is not None
+    assert healthy.lsn is not None
+    old = T0 - timedelta(minutes=5)
+    ds = run_ticks(state, lambda now: dead_primary(now, dr=standby_db("dr", receive=healthy.lsn, receipt=old)), 4)
     assert any(kinds(d.actions, Fence) for d in ds)
