@@ -234,8 +234,17 @@ class DRComponent:
             else:
                 self.heartbeat = time.monotonic()
             self._wake = anyio.Event()
-            with anyio.move_on_after(max(0.0, interval - (time.monotonic() - started))):
+            pause = max(0.0, interval - (time.monotonic() - started))
+            with anyio.move_on_after(min(pause, self._until_fence_deadline())):
                 await self._wake.wait()
+
+    def _until_fence_deadline(self) -> float:
+        """Seconds until the old primary's self-fence deadline, when a failover waits for it: the round
+        that promotes runs at the deadline, not up to an interval after it."""
+        operation = self.state.operation
+        if operation is None or operation.step != "wait_self_fence" or operation.fence_deadline is None:
+            return float("inf")
+        return max(0.1, (operation.fence_deadline - self.clock()).total_seconds())  # never a busy loop
 
     async def tick(self) -> None:
         obs = await self.parts.prober.observe()

@@ -102,9 +102,26 @@ class StepExecutor:
 
     async def fence(self, region: Region, *, allow_peer: bool = True) -> dict[str, Any]:
         config = self.config
-        result = await pgops.fence(
-            config.databases[region], database=config.maintenance_database, timeout=FENCE_TIMEOUT_SECONDS
-        )
+        use_peer = allow_peer and config.peer_url is not None and region != config.local_region
+        peer: dict[str, Any] = {}
+        sql: list[pgops.FenceResult] = []
+
+        async def by_sql(scope: anyio.CancelScope) -> None:
+            sql.append(
+                await pgops.fence(
+                    config.databases[region], database=config.maintenance_database, timeout=FENCE_TIMEOUT_SECONDS
+                )
+            )
+            if sql[0].fenced or sql[0].reachable:
+                scope.cancel()  # the database answered: its own word decides, the peer's is not needed
+
+        # The database and its agent are asked at the same time: when the database is silent (a blackholed
+        # link, a powered-off host) the peer's answer, or its silence, then costs no extra time.
+        async with anyio.create_task_group() as tg:
+            if use_peer:
+                tg.start_soon(self._peer_fence_into, peer)
+            await by_sql(tg.cancel_scope)
+        result = sql[0]
         detail: dict[str, Any] = {
             "region": region,
             "reachable": result.reachable,
@@ -113,9 +130,8 @@ class StepExecutor:
             "detail": result.detail,
         }
         fenced = result.fenced
-        if not fenced and not result.reachable and allow_peer and config.peer_url and region != config.local_region:
-            peer = await self._peer_fence()
-            detail["peer"] = peer
+        if use_peer and not result.reachable:
+            detail["peer"] = peer or {"fenced": False, "error": "no answer"}
             if peer.get("fenced"):
                 fenced = True
                 detail["how"] = "peer"
@@ -134,6 +150,9 @@ class StepExecutor:
         if not fenced:
             detail["error"] = f"could not fence the {region} database: {result.detail or 'unreachable'}"
         return detail
+
+    async def _peer_fence_into(self, into: dict[str, Any]) -> None:
+        into.update(await self._peer_fence())
 
     async def _peer_fence(self) -> dict[str, Any]:
         """Ask the other agent to fence the database beside it; any failure is "not fenced", never raised."""

@@ -160,7 +160,7 @@ async def fence(conn: Connection, *, database: str, timeout: float) -> FenceResu
             reachable=answered,
             how="sql",
             lsn=None,
-            detail=f"timed out after {timeout:g}s {where} ({conn.describe()})",
+            detail=f"timed out after {time.monotonic() - started:.1f}s {where} ({conn.describe()})",
         )
     except DRError as exc:
         return FenceResult(fenced=False, reachable=True, how="sql", lsn=None, detail=str(exc))
