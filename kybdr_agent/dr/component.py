@@ -658,7 +658,15 @@ class DRComponent:
             "fenced": self.primary_side.fenced if self.role == "primary" else bool(local and local.read_only),
             "active": active,
             "state": self._phase(),
+            "contact": self._in_contact(obs),
         }
+
+    def _in_contact(self, obs: Observations | None) -> bool | None:
+        """Whether this agent's last round reached its peer or a witness majority (the primary side's
+        partition rule); the DR side lifts a partition's fence only while this holds."""
+        if obs is None:
+            return None
+        return machine.primary_side_contact(obs, self.policy)
 
     async def fence_local(self) -> dict[str, Any]:
         """``POST /v1/disaster-recovery/fence`` from the peer: fence the database beside this agent."""

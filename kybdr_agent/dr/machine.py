@@ -48,7 +48,7 @@ PHASES: tuple[Phase, ...] = (
     "halted",
 )
 Severity = Literal["info", "warning", "critical"]
-OperationKind = Literal["failover", "failback", "fence"]
+OperationKind = Literal["failover", "failback", "fence", "unfence"]
 Trigger = Literal["auto", "manual"]
 StepName = Literal["fence", "wait_self_fence", "promote", "dns", "rejoin", "unfence"]
 Outcome = Literal["succeeded", "failed", "rolled_back"]
@@ -546,6 +546,7 @@ _STEP_PHASE: Mapping[tuple[OperationKind, StepName], Phase] = {
     ("failback", "rejoin"): "switching_back",
     ("failback", "unfence"): "switching_back",
     ("fence", "fence"): "fencing",
+    ("unfence", "unfence"): "fencing",
 }
 
 
@@ -903,9 +904,10 @@ def _start_operation(
     *,
     forced: bool = False,
     allow_unfenced: bool = False,
+    first_step: StepName = "fence",
 ) -> None:
     """Begin an operation with its first step, fencing ``source``: always fence before promoting (the split
-    brains reported against repmgr come from skipping it)."""
+    brains reported against repmgr come from skipping it). Only lifting a partition's fence starts otherwise."""
     op = Operation(
         id=_operation_id(kind, run.now),
         kind=kind,
@@ -916,11 +918,11 @@ def _start_operation(
         target=target,
         started_at=run.now,
         reason=reason,
-        step="fence",
+        step=first_step,
         frozen=_frozen_inputs(run.state, obs),
     )
     run.set(operation=op)
-    _begin_step(run, "fence", reason)
+    _begin_step(run, first_step, reason)
 
 
 def _begin_step(run: _Run, step: StepName, reason: str) -> None:
@@ -1079,8 +1081,8 @@ def _start(run: _Run, obs: Observations, policy: Policy) -> None:
         run.alert_once("starting:unreachable", "warning", "DR starting: neither database answers; waiting")
         return
     op = run.state.operation
-    if op is not None and op.kind == "fence":
-        _finish(run, "failed" if _writable(obs, op.source) else "succeeded")
+    if op is not None and op.kind in ("fence", "unfence"):
+        _finish(run, "succeeded" if _writable(obs, op.source) == (op.kind == "unfence") else "failed")
         op = None
     if op is not None:
         _resume(run, obs, policy)
@@ -1106,9 +1108,9 @@ def _resume(run: _Run, obs: Observations, policy: Policy) -> None:
     op = run.op
     src, tgt = op.source, op.target
     promoted = _in_recovery(obs, tgt) is False
-    if op.kind == "fence":
-        _finish(run, "failed" if _writable(obs, src) else "succeeded")
-        run.goto("steady", "split-brain fence settled")
+    if op.kind in ("fence", "unfence"):
+        _finish(run, "succeeded" if _writable(obs, src) == (op.kind == "unfence") else "failed")
+        run.goto("steady", f"{op.kind} of the {src} database settled")
         return
     if op.kind == "failover":
         if promoted and _writable(obs, src):
@@ -1199,6 +1201,21 @@ def _watch(run: _Run, obs: Observations, policy: Policy) -> None:
         else:
             run.halt(f"the {passive} database accepts writes although {active} is active: promoted outside the agent?")
         return
+    if active == "primary" and not state.switches.paused and _partition_fence_to_lift(obs, policy):
+        run.alert(
+            "warning", "the primary fenced itself in a partition that has healed and no failover happened: unfencing it"
+        )
+        _start_operation(
+            run,
+            "unfence",
+            "auto",
+            "primary",
+            "primary",
+            "the partition healed; the DR side still follows the primary",
+            obs,
+            first_step="unfence",
+        )
+        return
     ok = check_ok(obs, active)
     if ok:
         run.set(failures=0, suspect_since=None)
@@ -1221,6 +1238,31 @@ def _watch(run: _Run, obs: Observations, policy: Policy) -> None:
         return
     run.goto("confirming", f"{run.state.failures} consecutive failed checks of the primary region")
     _confirm(run, obs, policy)
+
+
+def _partition_fence_to_lift(obs: Observations, policy: Policy) -> bool:
+    """Whether the primary is fenced only because its agent lost contact for a while, and everything now says
+    it should take writes again: its agent reports the fence (``fenced``: the agent's own, not an operator's
+    hand edit, which the agent does not know of), its database answers, is no standby and is read-only, the
+    standby here was never promoted, the application's health URL answers 2xx and no witness says otherwise.
+
+    Without this, a one-sided blip of the primary's links (a partition shorter than any failover) would leave
+    the service read-only until someone woke up. It is the DR agent — the one actor that fences before every
+    promotion, under the same serialisation — that lifts it, so the lift can never race its own fence."""
+    primary, standby, peer = _db(obs, "primary"), _db(obs, "dr"), obs.peer
+    if primary is None or not primary.reachable or primary.in_recovery is not False or primary.read_only is not True:
+        return False
+    if standby is None or not standby.reachable or standby.in_recovery is not True:
+        return False
+    if peer is None or not peer.reachable or peer.fenced is not True or peer.active not in (None, "primary"):
+        return False
+    if peer.contact is not True:  # an asymmetric cut: its agent would fence it again at once
+        return False
+    health = obs.health.get("primary")
+    if health is not None and not health.ok:
+        return False
+    answered = [w for w in obs.witnesses if w.reachable]
+    return not (policy.witnesses and (not answered or any(not w.ok for w in answered)))
 
 
 def _confirm(run: _Run, obs: Observations, policy: Policy) -> None:
@@ -1366,6 +1408,8 @@ def step_done(state: State, result: StepResult, now: datetime, policy: Policy) -
     run.set_op(pending=False, steps=steps)
     if op.kind == "fence":
         _fence_op_done(run, result)
+    elif op.kind == "unfence":
+        _unfence_op_done(run, result)
     elif op.kind == "failover":
         _failover_step_done(run, result, policy)
     else:
@@ -1394,6 +1438,18 @@ def _fence_op_done(run: _Run, result: StepResult) -> None:
     else:
         _finish(run, "failed")
         run.halt(f"could not fence the writable {region} database: {_why(result)}")
+
+
+def _unfence_op_done(run: _Run, result: StepResult) -> None:
+    """Lifting a partition's fence: done, or reported once (the next round tries again if it still applies)."""
+    region = run.op.source
+    if result.ok:
+        _finish(run, "succeeded")
+        run.goto("steady", f"the {region} database takes writes again")
+    else:
+        _finish(run, "failed")
+        run.alert_once(f"unfence:{region}", "warning", f"could not unfence the {region} database: {_why(result)}")
+        run.goto("suspect", f"the {region} database is still fenced")
 
 
 def _failover_step_done(run: _Run, result: StepResult, policy: Policy) -> None:

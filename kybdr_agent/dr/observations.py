@@ -63,6 +63,7 @@ class PeerProbe:
     db_writable: bool | None = None  # and that database accepts writes
     fenced: bool | None = None  # the peer has fenced its database
     active: Region | None = None  # the region the peer believes is active
+    contact: bool | None = None  # the peer itself is in contact (its own peer or a witness majority answers)
     error: str = ""
 
 

@@ -253,6 +253,7 @@ def _peer_view(data: Any) -> PeerProbe:
         db_writable=flag("db_writable"),
         fenced=flag("fenced"),
         active=cast(Region | None, active),
+        contact=flag("contact"),
     )
 
 

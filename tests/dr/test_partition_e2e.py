@@ -173,6 +173,20 @@ def test_primary_agent_cut_off_from_peer_and_witness_fences_itself_and_dr_does_n
     if "witness_view" in guards:  # the DR agent reached confirming: the witness was the veto
         assert guards["witness_view"]["ok"] is False, guards
 
+    # Heal: the primary agent is in contact again and nothing took over, so the DR agent (the one actor,
+    # under the same serialisation as its fences) lifts the partition's fence: no one has to wake up.
+    with _prober(world) as prober:
+        world.peer_links["primary"].set("pass")
+        world.witness_links["primary"].set("pass")
+        wait_until("the primary takes writes again", lambda: writable(world.primary), timeout=30)
+        wait_until("a write accepted on the primary", lambda: prober.accepted("primary") > 0, timeout=10)
+        wait_until("the primary agent re-armed", lambda: primary_agent.status()["fenced"] is False, timeout=10)
+    _assert_no_split_brain(prober)
+    lifted = [op for op in dr.history(kind="operation") if op.get("operation") == "unfence"]
+    assert [op["outcome"] for op in lifted] == ["succeeded"], lifted
+    assert world.standby.in_recovery()
+    assert world.route53.target() == "primary"
+
 
 def test_full_region_partition_primary_fences_itself_then_dr_fails_over(world: DRWorld) -> None:
     primary_agent, dr = _start_both(world)

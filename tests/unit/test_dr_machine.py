@@ -1043,7 +1043,14 @@ class Model:
         peer = None
         if self.policy.peer:
             if self.links["pd"] and self.p.alive:
-                peer = PeerProbe(True, role="primary", db_reachable=True, db_writable=self.p.writable, active=None)
+                peer = PeerProbe(
+                    True,
+                    role="primary",
+                    db_reachable=True,
+                    db_writable=self.p.writable,
+                    fenced=self.pside.fenced,
+                    active=None,
+                )
             else:
                 peer = PeerProbe(False)
         health: dict[Region, HttpProbe] = {}
@@ -1201,7 +1208,7 @@ def test_model_never_two_writable_primaries(witnesses: int, peer: bool, partitio
         cooldown=timedelta(minutes=2),
         flap_window=timedelta(minutes=10),
     )
-    totals = {"failover": 0, "failback": 0, "halted": 0}
+    totals = {"failover": 0, "failback": 0, "halted": 0, "unfence": 0}
     for seed in range(60):
         model = Model(random.Random(seed * 7919 + witnesses * 3 + peer), policy, partitions)
         for _ in range(150):
@@ -1209,6 +1216,7 @@ def test_model_never_two_writable_primaries(witnesses: int, peer: bool, partitio
         ops = [r for r in model.history if r.kind == "operation" and r.fields["outcome"] == "succeeded"]
         totals["failover"] += sum(1 for r in ops if r.fields["operation"] == "failover")
         totals["failback"] += sum(1 for r in ops if r.fields["operation"] == "failback")
+        totals["unfence"] += sum(1 for r in ops if r.fields["operation"] == "unfence")
         totals["halted"] += sum(1 for s in model.states if s.phase == "halted")
         # cooldown and flap budget over automatic role changes
         changes = [s.last_role_change for s in model.states if s.last_role_change is not None]
@@ -1292,3 +1300,43 @@ def test_an_idle_caught_up_standby_is_not_stale() -> None:
     old = T0 - timedelta(minutes=5)
     ds = run_ticks(state, lambda now: dead_primary(now, dr=standby_db("dr", receive=healthy.lsn, receipt=old)), 4)
     assert any(kinds(d.actions, Fence) for d in ds)
+
+
+def _fenced_primary_world(at: datetime, *, witness: str = "ok", standby: DbProbe | None = None) -> Observations:
+    primary = DbProbe("primary", True, in_recovery=False, read_only=True, timeline=1, current_lsn=5000)
+    obs = world(at, primary=primary, witness=witness, peer="ok", **({"dr": standby} if standby else {}))
+    assert obs.peer is not None
+    return replace(obs, peer=replace(obs.peer, fenced=True, db_writable=False, contact=True))
+
+
+def test_a_healed_partitions_self_fence_is_lifted_by_the_dr_agent() -> None:
+    """The primary's agent fenced it during a partition; the links are back, the app and the witness see the
+    primary healthy, the standby was never promoted: the DR agent unfences it (one operation, recorded)."""
+    d = decide(steady_state(), _fenced_primary_world(T0 + timedelta(seconds=10)), T0 + timedelta(seconds=10), POLICY)
+    unfences = kinds(d.actions, Unfence)
+    assert [u.region for u in unfences] == ["primary"]
+    assert d.state.operation is not None
+    assert d.state.operation.kind == "unfence"
+    done = step_done(d.state, StepResult(unfences[0].operation_id, "unfence", True, 0.1), T0, POLICY)
+    assert done.state.operation is None
+    assert done.state.phase == "steady"
+    assert [r.fields["outcome"] for r in records(done.actions, "operation")] == ["succeeded"]
+
+
+@pytest.mark.parametrize("case", ["witness-fails", "standby-promoted", "paused", "peer-still-cut-off"])
+def test_a_fence_is_not_lifted_unless_everything_says_so(case: str) -> None:
+    at = T0 + timedelta(seconds=10)
+    state = steady_state()
+    if case == "witness-fails":
+        obs = _fenced_primary_world(at, witness="fail")
+    elif case == "standby-promoted":
+        obs = _fenced_primary_world(at, standby=writable_db("dr"))
+    elif case == "paused":
+        obs = _fenced_primary_world(at)
+        state = replace(state, switches=Switches(auto_failover=True, paused=True))
+    else:  # we reach its agent, but it reaches nobody: lifting its fence would only make it fence again
+        obs = _fenced_primary_world(at)
+        assert obs.peer is not None
+        obs = replace(obs, peer=replace(obs.peer, contact=False))
+    d = decide(state, obs, at, POLICY)
+    assert not kinds(d.actions, Unfence)
