@@ -33,6 +33,7 @@ VERBS: Final = (
     "auto-failover",
     "auto-failback",
     "resume",
+    "pause",
 )
 
 
@@ -67,7 +68,8 @@ def add_parser(sub: Any) -> None:
     for name in ("auto-failover", "auto-failback"):
         s = verb(name, f"turn {name} on or off")
         s.add_argument("switch", choices=("enable", "disable"))
-    verb("resume", "leave the halted state: the agent re-derives roles from PostgreSQL")
+    verb("resume", "leave the halted state or a pause: the agent re-derives roles and automation runs again")
+    verb("pause", "pause automation for maintenance: the agent watches and alerts, and acts only on commands")
 
 
 async def run(settings: AgentSettings, args: argparse.Namespace) -> int:
@@ -115,8 +117,8 @@ async def _remote(client: ControlClient, verb: str, args: argparse.Namespace) ->
         return dict(await client.request("POST", f"{PREFIX}/{verb}", {}, params=wait))
     if verb in ("auto-failover", "auto-failback"):
         return dict(await client.request("POST", f"{PREFIX}/{verb}/{args.switch}"))
-    if verb == "resume":
-        return dict(await client.request("POST", f"{PREFIX}/resume"))
+    if verb in ("resume", "pause"):
+        return dict(await client.request("POST", f"{PREFIX}/{verb}"))
     raise KybdrError(f"unknown dr verb {verb!r}")
 
 
@@ -167,7 +169,7 @@ def _print(verb: str, result: dict[str, Any], args: argparse.Namespace) -> None:
     if args.json:
         cli_output.print_json(result)
         return
-    if verb in ("status", "auto-failover", "auto-failback", "resume"):
+    if verb in ("status", "auto-failover", "auto-failback", "resume", "pause"):
         rows = [[key, _text(value)] for key, value in result.items() if key not in ("guards",)]
         print(cli_output.table(rows, ["dr", "value"]))
         failing = [g for g in result.get("guards", []) if not g["ok"]]

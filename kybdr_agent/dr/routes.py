@@ -178,10 +178,16 @@ def dr_routes(component: DRComponent | None) -> RouteTable:
         return handler
 
     async def resume(call: Call) -> web.Response:
-        result = await need().command(Resume())
+        """Leave ``halted`` (re-derive roles) and end a pause: automation runs again."""
+        dr = need()
+        result = await dr.command(Resume())
         if isinstance(result, Refusal):
             raise _refusal(result)
-        return json_response(need().status())
+        return json_response(await dr.set_switch("paused", False))
+
+    async def pause(call: Call) -> web.Response:
+        """Automation stops (probes, status and manual commands go on): for maintenance on either database."""
+        return json_response(await need().set_switch("paused", True))
 
     async def peer(call: Call) -> web.Response:
         return json_response(need().peer_view())
@@ -313,6 +319,17 @@ def dr_routes(component: DRComponent | None) -> RouteTable:
                 response="DRStatus",
             ),
             resume,
+        ),
+        Route(
+            spec(
+                "POST",
+                "/pause",
+                "admin",
+                "Pause automation (maintenance): watch and alert only",
+                "dr_pause",
+                response="DRStatus",
+            ),
+            pause,
         ),
         Route(spec("GET", "/peer", "viewer", "This agent's view, for its peer", "dr_peer", response="DRPeer"), peer),
         Route(
