@@ -68,6 +68,7 @@ class RouteSpec:
     path_params: tuple[PathParam, ...] = ()
     response: str = ""  # the 200 answer's schema in components/schemas ("" for a job route: Jobs)
     repository: bool = False  # reads the repository: 502 when it cannot, 422 when the configuration forbids
+    problems: tuple[tuple[str, str], ...] = ()  # further refusals the route answers: (status, description)
 
 
 @dataclass

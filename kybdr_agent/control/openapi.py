@@ -189,6 +189,12 @@ def _operation(spec: RouteSpec, schemas: dict[str, Any]) -> dict[str, Any]:
         responses["503"] = _problem("the agent is stopping", retry=True)
     else:
         responses["200"] = _json(spec.response or "OpenAPIDocument", "OK")
+    for status, description in spec.problems:
+        existing = responses.get(status)
+        if existing is None:
+            responses[status] = _problem(description)
+        else:
+            existing["description"] = f"{existing['description']}; or {description}"
     return op
 
 

@@ -196,7 +196,19 @@ def dr_routes(component: DRComponent | None) -> RouteTable:
         return json_response(await need().fence_local())
 
     def spec(method: str, path: str, role: Any, summary: str, name: str, **kw: Any) -> RouteSpec:
-        return RouteSpec(method=method, path=PREFIX + path, role=role, summary=summary, name=name, **kw)
+        problems: tuple[tuple[str, str], ...] = (
+            ("503", "disaster recovery is not configured on this agent (dr.enabled is false)"),
+        )
+        if path in ("/failover", "/failback"):
+            problems += (
+                ("409", "another DR operation runs, or another agent holds the DR lease"),
+                ("412", "a guard refused the operation (the problem document lists the guards)"),
+            )
+        elif path == "/resume":
+            problems += (("409", "an operation is in progress"),)
+        return RouteSpec(
+            method=method, path=PREFIX + path, role=role, summary=summary, name=name, problems=problems, **kw
+        )
 
     routes = [
         Route(spec("GET", "/status", "viewer", "Get DR status", "dr_status", response="DRStatus"), status),

@@ -325,7 +325,7 @@ def test_openapi_document_says_what_the_server_enforces(agent: Agent) -> None:
             if "requestBody" in op:
                 for code in ("408", "413", "415", "422"):
                     assert code in responses, (method, path, code)
-            if method == "post":
+            if method == "post" and "202" in responses:  # every job route documents the retry refusals
                 for code in ("409", "429"):
                     assert "Retry-After" in responses[code].get("headers", {}), (path, code)
             for param in op.get("parameters", []):

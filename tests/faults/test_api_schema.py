@@ -85,6 +85,10 @@ def test_the_api_keeps_to_its_openapi_document(agent: Agent, pg: Cluster, tmp_pa
             "ndjson",
             "--report-ndjson-path",
             str(report),
+            # This agent runs without [dr]: every DR route answers 503 (documented), which not_a_server_error
+            # flags by design. The DR routes are exercised against real DR agents in tests/dr/.
+            "--exclude-path-regex",
+            "^/v1/disaster-recovery/",
         ],
         capture_output=True,
         text=True,
