@@ -247,14 +247,16 @@ class DRComponent:
         return max(0.1, (operation.fence_deadline - self.clock()).total_seconds())  # never a busy loop
 
     async def tick(self) -> None:
-        obs = await self.parts.prober.observe()
-        self.last_obs = obs
-        self.events.publish(DRProbed(obs.to_json(), primary_healthy=_region_ok(obs, "primary")))
         if self.role == "primary":
+            obs = await self._observe()
             await self._primary_side_round(obs)
             return
         await self._renew_lease()
         async with self.exec_lock:
+            # Observed only once no step runs: a round taken before an operator's failover finished would
+            # describe a world that no longer exists (a fenced primary "writable", a promoted one "in
+            # recovery") and the machine would act on it.
+            obs = await self._observe()
             async with self.lock:
                 decision = machine.decide(self._as_seen_by_machine(), obs, self.clock(), self.policy)
                 if not self._may_act() and any(_is_step(action) for action in decision.actions):
@@ -278,6 +280,12 @@ class DRComponent:
             lease=self.holder,
             primary_ok=_region_ok(obs, "primary"),
         )
+
+    async def _observe(self) -> Observations:
+        obs = await self.parts.prober.observe()
+        self.last_obs = obs
+        self.events.publish(DRProbed(obs.to_json(), primary_healthy=_region_ok(obs, "primary")))
+        return obs
 
     def _may_act(self) -> bool:
         return self.holder or self.parts.lease is None
@@ -649,6 +657,16 @@ class DRComponent:
         obs = self.last_obs
         local = obs.db.get(self.local_region) if obs else None
         active: Region = self.state.active
+        operation = self.state.operation
+        if (
+            operation is not None
+            and operation.kind in ("failover", "failback")
+            and (operation.step in ("promote", "dns", "rejoin") or operation.completed("promote"))
+        ):
+            # From the promotion step on, the target is the active region: a failback's new primary must not be
+            # fenced by its own agent because we still called the DR region active until the rejoin ended (the
+            # promoted database takes writes while the step is still verifying it).
+            active = operation.target
         if self.role == "primary" and obs is not None and obs.peer is not None and obs.peer.active:
             active = obs.peer.active
         return {

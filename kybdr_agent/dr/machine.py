@@ -1143,7 +1143,9 @@ def _resume(run: _Run, obs: Observations, policy: Policy) -> None:
         _begin_step(run, "dns", "resuming: switch DNS")
     elif op.step in ("fence", "promote", "unfence") and promoted:
         # The primary took the role (perhaps after its promotion was reported failed): go forward, never back.
-        run.set_op(steps=(*op.steps, ("promote", 0.0)), promoted_lsn=_db_lsn(obs, tgt))
+        now_lsn = _db_lsn(obs, tgt)
+        lost = max(0, op.fence_lsn - now_lsn) if op.fence_lsn is not None and now_lsn is not None else None
+        run.set_op(steps=(*op.steps, ("promote", 0.0)), promoted_lsn=now_lsn, lost_bytes_estimate=lost)
         _begin_step(run, "dns", f"the {tgt} database is promoted")
     elif op.step == "fence":
         _begin_step(run, "fence", "resuming: fence the DR database")

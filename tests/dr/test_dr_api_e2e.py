@@ -354,13 +354,6 @@ def test_without_dr_every_endpoint_answers_503(pg: Cluster, tmp_path: Path) -> N
         assert agent.stop() == 0, agent.log()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: the DR loop decides on an observation taken BEFORE an operator's operation ran (tick() "
-    "probes, then waits for exec_lock while the command's steps run); right after a clean manual failover it "
-    "sees the old primary 'writable' and raises a split-brain alarm and fence (in a failback the same stale view "
-    "unfences the DR database although the primary was promoted)",
-)
 def test_no_split_brain_alarm_after_a_clean_manual_failover(world: DRWorld, tmp_path: Path) -> None:
     """A manual failover (fence slowed to 3 s by the hook) fences the primary before promoting; the agent's
     next rounds must see it fenced, not raise a split-brain alarm from what it saw before the failover."""

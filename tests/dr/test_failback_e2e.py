@@ -161,14 +161,6 @@ def _acked_present(world: DRWorld, acked: list[int]) -> list[int]:
     return sorted(set(acked) - present)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bugs: (A) during a failback the primary-side agent fences the database just promoted (and "
-    "ends the DR agent's sessions: pg_rewind's, the promotion's), because its peer still reports active='dr' "
-    "until the Rejoin step ends (machine.decide_primary_side FenceSelf); (B) the DR loop then decides on an "
-    "observation taken before the failback ran (halts 'dr database accepts writes', or rolls back by unfencing "
-    "the DR database although the primary was promoted) — see test_dr_api_e2e's split-brain-alarm xfail",
-)
 def test_old_primary_back_is_fenced_then_rejoin_and_failback_lose_no_acknowledged_write(world: DRWorld) -> None:
     _configure(world)
     dr = _fail_over(world)
@@ -251,8 +243,7 @@ def test_auto_failback_after_rejoin(world: DRWorld) -> None:
     world.witness.set("ok")
     # The old primary was never restarted: rejoin rewinds the crashed data directory directly.
     _rejoin_old_primary(world)
-    # The primary-side agent stays down here (it was killed with its region): with it running, a failback
-    # currently ends with that agent fencing the database just promoted — the xfail in the test above.
+    # The primary-side agent stays down here (it was killed with its region); the test above runs with it.
     assert dr.status()["auto_failback"] is False
     wait_until("failback ready", lambda: dr.status()["state"] == "failback_ready", timeout=30)
     assert writable(world.standby)  # auto-failback is off: ready, but nothing moves
