@@ -408,8 +408,8 @@ def failover_tables(runs: list[Run], args: argparse.Namespace) -> str:
         f"Goal (issue 9): writable within threshold × interval + 2 s = {bound:g} s, DNS in sync 1 s after "
         f"({bound + 1:g} s). t0 is taken before the region is killed; the kill sequence itself took "
         f"{cell(kill, '{:.3f}')} s (median). A dead primary cannot be fenced: the agent waits until its last "
-        f"contact + partition_timeout + probe_timeout + interval = last contact + {margin:g} s, checked at "
-        "its next probe round.",
+        f"contact + partition_timeout + probe_timeout + interval = last contact + {margin:g} s (the agent "
+        "wakes for a probe round at that deadline).",
     ]
     return "\n".join(lines)
 

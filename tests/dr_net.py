@@ -469,7 +469,14 @@ class WriteProber:
                         )
                     await session.execute(f"INSERT INTO {self.TABLE}(label) VALUES ($1)", label)
             accepted = True
-        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except (
+            TimeoutError,
+            OSError,
+            asyncpg.PostgresError,
+            asyncpg.InterfaceError,
+            asyncpg.InternalClientError,
+        ) as exc:
+            # InternalClientError: a session an earlier attempt's timeout left mid-operation
             accepted = False
             error = str(exc) or type(exc).__name__
             stale = sessions.get(label)
