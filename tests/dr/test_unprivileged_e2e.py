@@ -47,26 +47,23 @@ def start_as(world: DRWorld, name: str, user: str) -> Daemon:
     pw = pwd.getpwnam(user)
     os.chown(notify_path, pw.pw_uid, pw.pw_gid)
     log_path = agent.home / "agent.log"
-    site = sysconfig.get_paths()["purelib"]
-    env = {**_aws_env(), "NOTIFY_SOCKET": str(notify_path), "PYTHONPATH": f"{REPO_ROOT}:{site}"}
+    env = {
+        "PATH": "/usr/bin:/bin",
+        **_aws_env(),
+        "NOTIFY_SOCKET": str(notify_path),
+        "PYTHONPATH": f"{REPO_ROOT}:{sysconfig.get_paths()['purelib']}",
+    }
+    # Privileges dropped in the child itself (not through runuser): the process the test holds is the
+    # agent, so kill -9 reaches it and nothing outlives the test.
     process = subprocess.Popen(
-        [
-            "runuser",
-            "-u",
-            user,
-            "--",
-            "env",
-            *(f"{k}={v}" for k, v in env.items()),
-            str(SYSTEM_PYTHON),
-            "-m",
-            "kybdr_agent",
-            "--config",
-            str(agent.config),
-            "run",
-        ],
+        [str(SYSTEM_PYTHON), "-m", "kybdr_agent", "--config", str(agent.config), "run"],
         stdout=subprocess.DEVNULL,
         stderr=open(log_path, "ab"),  # noqa: SIM115 - the child owns it
         cwd="/",
+        env=env,
+        user=pw.pw_uid,
+        group=pw.pw_gid,
+        extra_groups=[],
     )
     daemon = Daemon(agent.config, agent.socket, process, notify, log_path)
     try:

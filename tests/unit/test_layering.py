@@ -44,6 +44,7 @@ EXPLICITLY_PURE: Final = (
     "kybdr_agent/storage/parts.py",
     "kybdr_agent/backup/slots.py",
     "kybdr_agent/dr/machine.py",
+    "kybdr_agent/dr/machine_types.py",
     "kybdr_agent/dr/observations.py",
 )
 # Libraries that do I/O (or run an event loop); a pure module imports none of them.
