@@ -36,7 +36,8 @@ from kybdr_agent.clock import Clock
 from kybdr_agent.component import Health
 from kybdr_agent.config import AgentSettings, DRSettings
 from kybdr_agent.dr import machine
-from kybdr_agent.dr.dns import DnsError, DnsSwitcher
+from kybdr_agent.dr.dns import DnsSwitcher
+from kybdr_agent.dr.drill import run_drill
 from kybdr_agent.dr.executor import StepAction, StepExecutor
 from kybdr_agent.dr.history import History
 from kybdr_agent.dr.lease import DrLease
@@ -61,10 +62,10 @@ from kybdr_agent.dr.machine import (
     Switches,
     Unfence,
 )
-from kybdr_agent.dr.observations import REGIONS, Observations, Region, other
-from kybdr_agent.dr.privileges import privilege_check
+from kybdr_agent.dr.observations import Observations, Region
 from kybdr_agent.dr.probes import Prober
 from kybdr_agent.dr.state_file import load_state, save_state
+from kybdr_agent.dr.views import health_view, iso, region_ok, status_view
 from kybdr_agent.errors import KybdrError
 from kybdr_agent.events import DRAlert, DROperationFinished, DRProbed, DRTransition, EventHub
 from kybdr_agent.jobs import Job, JobFailed, JobManager
@@ -178,7 +179,7 @@ class DRComponent:
         age = time.monotonic() - self.heartbeat
         stale = age > LOOP_STALE_FACTOR * interval + self.settings.probe_timeout.total_seconds() + 5
         ok = self.executing is not None or not stale
-        fields = {"dr": {"role": self.role, "state": self._phase(), "active": self.state.active}}
+        fields = {"dr": {"role": self.role, "state": self.phase(), "active": self.state.active}}
         return Health(
             ok=ok, fields=fields, reason="" if ok else f"the DR loop has not completed a round for {age:.0f} s"
         )
@@ -278,13 +279,13 @@ class DRComponent:
             failures=self.state.failures,
             recoveries=self.state.recoveries,
             lease=self.holder,
-            primary_ok=_region_ok(obs, "primary"),
+            primary_ok=region_ok(obs, "primary"),
         )
 
     async def _observe(self) -> Observations:
         obs = await self.parts.prober.observe()
         self.last_obs = obs
-        self.events.publish(DRProbed(obs.to_json(), primary_healthy=_region_ok(obs, "primary")))
+        self.events.publish(DRProbed(obs.to_json(), primary_healthy=region_ok(obs, "primary")))
         return obs
 
     def _may_act(self) -> bool:
@@ -322,11 +323,11 @@ class DRComponent:
                 if isinstance(action, Alert):
                     self._alert(action)
                 elif isinstance(action, Record):
-                    self._record(action.kind, action.fields)
+                    self.record(action.kind, action.fields)
                 elif isinstance(action, FenceSelf):
-                    self._record("intent", {"operation": "self-fence", "step": "fence", "reason": action.reason})
+                    self.record("intent", {"operation": "self-fence", "step": "fence", "reason": action.reason})
                     result = await self._run_step(action, "self-fence")
-                    self._record("result", _result_record(result, "self-fence"))
+                    self.record("result", _result_record(result, "self-fence"))
                     self._alert(
                         Alert("critical", f"fenced the primary database ({action.reason}): {result.error or 'ok'}")
                     )
@@ -350,7 +351,7 @@ class DRComponent:
         steps: list[StepAction] = []
         for action in decision.actions:
             if isinstance(action, Record):
-                self._record(action.kind, action.fields)
+                self.record(action.kind, action.fields)
             elif isinstance(action, Alert):
                 self._alert(action)
             elif _is_step(action):
@@ -369,7 +370,7 @@ class DRComponent:
             action = pending.pop(0)
             op_id = getattr(action, "operation_id", "self-fence")
             result = await self._run_step(action, op_id)
-            self._record("result", _result_record(result, op_id))
+            self.record("result", _result_record(result, op_id))
             async with self.lock:
                 pending.extend(self._commit(machine.step_done(self.state, result, self.clock(), self.policy)))
 
@@ -399,11 +400,11 @@ class DRComponent:
         if self.role == "primary":
             data["primary_side"] = {
                 "fenced": self.primary_side.fenced,
-                "last_contact": _iso(self.primary_side.last_contact),
+                "last_contact": iso(self.primary_side.last_contact),
             }
         save_state(self.parts.state_path, data)
 
-    def _record(self, kind: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+    def record(self, kind: str, fields: Mapping[str, Any]) -> dict[str, Any]:
         record = self.parts.history.append({"kind": kind, **fields})
         if kind == "operation":
             self.events.publish(DROperationFinished(record))
@@ -463,7 +464,7 @@ class DRComponent:
         op_id = operation.id
 
         async def work(job: Job) -> Any:
-            job.progress.stage = self._phase()
+            job.progress.stage = self.phase()
             record = await self.wait_operation(op_id)
             if record.get("outcome") not in ("succeeded",):
                 raise JobFailed(
@@ -485,172 +486,22 @@ class DRComponent:
     # --- drills --------------------------------------------------------------------------------------
 
     async def drill(self, kind: Literal["test-failover", "test-failback"]) -> dict[str, Any]:
-        """Every guard and precondition of a real operation, checked and reported; a timed write and delete of
-        the test record; no promotion, no fencing, no production record touched, no state changed."""
         if not self.settings.enabled:
             raise DRUnavailable("disaster recovery is not configured on this agent (dr.enabled = false)")
-        started = time.monotonic()
-        steps: dict[str, float] = {}
-        checks: list[dict[str, Any]] = []
-
-        def check(name: str, ok: bool, detail: str, *, soft: bool = False) -> None:
-            checks.append({"name": name, "ok": ok, "soft": soft, "detail": detail})
-
-        t = time.monotonic()
-        obs = await self.parts.prober.observe()
-        steps["probe"] = time.monotonic() - t
-        target: Region = "dr" if kind == "test-failover" else "primary"
-        source = other(target)
-        now = self.clock()
-        dry = machine.command(self.state, Failover() if kind == "test-failover" else Failback(), now, self.policy, obs)
-        if isinstance(dry, Refusal):
-            check("machine", False, dry.reason)
-            for guard in dry.guards:
-                check(guard.name, guard.ok, guard.detail, soft=guard.soft)
-        else:
-            check("machine", True, f"a {kind.removeprefix('test-')} would start now")
-            for guard in machine.evaluate_guards(self.state, obs, now, self.policy, forced=False):
-                check(guard.name, guard.ok, guard.detail, soft=guard.soft)
-        target_db = obs.db.get(target)
-        check(
-            f"{target}-database-promotable",
-            bool(target_db and target_db.reachable and target_db.in_recovery),
-            "reachable and in recovery"
-            if target_db and target_db.reachable
-            else (target_db.error if target_db else "not probed"),
-        )
-        t = time.monotonic()
-        check("promote-privilege", *await self._privilege(target, "pg_promote"))
-        check("fence-privilege", *await self._privilege(source, "alter_system"))
-        steps["privileges"] = time.monotonic() - t
-        if self.settings.peer_url:
-            peer = obs.peer
-            check(
-                "peer-reachable",
-                bool(peer and peer.reachable),
-                peer.error if peer and not peer.reachable else "answered",
-            )
-        for witness in obs.witnesses:
-            check(f"witness {witness.target}", witness.reachable, witness.error or f"HTTP {witness.status}")
-        if self.parts.lease is not None:
-            check("lease", self.holder, "held by this agent" if self.holder else f"held by {self.lease_holder}")
-        if self.parts.dns is not None:
-            try:
-                t = time.monotonic()
-                current = await self.parts.dns.current()
-                steps["dns_read"] = time.monotonic() - t
-                check(
-                    "dns-record",
-                    current is not None,
-                    f"points at the {current} load balancer" if current else "not found",
-                )
-                t = time.monotonic()
-                result, delete_s = await self.parts.dns.test_record(target)
-                steps["dns_test_write"] = result.submitted_s
-                steps["dns_test_insync"] = result.insync_s
-                steps["dns_test_delete"] = delete_s
-                check(
-                    "dns-test-record",
-                    result.verified,
-                    f"{result.record} → {result.target.dns_name}, in sync and deleted",
-                )
-            except DnsError as exc:
-                check("dns-test-record", False, str(exc))
-        hard_failed = [c for c in checks if not c["ok"] and not c["soft"]]
-        soft_failed = [c for c in checks if not c["ok"] and c["soft"]]
-        outcome = "failed" if hard_failed else ("passed-with-warnings" if soft_failed else "passed")
-        steps = {name: round(seconds, 3) for name, seconds in steps.items()}
-        return self._record(
-            "operation",
-            {
-                "operation": kind,
-                "trigger": "manual",
-                "outcome": outcome,
-                "duration_s": round(time.monotonic() - started, 3),
-                "steps": steps,
-                "checks": checks,
-                "target": target,
-            },
-        )
-
-    async def _privilege(self, region: Region, what: Literal["pg_promote", "alter_system"]) -> tuple[bool, str]:
-        return await privilege_check(
-            self.parts.executor.config.databases[region],
-            database=self.parts.executor.config.maintenance_database,
-            what=what,
-            timeout=self.settings.probe_timeout.total_seconds() * 2,
-        )
+        return await run_drill(self, kind)
 
     # --- views ----------------------------------------------------------------------------------------
 
-    def _phase(self) -> str:
+    def phase(self) -> str:
         if self.role == "primary":
             return "fenced" if self.primary_side.fenced else "peer"
         return self.state.phase
 
     def status(self) -> dict[str, Any]:
-        state = self.state
-        transition = state.last_transition
-        vantage = state.vantage
-        status: dict[str, Any] = {
-            "enabled": self.settings.enabled,
-            "role": self.role,
-            "state": self._phase(),
-            "active": state.active,
-            "active_region": self.region_names[state.active],
-            "primary_region": self.region_names["primary"],
-            "dr_region": self.region_names["dr"],
-            "auto_failover": state.switches.auto_failover,
-            "auto_failback": state.switches.auto_failback,
-            "paused": state.switches.paused,
-            "lease_holder": self.lease_holder if self.parts.lease is not None else "this agent (no lease configured)",
-            "holds_lease": self.holder,
-            "last_transition": (
-                {
-                    "from": transition.from_phase,
-                    "to": transition.to_phase,
-                    "at": transition.at.isoformat(),
-                    "reason": transition.reason,
-                }
-                if transition
-                else None
-            ),
-            "failures": state.failures,
-            "failover_threshold": self.policy.failover_threshold,
-            "recoveries": state.recoveries,
-            "failback_threshold": self.policy.failback_threshold,
-            "vantage": vantage,
-            "vantage_note": (
-                "single vantage point: no witness or peer is configured, so this agent cannot tell a dead "
-                "primary from a cut link; automatic failover relies on its own probes alone"
-                if vantage == "single"
-                else "confirmed by a witness or the peer before any automatic failover"
-            ),
-            "operation": _operation_view(state.operation),
-            "executing": self.executing,
-            "halted_reason": state.halted_reason or None,
-            "guards": [{"name": g.name, "ok": g.ok, "soft": g.soft, "detail": g.detail} for g in state.guards],
-            "last_probe_at": self.last_obs.at.isoformat() if self.last_obs else None,
-        }
-        if self.role == "primary":
-            status["fenced"] = self.primary_side.fenced
-            status["last_contact"] = _iso(self.primary_side.last_contact)
-        return status
+        return status_view(self)
 
     def health_report(self) -> dict[str, Any]:
-        obs = self.last_obs
-        if obs is None:
-            return {"at": None, "regions": {}, "witnesses": [], "peer": None, "note": "no probe has completed yet"}
-        data = obs.to_json()
-        regions: dict[str, Any] = {}
-        for region in REGIONS:
-            regions[region] = {
-                "name": self.region_names[region],
-                "healthy": _region_ok(obs, region),
-                "health_check": data["health"].get(region),
-                "database": data["db"].get(region),
-            }
-        return {"at": data["at"], "regions": regions, "witnesses": data["witnesses"], "peer": data["peer"]}
+        return health_view(self)
 
     def peer_view(self) -> dict[str, Any]:
         """What this agent tells its peer: the database beside it and which region it believes is active."""
@@ -675,7 +526,7 @@ class DRComponent:
             "db_writable": local.writable if local else None,
             "fenced": self.primary_side.fenced if self.role == "primary" else bool(local and local.read_only),
             "active": active,
-            "state": self._phase(),
+            "state": self.phase(),
             "contact": self._in_contact(obs),
         }
 
@@ -691,9 +542,9 @@ class DRComponent:
         if not self.settings.enabled:
             raise DRUnavailable("disaster recovery is not configured on this agent (dr.enabled = false)")
         async with self.exec_lock:
-            self._record("intent", {"operation": "peer-fence", "step": "fence", "region": self.local_region})
+            self.record("intent", {"operation": "peer-fence", "step": "fence", "region": self.local_region})
             detail = await self.parts.executor.fence(self.local_region, allow_peer=False)
-            self._record("result", {"operation": "peer-fence", "step": "fence", **detail})
+            self.record("result", {"operation": "peer-fence", "step": "fence", **detail})
             if detail.get("ok") and self.role == "primary":
                 async with self.lock:
                     self.primary_side = replace(self.primary_side, fenced=True)
@@ -731,36 +582,6 @@ def replace_fixed(old: DRSettings, new: DRSettings, fixed: tuple[str, ...]) -> D
 
 def _is_step(action: object) -> bool:
     return isinstance(action, Fence | Promote | SwitchDns | Rejoin | Unfence | FenceSelf)
-
-
-def _region_ok(obs: Observations, region: Region) -> bool:
-    health = obs.health.get(region)
-    db = obs.db.get(region)
-    return (health is None or health.ok) and db is not None and db.writable
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value else None
-
-
-def _operation_view(operation: machine.Operation | None) -> dict[str, Any] | None:
-    if operation is None:
-        return None
-    return {
-        "id": operation.id,
-        "kind": operation.kind,
-        "trigger": operation.trigger,
-        "forced": operation.forced,
-        "allow_unfenced": operation.allow_unfenced,
-        "from": operation.source,
-        "to": operation.target,
-        "step": operation.step,
-        "started_at": operation.started_at.isoformat(),
-        "fence_deadline": _iso(operation.fence_deadline),
-        "steps": dict(operation.steps),
-        "data_loss_risk": operation.data_loss_risk,
-        "reason": operation.reason,
-    }
 
 
 def _result_record(result: StepResult, op_id: str) -> dict[str, Any]:
