@@ -149,6 +149,7 @@ class DRComponent:
                 last_contact=datetime.fromisoformat(contact) if isinstance(contact, str) else None,
             )
         self._config_switches = (self.settings.auto_failover, self.settings.auto_failback)
+        self._lease_ttl = lease_ttl(self.settings)
 
     @property
     def role(self) -> Literal["dr", "primary"]:
@@ -164,6 +165,9 @@ class DRComponent:
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
+                if self.parts.lease is not None and self.role == "dr":
+                    await self._renew_lease()  # before the first round: know whether we may act
+                    tg.start_soon(self._lease_loop, name="dr-lease")
                 tg.start_soon(self._loop, name="dr-loop")
                 tg.start_soon(self._copy_history_loop, name="dr-history-copy")
                 log.info("dr.started", role=self.role, phase=self.state.phase, active=self.state.active)
@@ -252,7 +256,6 @@ class DRComponent:
             obs = await self._observe()
             await self._primary_side_round(obs)
             return
-        await self._renew_lease()
         async with self.exec_lock:
             # Observed only once no step runs: a round taken before an operator's failover finished would
             # describe a world that no longer exists (a fenced primary "writable", a promoted one "in
@@ -270,7 +273,7 @@ class DRComponent:
                         note="a step is due but another agent holds the DR lease",
                     )
                     return
-                steps = self._commit(decision)
+                steps = self._commit(decision, seen_paused=not self._may_act())
             await self._execute(steps)
         log.info(
             "dr.round",
@@ -296,6 +299,13 @@ class DRComponent:
         if self.holder or self.parts.lease is None:
             return self.state
         return replace(self.state, switches=replace(self.state.switches, paused=True))
+
+    async def _lease_loop(self) -> None:
+        """Renew the lease every third of its ttl, whatever the loop is doing: a failover's DNS or rejoin step
+        can outlast the ttl, and a lease that lapsed mid-operation would let another DR agent act."""
+        while True:
+            await anyio.sleep(self._lease_ttl / 3)
+            await self._renew_lease()
 
     async def _renew_lease(self) -> None:
         lease = self.parts.lease
@@ -334,16 +344,17 @@ class DRComponent:
 
     # --- committing decisions and executing steps --------------------------------------------------
 
-    def _commit(self, decision: Decision) -> list[StepAction]:
-        """Adopt the machine's new state (persisted before any side effect) and act on its records and
-        alerts; return the step actions for the caller to execute, outside the state lock."""
+    def _commit(self, decision: Decision, *, seen_paused: bool = False) -> list[StepAction]:
+        """Adopt the machine's new state (persisted first: a state that cannot be written is not adopted, so
+        no step is ever due in memory that the disk does not know of) and act on its records and alerts;
+        return the step actions for the caller to execute, outside the state lock."""
         before = self.state
         state = decision.state
-        if not self.holder and self.parts.lease is not None:
-            # The machine saw "paused" because we lack the lease; the operator's switch stays as it was.
+        if seen_paused:
+            # The loop showed the machine "paused" because we lack the lease; the operator's switch stays.
             state = replace(state, switches=replace(state.switches, paused=before.switches.paused))
+        self._save(state)
         self.state = state
-        self._save()
         if before.phase != state.phase:
             reason = state.last_transition.reason if state.last_transition else ""
             self.events.publish(DRTransition(before.phase, state.phase, state.active, reason, self.clock()))
@@ -370,9 +381,33 @@ class DRComponent:
             action = pending.pop(0)
             op_id = getattr(action, "operation_id", "self-fence")
             result = await self._run_step(action, op_id)
-            self.record("result", _result_record(result, op_id))
+            try:
+                self.record("result", _result_record(result, op_id))
+            except KybdrError as exc:  # the history could not be written; the machine must still hear the result
+                log.exception("dr.history_write_failed", error=str(exc), step=result.step, ok=result.ok)
             async with self.lock:
-                pending.extend(self._commit(machine.step_done(self.state, result, self.clock(), self.policy)))
+                try:
+                    pending.extend(self._commit(machine.step_done(self.state, result, self.clock(), self.policy)))
+                except KybdrError as exc:
+                    self._halt_unpersisted(str(exc))
+                    return
+
+    def _halt_unpersisted(self, error: str) -> None:
+        """The state after a step could not be written (a full disk under backup_dir): stop here, alerting,
+        rather than go on with steps a restart would not know of. ``dr resume`` (or a restart) re-derives
+        roles from PostgreSQL and carries on from what actually happened."""
+        operation = self.state.operation
+        self.state = replace(
+            self.state,
+            phase="halted",
+            halted_reason=f"the DR state could not be saved: {error}",
+            operation=replace(operation, pending=False) if operation is not None else None,
+        )
+        log.critical("dr.state_unsaved", error=error, note="halted; dr resume once the disk is writable")
+        for op_id, waiter in list(self._waiters.items()):
+            if not waiter.done.is_set():
+                waiter.record = {"operation_id": op_id, "outcome": "halted", "reason": self.state.halted_reason}
+                waiter.done.set()
 
     async def _run_step(self, action: StepAction, op_id: str) -> StepResult:
         step = type(action).__name__.lower()
@@ -395,8 +430,8 @@ class DRComponent:
         )
         return result
 
-    def _save(self) -> None:
-        data: dict[str, Any] = {"machine": self.state.to_json()}
+    def _save(self, state: State | None = None) -> None:
+        data: dict[str, Any] = {"machine": (state or self.state).to_json()}
         if self.role == "primary":
             data["primary_side"] = {
                 "fenced": self.primary_side.fenced,
@@ -448,8 +483,14 @@ class DRComponent:
         return result
 
     async def _execute_locked(self, steps: list[StepAction]) -> None:
-        async with self.exec_lock:
-            await self._execute(steps)
+        """A command's steps, in the component's task group: nothing may escape into (and stop) the agent."""
+        try:
+            async with self.exec_lock:
+                await self._execute(steps)
+        except Exception as exc:
+            log.exception("dr.operation_crashed")
+            async with self.lock:
+                self._halt_unpersisted(f"internal error: {exc!r}")
 
     async def wait_operation(self, op_id: str) -> dict[str, Any]:
         waiter = self._waiters.setdefault(op_id, _Waiter())
@@ -512,7 +553,7 @@ class DRComponent:
         if (
             operation is not None
             and operation.kind in ("failover", "failback")
-            and (operation.step in ("promote", "dns", "rejoin") or operation.completed("promote"))
+            and (operation.step in ("promote", "dns", "rejoin", "unfence") or operation.completed("promote"))
         ):
             # From the promotion step on, the target is the active region: a failback's new primary must not be
             # fenced by its own agent because we still called the DR region active until the rejoin ended (the

@@ -777,8 +777,10 @@ def _watch(run: _Run, obs: Observations, policy: Policy) -> None:
             run.halt(f"the {passive} database accepts writes although {active} is active: promoted outside the agent?")
         return
     if active == "primary" and not state.switches.paused and _partition_fence_to_lift(obs, policy):
-        run.alert(
-            "warning", "the primary fenced itself in a partition that has healed and no failover happened: unfencing it"
+        run.alert_once(
+            "lift:primary",
+            "warning",
+            "the primary fenced itself in a partition that has healed and no failover happened: unfencing it",
         )
         _start_operation(
             run,
