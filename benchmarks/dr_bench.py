@@ -64,8 +64,9 @@ import asyncpg  # noqa: E402
 
 from kybdr_agent.postgres.cluster import PG_BIN  # noqa: E402
 from kybdr_agent.postgres.connection import Connection  # noqa: E402
+from tests.dr_aws import aws  # noqa: E402
 from tests.dr_net import WriteProber  # noqa: E402
-from tests.dr_support import DRWorld, aws, dr_world, wait_until  # noqa: E402
+from tests.dr_support import DRWorld, dr_world, wait_until  # noqa: E402
 from tests.support import MotoServer, start_moto_server  # noqa: E402
 
 WRITE_POLL_SECONDS = 0.025
@@ -171,7 +172,7 @@ class FirstDns(threading.Thread):
         self.stop = threading.Event()
 
     def points_at_dr(self) -> bool:
-        # Route53World.target() with one client instead of one per call (a client costs ~30 ms to build).
+        # World.target() with one client instead of one per call (a client costs ~30 ms to build).
         answer = self.client.list_resource_record_sets(HostedZoneId=self.route53.zone_id)
         for record in answer["ResourceRecordSets"]:
             if record["Name"].rstrip(".").lower() == self.domain and record["Type"] == "A":

@@ -20,97 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import boto3
-
 from kybdr_agent.postgres.cluster import free_port
 from tests.daemon_support import Daemon, start_daemon
+from tests.dr_aws import DR_REGION, PRIMARY_REGION, World, build_world
 from tests.dr_cluster import Node, Pair, _write_owned, start_pair
 from tests.dr_net import ScriptedHttpServer, TcpProxy
 from tests.support import MotoServer
-
-PRIMARY_REGION = "us-east-1"
-DR_REGION = "us-west-2"
-REGIONS = {"primary": PRIMARY_REGION, "dr": DR_REGION}
-
-
-def aws(moto: MotoServer, service: str, region: str = PRIMARY_REGION) -> Any:
-    return boto3.client(
-        service,
-        endpoint_url=moto.endpoint,
-        region_name=region,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
-
-
-@dataclass
-class Route53World:
-    moto: MotoServer
-    zone_id: str
-    domain: str
-    arns: dict[str, str]
-    dns_names: dict[str, str]
-    zone_ids: dict[str, str]
-
-    def records(self) -> list[dict[str, Any]]:
-        found: list[dict[str, Any]] = aws(self.moto, "route53").list_resource_record_sets(HostedZoneId=self.zone_id)[
-            "ResourceRecordSets"
-        ]
-        return found
-
-    def target(self, name: str | None = None) -> str | None:
-        """Which load balancer ("primary", "dr") the record ``name`` (default: the switched one) aliases."""
-        wanted = (name or self.domain).rstrip(".").lower()
-        for record in self.records():
-            if record["Name"].rstrip(".").lower() == wanted and record["Type"] == "A":
-                alias = record.get("AliasTarget", {}).get("DNSName", "").rstrip(".").lower()
-                for place, dns_name in self.dns_names.items():
-                    if alias.removeprefix("dualstack.") == dns_name.rstrip(".").lower():
-                        return place
-                return alias
-        return None
-
-
-def build_route53(moto: MotoServer) -> Route53World:
-    """A hosted zone, a load balancer in each region, and the switched record → primary, as terraform has it."""
-    tag = secrets.token_hex(4)
-    zone_name = f"kybdr-{tag}.example.com"
-    route53 = aws(moto, "route53")
-    zone_id = route53.create_hosted_zone(Name=zone_name + ".", CallerReference=tag)["HostedZone"]["Id"]
-    zone_id = zone_id.split("/")[-1]
-    arns, names, zones = {}, {}, {}
-    for place, region in REGIONS.items():
-        ec2 = aws(moto, "ec2", region)
-        vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
-        azs = [z["ZoneName"] for z in ec2.describe_availability_zones()["AvailabilityZones"]][:2]
-        subnets = [
-            ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.0.{i}.0/24", AvailabilityZone=az)["Subnet"]["SubnetId"]
-            for i, az in enumerate(azs)
-        ]
-        lb = aws(moto, "elbv2", region).create_load_balancer(Name=f"kybdr-{place}-{tag}", Subnets=subnets)
-        lb = lb["LoadBalancers"][0]
-        arns[place], names[place], zones[place] = lb["LoadBalancerArn"], lb["DNSName"], lb["CanonicalHostedZoneId"]
-    world = Route53World(moto, zone_id, f"db.{zone_name}", arns, names, zones)
-    route53.change_resource_record_sets(
-        HostedZoneId=zone_id,
-        ChangeBatch={
-            "Changes": [
-                {
-                    "Action": "UPSERT",
-                    "ResourceRecordSet": {
-                        "Name": world.domain,
-                        "Type": "A",
-                        "AliasTarget": {
-                            "DNSName": names["primary"],
-                            "HostedZoneId": zones["primary"],
-                            "EvaluateTargetHealth": True,
-                        },
-                    },
-                }
-            ]
-        },
-    )
-    return world
 
 
 def _token_file(path: Path) -> tuple[Path, str]:
@@ -170,7 +85,7 @@ class DRWorld:
     witness: ScriptedHttpServer
     witness_links: dict[str, TcpProxy]  # each agent's own way to the witness
     peer_links: dict[str, TcpProxy]  # "dr": the DR agent's way to the primary agent; "primary": the reverse
-    route53: Route53World
+    route53: World
     agents: dict[str, AgentSetup]
     stack: ExitStack
 
@@ -323,7 +238,7 @@ def dr_world(tmp: Path, moto: MotoServer) -> Iterator[DRWorld]:
             witness=witness,
             witness_links=witness_links,
             peer_links=peer_links,
-            route53=build_route53(moto),
+            route53=build_world(moto),
             agents=agents,
             stack=ExitStack(),
         )

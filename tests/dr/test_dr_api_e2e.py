@@ -33,7 +33,8 @@ import pytest
 
 from kybdr_agent.postgres.cluster import Cluster
 from tests.daemon_support import Response, UnixHTTPConnection, http_request, start_daemon
-from tests.dr_support import DR_REGION, PRIMARY_REGION, AgentSetup, DRWorld, dr_world, wait_until, writable
+from tests.dr_aws import DR_REGION, PRIMARY_REGION
+from tests.dr_support import AgentSetup, DRWorld, dr_world, wait_until, writable
 from tests.support import KYBDR, MotoServer
 
 PREFIX = "/v1/disaster-recovery"

@@ -24,7 +24,8 @@ import anyio
 import pytest
 
 from kybdr_agent.dr.dns import TEST_RECORD_LABEL, Route53Switcher, record_name
-from tests.integration.test_dr_dns import REGIONS, Recorder, World, build_world
+from tests.dr_aws import REGIONS, World, build_world
+from tests.integration.test_dr_dns import Recorder
 from tests.support import MotoServer
 from tests.terraform.test_terraform import as_list, root, statements
 
