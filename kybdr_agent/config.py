@@ -46,8 +46,10 @@ from kybdr_agent.config_sections import (
     DrillSettings,
     DRSettings,
     EncryptionSettings,
+    NotifySettings,
     PolicySettings,
     RepositorySettings,
+    TelemetrySettings,
     TokenSettings,
 )
 from kybdr_agent.config_values import (
@@ -86,9 +88,11 @@ __all__ = [
     "EncryptionSettings",
     "Interval",
     "MaxAge",
+    "NotifySettings",
     "PolicySettings",
     "RepositorySettings",
     "SweepGrace",
+    "TelemetrySettings",
     "TokenSettings",
     "load_settings",
     "mask_url",
@@ -115,6 +119,8 @@ class AgentSettings(BaseSettings):
     daemon: DaemonSettings = DaemonSettings()
     drill: DrillSettings = DrillSettings()
     dr: DRSettings = DRSettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
+    notify: NotifySettings = NotifySettings()
 
     toml_data: ClassVar[dict[str, Any] | None] = None
 
@@ -127,6 +133,12 @@ class AgentSettings(BaseSettings):
     @model_validator(mode="after")
     def _encryption_needs_key(self) -> AgentSettings:
         if self.backup.encryption and self.encryption.key_file is None:
+            if self.encryption.kms_key_id:
+                raise ValueError(
+                    "backup.encryption is on and only encryption.kms_key_id is set: KMS envelope encryption is "
+                    "not implemented yet, so backups still need encryption.key_file "
+                    "(generate one with: kybdr-agent keygen FILE)"
+                )
             raise ValueError(
                 "backup.encryption is on but encryption.key_file is not set "
                 "(generate one with: kybdr-agent keygen FILE)"

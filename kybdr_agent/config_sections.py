@@ -74,6 +74,11 @@ class PolicySettings(_Section):
     keep_yearly: int = Field(7, ge=0, le=MAX_KEEP)
     min_age: Age = timedelta(hours=1)
     max_age: MaxAge | None = timedelta(days=SEVEN_YEARS_DAYS)
+    stale_after: Duration | None = Field(
+        None,
+        description="alert and `check` CRITICAL when the newest good backup is older "
+        "(default: the schedule's longest gap + jitter + 1h)",
+    )
 
     @field_validator("schedule")
     @classmethod
@@ -147,8 +152,20 @@ class CompressionSettings(_Section):
         return self
 
 
+_KMS_KEY: Final = (
+    r"^(arn:aws[a-z-]*:kms:[a-z0-9-]+:[0-9]{12}:(key/[A-Za-z0-9-]{1,128}|alias/[A-Za-z0-9/_-]{1,250})"
+    r"|mrk-[0-9a-f]{32}|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|alias/[A-Za-z0-9/_-]{1,250})$"
+)
+
+
 class EncryptionSettings(_Section):
     key_file: Path | None = Field(None, description="32-byte master key: raw, hex or base64; mode 0600")
+    kms_key_id: str | None = Field(
+        None,
+        pattern=_KMS_KEY,
+        description="terraform's KMS key (ARN, key id or alias): validated and shown, not used yet: "
+        "backups are encrypted with key_file until KMS envelope encryption lands",
+    )
     old_key_files: list[Path] = Field(default_factory=list, description="earlier keys, to open older backups")
     frame_size_kib: int = Field(1024, description="plaintext bytes per authenticated frame, in KiB")
 
@@ -229,6 +246,15 @@ class DatabaseSettings(_Section):
 class TokenSettings(_Section):
     role: Literal["viewer", "operator", "admin"]
     token_file: Path
+    name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_.@-]{1,64}$",
+        description="who the token is, in the audit trail (default: the token file's name)",
+    )
+
+    @property
+    def caller(self) -> str:
+        return self.name or self.token_file.name
 
 
 class ControlSettings(_Section):
@@ -415,3 +441,53 @@ class DRSettings(_Section):
         if self.peer_url and self.peer_token_file is None:
             raise ValueError("peer_url needs peer_token_file (the peer's API over TCP requires a token)")
         return self
+
+
+class TelemetrySettings(_Section):
+    """``[telemetry]``: Prometheus (``GET /metrics`` always; a token-free scrape listener optionally),
+    CloudWatch ``PutMetricData`` and OpenTelemetry traces by OTLP. Endpoints for AWS follow botocore's
+    ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_CLOUDWATCH`` environment."""
+
+    metrics_listen: str | None = Field(
+        None, description='"127.0.0.1:9187": serve only GET /metrics there, without a token (for scrapers)'
+    )
+    cloudwatch: bool = Field(False, description="publish the metrics terraform's alarms and dashboards read")
+    cloudwatch_namespace: str = Field("KybdrAgent", pattern=r"^[A-Za-z0-9._/#:-]{1,255}$")
+    cloudwatch_region: str | None = Field(None, pattern=_REGION, description="default: repository.region")
+    cloudwatch_interval: Interval = Field(timedelta(seconds=60), description="how often buffered metrics are sent")
+    otlp_endpoint: str | None = Field(
+        None, description='OTLP/HTTP collector, e.g. "http://127.0.0.1:4318": traces are exported there when set'
+    )
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        return check_listen_address(value)
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        return _http_url(value)
+
+
+class NotifySettings(_Section):
+    """``[notify]``: where alerts go (SNS, a JSON webhook) and the thresholds only alerts use."""
+
+    sns_topic_arn: str | None = Field(
+        None, pattern=r"^arn:aws[a-z-]*:sns:[a-z0-9-]+:[0-9]{12}:[A-Za-z0-9_-]{1,256}$", description="alert topic"
+    )
+    webhook_url: str | None = Field(None, description="POST a JSON document per alert to this URL")
+    webhook_token_file: Path | None = Field(None, description="bearer token for the webhook (mode 0600)")
+    min_free_bytes: int = Field(
+        10 << 30, ge=0, le=1 << 60, description="alert when a folder repository's filesystem has less free"
+    )
+    max_lag_bytes: int | None = Field(
+        None, ge=1, le=1 << 60, description="alert when DR replication lag exceeds this (default: dr.max_lag_bytes)"
+    )
+    timeout: Duration = Field(timedelta(seconds=10), description="per attempt, per channel")
+    max_attempts: int = Field(5, ge=1, le=20, description="attempts per message per channel before it is dropped")
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook(cls, value: str | None) -> str | None:
+        return _http_url(value)

@@ -83,6 +83,77 @@ class RetentionDeleted:
 
 
 @dataclass(frozen=True)
+class ReplicaCopyFailed:
+    """A backup is stored in the repository but its cross-region copy failed (the backup job fails too)."""
+
+    database: str
+    backup_id: str
+    error: str
+    at: datetime
+
+
+@dataclass(frozen=True)
+class Freshness:
+    """One covered database at one housekeeping tick: its newest good backup and the window it must be in.
+
+    ``window_seconds`` is the policy's window (or an operator's ``--max-age``); ``stale`` is
+    ``age_seconds is None or age_seconds > window_seconds``: no good backup at all is stale too."""
+
+    database: str
+    newest_good_at: datetime | None
+    newest_backup_id: str | None
+    age_seconds: float | None
+    window_seconds: float
+    stale: bool
+
+
+@dataclass(frozen=True)
+class FreshnessChecked:
+    """Every housekeeping tick: how fresh each covered database's newest good backup is (from the
+    repository). Drives ``BackupAgeSeconds``, the last-success gauges after a restart and the stale alert."""
+
+    at: datetime
+    databases: tuple[Freshness, ...]
+
+
+@dataclass(frozen=True)
+class RepositorySpace:
+    """Every housekeeping tick, for a folder repository: the free bytes of its filesystem."""
+
+    at: datetime
+    location: str
+    free_bytes: int
+    total_bytes: int
+
+
+@dataclass(frozen=True)
+class ControlRequestHandled:
+    """One control API request, answered (or refused). ``caller`` is ``uid:N`` for a unix-socket peer or
+    ``token:NAME`` for a TCP bearer token (``anonymous`` when none was valid); ``route`` is the route's
+    name (``unmatched`` when no route matched), ``target`` what it acted on when the path names it."""
+
+    at: datetime
+    method: str
+    path: str
+    route: str
+    status: int
+    caller: str
+    role: str | None
+    seconds: float
+    target: str | None = None
+
+    @property
+    def changes(self) -> bool:
+        """Whether the request asks the agent to change something (anything but GET/HEAD/OPTIONS)."""
+        return self.method not in ("GET", "HEAD", "OPTIONS")
+
+    @property
+    def refused(self) -> bool:
+        """Answered 401 or 403: the caller was not allowed (other 4xx are bad input, not refusals)."""
+        return self.status in (401, 403)
+
+
+@dataclass(frozen=True)
 class DRTransition:
     """The DR state machine changed phase (``steady`` → ``suspect`` …); ``active`` is the region now active."""
 
@@ -124,6 +195,10 @@ Event = (
     | ValidationVerdict
     | DrillResult
     | RetentionDeleted
+    | ReplicaCopyFailed
+    | FreshnessChecked
+    | RepositorySpace
+    | ControlRequestHandled
     | DRTransition
     | DRAlert
     | DROperationFinished

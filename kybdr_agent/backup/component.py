@@ -86,6 +86,18 @@ class BackupComponent:
             log.warning("housekeeping.sweep_failed", error=str(exc))
         except Exception:  # keep the agent (and its running backups) alive; the next round retries
             log.exception("housekeeping.sweep_crashed")
+        await self.observe_once()
+
+    async def observe_once(self) -> None:
+        """Freshness of every covered database and the repository's free space, published for metrics,
+        CloudWatch and alerts on every tick (so the BackupAgeSeconds alarm always has data)."""
+        try:
+            await self.service.observe()
+        except KybdrError as exc:
+            self.housekeeping = {**self.housekeeping, "observe_error": str(exc)}
+            log.warning("housekeeping.observe_failed", error=str(exc))
+        except Exception:
+            log.exception("housekeeping.observe_crashed")
 
     async def _housekeeping_loop(self) -> None:
         while True:

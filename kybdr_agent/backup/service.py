@@ -13,11 +13,13 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import anyio
 
 from kybdr_agent.backup import catalog
 from kybdr_agent.backup.drill import drill_one
+from kybdr_agent.backup.freshness import BackupSeen, DatabaseFreshness, ScheduleWindow, assess
 from kybdr_agent.backup.keys import KeyRing
 from kybdr_agent.backup.lease import hold_lease, pid_alive, this_process
 from kybdr_agent.backup.manifest import Manifest, database_key, manifest_key_path
@@ -36,6 +38,10 @@ from kybdr_agent.events import (
     BackupFailed,
     DrillResult,
     EventHub,
+    Freshness,
+    FreshnessChecked,
+    ReplicaCopyFailed,
+    RepositorySpace,
     RetentionDeleted,
     ValidationVerdict,
 )
@@ -160,6 +166,8 @@ class BackupService:
             replicated = made.model_copy(update={"replication": {**made.replication, "cross_region": record}})
             await replica.put_bytes(key, replicated.to_json())
         except BaseException as exc:
+            if isinstance(exc, Exception):
+                self.events.publish(ReplicaCopyFailed(made.database, made.id, str(exc), self._now()))
             with anyio.move_on_after(60, shield=True):
                 await replica.delete(made.object_key)
             if isinstance(exc, KybdrError):
@@ -330,6 +338,60 @@ class BackupService:
             merged.in_use += found.in_use
             merged.failed.update(found.failed)
         return merged.as_dict()
+
+    # --- freshness (housekeeping, ``check``) ----------------------------------------------------
+
+    async def freshness(self, *, max_age: timedelta | None = None) -> list[DatabaseFreshness]:
+        """Each covered database's newest good backup against its policies' window (``backup.freshness``).
+
+        Read from the repository, which is the truth after a restart or on a host without a daemon; a
+        backup a full validation found corrupt does not count as good."""
+        found = await self.catalog()
+        invalid = await anyio.to_thread.run_sync(self._invalid_ids)  # reads the journal: off the loop
+        by_database = self.config.policies_by_database()
+        covered = {
+            database: [
+                ScheduleWindow(
+                    schedule=p.schedule,
+                    tz=ZoneInfo(p.timezone),
+                    jitter=timedelta(seconds=p.jitter_seconds),
+                    stale_after=p.stale_after,
+                )
+                for p in by_database.get(database, [])
+            ]
+            for database in self.covered_databases()
+        }
+        seen = [BackupSeen(m.database, m.id, m.finished_at, m.id not in invalid) for m in found.backups]
+        return assess(covered, seen, self._now(), max_age=max_age)
+
+    async def observe(self) -> None:
+        """Housekeeping's report: freshness of every covered database, and a folder repository's free space,
+        published as events for metrics, CloudWatch and alerts. Nothing is published when backups are off."""
+        if not self.config.backup.enabled:
+            return
+        now = self._now()
+        fresh = await self.freshness()
+        self.events.publish(
+            FreshnessChecked(
+                now,
+                tuple(
+                    Freshness(
+                        database=f.database,
+                        newest_good_at=f.newest_good_at,
+                        newest_backup_id=f.newest_backup_id,
+                        age_seconds=None if f.age is None else f.age.total_seconds(),
+                        window_seconds=f.window.total_seconds(),
+                        stale=f.stale,
+                    )
+                    for f in fresh
+                ),
+            )
+        )
+        measure = getattr(self.store, "space", None)  # a folder repository measures its filesystem
+        space = await measure() if measure is not None else None
+        if space is not None:
+            free, total = space
+            self.events.publish(RepositorySpace(now, self.store.describe(), free, total))
 
     # --- statistics ---------------------------------------------------------------------------
 

@@ -115,6 +115,19 @@ class LocalStore:
     def describe(self) -> str:
         return f"file://{self._root}"
 
+    async def space(self) -> tuple[int, int] | None:
+        """Free and total bytes of the folder's filesystem (for the "repository running low" alert), or
+        None when the folder does not exist yet: free space an unprivileged writer can use, not root's."""
+
+        def measure() -> tuple[int, int] | None:
+            try:
+                fs = os.statvfs(self._root)
+            except FileNotFoundError:
+                return None
+            return fs.f_bavail * fs.f_frsize, fs.f_blocks * fs.f_frsize
+
+        return await anyio.to_thread.run_sync(measure)
+
     def _path(self, key: str) -> Path:
         parts = key.split("/")
         if not key or any(p in ("", ".", "..") for p in parts):
