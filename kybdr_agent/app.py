@@ -18,7 +18,7 @@ import json
 import os
 import socket
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -45,11 +45,16 @@ from kybdr_agent.storage.retry import RetryPolicy
 
 if TYPE_CHECKING:
     from kybdr_agent.dr.component import DRComponent
+    from kybdr_agent.telemetry.component import TelemetryComponent
+    from kybdr_agent.telemetry.metrics import AgentMetrics
 
 # --- adapters -----------------------------------------------------------------------------------
 
 
-async def _open_store(repo: RepositorySettings) -> BlobStore:
+RetryObserver = Callable[[str], None]
+
+
+async def _open_store(repo: RepositorySettings, on_retry: RetryObserver | None = None) -> BlobStore:
     if repo.scheme == "file":
         return LocalStore(repo.local_path)
     # Imported here: aiobotocore costs ~0.2 s and ~30 MiB, which a folder repository never needs.
@@ -70,6 +75,7 @@ async def _open_store(repo: RepositorySettings) -> BlobStore:
             connect_timeout=repo.connect_timeout_seconds,
             request_timeout=repo.request_timeout_seconds,
             retry=RetryPolicy(attempts=repo.max_attempts, attempt_deadline=repo.request_timeout_seconds),
+            on_retry=on_retry,
         )
     )
 
@@ -92,14 +98,15 @@ def replica_repository(settings: AgentSettings) -> RepositorySettings | None:
 class Stores:
     """Every store opened for this process, one per distinct repository configuration, closed at the end."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_retry: RetryObserver | None = None) -> None:
         self._open: dict[str, BlobStore] = {}
+        self._on_retry = on_retry
 
     async def get(self, repo: RepositorySettings) -> BlobStore:
         key = json.dumps(repo.model_dump(mode="json"), sort_keys=True)
         store = self._open.get(key)
         if store is None:
-            store = self._open[key] = await _open_store(repo)
+            store = self._open[key] = await _open_store(repo, self._on_retry)
         return store
 
     async def replica(self, settings: AgentSettings) -> ReplicaStore | None:
@@ -120,8 +127,8 @@ class Stores:
 
 
 @asynccontextmanager
-async def open_stores() -> AsyncIterator[Stores]:
-    stores = Stores()
+async def open_stores(on_retry: RetryObserver | None = None) -> AsyncIterator[Stores]:
+    stores = Stores(on_retry)
     try:
         yield stores
     finally:
@@ -366,3 +373,24 @@ async def open_dr(
         state_path=state_dir / "state.json",
     )
     return DRComponent(settings, parts, jobs=jobs, events=events, clock=clock)
+
+
+# --- the telemetry component -----------------------------------------------------------------------
+
+
+async def open_telemetry(
+    settings: AgentSettings, stores: Stores, *, metrics: AgentMetrics, events: EventHub, clock: Clock
+) -> TelemetryComponent:
+    """Metrics are always on (``GET /metrics``); CloudWatch, alerts and the audit trail as configured.
+    Each observer subscribes to the hub here and brings its worker to the component."""
+    from kybdr_agent.telemetry.component import TelemetryComponent, TelemetryParts
+
+    parts = TelemetryParts(
+        metrics=metrics,
+        metrics_listen=settings.telemetry.metrics_listen,
+        settings_snapshot={
+            "telemetry": settings.telemetry.model_dump(mode="json"),
+            "notify": settings.notify.model_dump(mode="json"),
+        },
+    )
+    return TelemetryComponent(parts)

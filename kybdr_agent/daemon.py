@@ -12,6 +12,7 @@ logged and the running one kept.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import signal
@@ -44,6 +45,9 @@ from kybdr_agent.jobs import JobManager
 from kybdr_agent.secret_files import check_all as check_secret_files
 from kybdr_agent.secret_files import load_tokens, trusted_owners
 from kybdr_agent.telemetry import get_logger
+from kybdr_agent.telemetry.metrics import AgentMetrics
+from kybdr_agent.telemetry.routes import metrics_routes
+from kybdr_agent.telemetry.tracing import configure_tracing
 
 # A burst of clients larger than aiohttp's default 128 would see EAGAIN on a unix socket (a refused
 # connect, not a wait); the kernel caps this at net.core.somaxconn.
@@ -52,11 +56,13 @@ CONTROL_BACKLOG: Final = 1024
 log = get_logger("kybdr_agent.daemon")
 
 
-def _tokens(settings: AgentSettings) -> dict[str, Role]:
-    """The control tokens, each file checked like every secret (mode, owner, UTF-8, length)."""
-    return load_tokens(
-        [(t.role, t.token_file) for t in settings.control.tokens], trusted_owners(settings.daemon.service_user)
-    )
+def _tokens(settings: AgentSettings) -> tuple[dict[str, Role], dict[str, str]]:
+    """The control tokens (token → role), each file checked like every secret (mode, owner, UTF-8,
+    length), and who each one is (token → name) for the audit trail."""
+    entries = settings.control.tokens
+    tokens = load_tokens([(t.role, t.token_file) for t in entries], trusted_owners(settings.daemon.service_user))
+    # load_tokens keeps the entries' order and refuses duplicates, so the two lists line up.
+    return tokens, {token: entry.caller for token, entry in zip(tokens, entries, strict=True)}
 
 
 # --- the control socket -------------------------------------------------------------------------
@@ -163,7 +169,7 @@ class Agent:
         try:
             settings = load_settings(self.config_path)
             check_secret_files(settings)  # a reload must not swap in keys or passwords start-up would refuse
-            tokens = _tokens(settings)
+            tokens, token_names = _tokens(settings)
         except ConfigError as exc:
             log.warning("config.reload_rejected", error=str(exc), note="keeping the running configuration")
             sdnotify.status(f"reload rejected: {exc}"[:200])
@@ -181,6 +187,7 @@ class Agent:
             return
         self.settings = settings
         self.ctx.tokens = tokens
+        self.ctx.token_names = token_names
         self.ctx.max_body_bytes = settings.control.max_body_bytes
         log.info("config.reloaded", path=str(self.config_path))
 
@@ -199,10 +206,17 @@ async def run_daemon(config_path: Path | None, now: Clock = utc_now) -> int:
     # from the journal on every GET /v1/backup/stats); after the journal: same record, same order.
     stats = await DaemonStats.load(journal)
     events.subscribe("stats", stats.on_event)
+    # Metrics after the journal too; their "last success" gauges start from what the journal remembers
+    # (the repository's view follows at the first housekeeping tick).
+    metrics = AgentMetrics()
+    await anyio.to_thread.run_sync(metrics.rebuild_from_journal, journal.records())
+    events.subscribe("metrics", metrics.on_event)
+    configure_tracing(settings.telemetry.otlp_endpoint, version=__version__)
     jobs = JobManager(max_parallel=settings.backup.max_parallel, history=settings.control.job_history, clock=now)
     app.record_jobs(jobs, events, via="agent")
+    metrics.watch_jobs(lambda: collections.Counter(job.kind for job in jobs.running()))
 
-    async with app.open_stores() as stores:
+    async with app.open_stores(on_retry=metrics.storage_retry) as stores:
 
         async def build(new: AgentSettings) -> BackupService:
             return await app.build_backup_service(new, stores, journal=journal, events=events, clock=now)
@@ -216,11 +230,23 @@ async def run_daemon(config_path: Path | None, now: Clock = utc_now) -> int:
             rebuild=build,
         )
         dr = await app.open_dr(settings, stores, jobs=jobs, events=events, clock=now)
+        if dr is not None:
+            metrics.watch_dr(dr.phase)
+        telemetry = await app.open_telemetry(settings, stores, metrics=metrics, events=events, clock=now)
         components: list[Component] = [backup] if dr is None else [backup, dr]
-        ctx = ControlContext(jobs=jobs, tokens=_tokens(settings), max_body_bytes=settings.control.max_body_bytes)
+        components.append(telemetry)
+        tokens, token_names = _tokens(settings)
+        ctx = ControlContext(
+            jobs=jobs,
+            tokens=tokens,
+            token_names=token_names,
+            max_body_bytes=settings.control.max_body_bytes,
+            events=events,
+            clock=now,
+        )
         agent = Agent(config_path, settings, ctx, components)
         ctx.health = agent.health_fields
-        runner = await start_control(ctx, settings, [backup_routes(backup), dr_routes(dr)])
+        runner = await start_control(ctx, settings, [backup_routes(backup), dr_routes(dr), metrics_routes(metrics)])
         try:
             await _supervise(agent, jobs, now)
         finally:

@@ -34,6 +34,8 @@ from anyio.abc import TaskGroup
 from kybdr_agent.clock import Clock, utc_now
 from kybdr_agent.errors import KybdrError
 from kybdr_agent.telemetry import get_logger
+from kybdr_agent.telemetry.context import current_job_id, current_job_kind
+from kybdr_agent.telemetry.tracing import stage
 
 DEFAULT_HISTORY: Final = 200
 log = get_logger("kybdr_agent.jobs")
@@ -388,8 +390,12 @@ class JobManager:
     async def _execute(self, job: Job, work: JobWork) -> None:
         job.status = JobStatus.RUNNING
         job.started_at = self._clock()
+        # Log lines and spans of everything this job runs (its tasks inherit the context) name the job.
+        current_job_id.set(job.id)
+        current_job_kind.set(job.kind)
         try:
-            job.result = await work(job)
+            with stage(f"job {job.kind}", job_id=job.id, kind=job.kind, database=job.database or ""):
+                job.result = await work(job)
             job.status = JobStatus.SUCCEEDED
         except KybdrError as exc:
             job.status = JobStatus.FAILED

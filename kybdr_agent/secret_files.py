@@ -267,6 +267,7 @@ def check_all(settings: AgentSettings) -> None:
     check_password_files(settings)
     settings_tokens(settings)
     peer_token(settings)
+    webhook_token(settings)
 
 
 def peer_token(settings: AgentSettings) -> str | None:
@@ -275,3 +276,11 @@ def peer_token(settings: AgentSettings) -> str | None:
     if not dr.enabled or dr.peer_token_file is None:
         return None
     return read_token(dr.peer_token_file, "dr.peer_token_file", trusted_owners(settings.daemon.service_user))
+
+
+def webhook_token(settings: AgentSettings) -> str | None:
+    """The bearer token for the alert webhook (``notify.webhook_token_file``), checked like every token."""
+    path = settings.notify.webhook_token_file
+    if path is None:
+        return None
+    return read_token(path, "notify.webhook_token_file", trusted_owners(settings.daemon.service_user))

@@ -48,6 +48,7 @@ from kybdr_agent.postgres.connection import (
 )
 from kybdr_agent.storage.base import BlobStore, UploadResult
 from kybdr_agent.telemetry import get_logger
+from kybdr_agent.telemetry.tracing import annotate, stage
 
 READ_CHUNK: Final = 1 << 20
 # Dump bytes one worker-thread hop reads and encodes: the event loop wakes once per batch, not three times
@@ -244,7 +245,10 @@ async def _stream_dump(
                 tg.start_soon(drain_into, proc.stderr, stderr)
                 tg.start_soon(_pump_stage, _Pump(reader, encoder), out_send, progress)
                 tg.start_soon(_write_stage, out_recv, write)
-            returncode = await proc.wait()
+                # The dump stage is pg_dump's life; encode and upload are its siblings, not its children.
+                with stage("dump", pid=proc.pid) as dump_span:
+                    returncode = await proc.wait()
+                    annotate(dump_span, returncode=returncode)
             if returncode != 0:
                 raise DumpError(failure_message("pg_dump", returncode, stderr))
     finally:
@@ -279,6 +283,12 @@ class _Pump:
 
 
 async def _pump_stage(pump: _Pump, send: MemoryObjectSendStream[bytes], progress: BackupProgress | None) -> None:
+    with stage("encode") as span:
+        await _pump(pump, send, progress)
+        annotate(span, dump_bytes=pump.encoder.dump_bytes, compressed_bytes=pump.encoder.compressed_bytes)
+
+
+async def _pump(pump: _Pump, send: MemoryObjectSendStream[bytes], progress: BackupProgress | None) -> None:
     async with send:
         ended = False
         while not ended:
@@ -292,9 +302,13 @@ async def _pump_stage(pump: _Pump, send: MemoryObjectSendStream[bytes], progress
 
 
 async def _write_stage(recv: MemoryObjectReceiveStream[bytes], write: Callable[[bytes], Awaitable[None]]) -> None:
-    async with recv:
-        async for data in recv:
-            await write(data)
+    with stage("upload") as span:
+        written = 0
+        async with recv:
+            async for data in recv:
+                await write(data)
+                written += len(data)
+        annotate(span, bytes=written)
 
 
 async def _check_stored(store: BlobStore, made: manifest.Manifest) -> None:
@@ -327,8 +341,9 @@ async def backup_and_record(
             database, connection=connection, store=store, options=options, now=now, backup_id=backup_id
         )
         try:
-            await _check_stored(store, made)
-            await store.put_bytes(manifest.manifest_key_path(database, made.id), made.to_json())
+            with stage("manifest", backup_id=made.id, stored_bytes=made.stored_bytes):
+                await _check_stored(store, made)
+                await store.put_bytes(manifest.manifest_key_path(database, made.id), made.to_json())
         except BaseException:
             # No manifest means no backup: do not leave its data behind to look like one.
             with anyio.move_on_after(60, shield=True):

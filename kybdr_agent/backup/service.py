@@ -48,6 +48,7 @@ from kybdr_agent.events import (
 from kybdr_agent.journal import Journal
 from kybdr_agent.postgres.connection import Connection, database_errors
 from kybdr_agent.storage.base import BlobStore, ReplicaStore
+from kybdr_agent.telemetry.tracing import stage
 
 
 @dataclass(frozen=True)
@@ -156,8 +157,9 @@ class BackupService:
         started = time.monotonic()
         key = manifest_key_path(made.database, made.id)
         try:
-            await replica.copy_from(self.store, made.object_key, made.stored_bytes)
-            await _check_size(replica, made.object_key, made.stored_bytes)
+            with stage("copy", backup_id=made.id, stored_bytes=made.stored_bytes):
+                await replica.copy_from(self.store, made.object_key, made.stored_bytes)
+                await _check_size(replica, made.object_key, made.stored_bytes)
             record = {
                 **replica.location(),
                 "copied_at": self._now().isoformat(),
@@ -199,23 +201,26 @@ class BackupService:
     ) -> RestoreResult:
         check_user_target(target)
         found = await catalog.find_backup(self.store, backup_id)
-        return await restore_backup(
-            found,
-            store=self.store,
-            keyring=self.keyring,
-            connection=self.connection,
-            maintenance_database=self.config.maintenance_database,
-            target=target,
-            force=force,
-            no_owner=no_owner,
-            notice=notice or (lambda _message: None),
-        )
+        with stage("restore", backup_id=found.id, database=found.database, target=target):
+            return await restore_backup(
+                found,
+                store=self.store,
+                keyring=self.keyring,
+                connection=self.connection,
+                maintenance_database=self.config.maintenance_database,
+                target=target,
+                force=force,
+                no_owner=no_owner,
+                notice=notice or (lambda _message: None),
+            )
 
     async def validate(self, backup_id: str, level: Level) -> ValidationResult:
         found = await catalog.find_backup(self.store, backup_id)
-        result = await validate_backup(
-            found, store=self.store, keyring=self.keyring, connection=self.connection, level=level
-        )
+        with stage("validate", backup_id=found.id, database=found.database, level=level) as span:
+            result = await validate_backup(
+                found, store=self.store, keyring=self.keyring, connection=self.connection, level=level
+            )
+            span.set_attribute("kybdr.ok", result.ok)
         self.events.publish(ValidationVerdict(found.id, found.database, level, result.ok, result.corrupt, result.error))
         return result
 
@@ -233,9 +238,11 @@ class BackupService:
             raise KybdrError("the repository holds no backups to drill")
         results: list[dict[str, Any]] = []
         for m in newest.values():
-            result = await drill_one(
-                self.store, self.drill_connection, self.config.maintenance_database, self.keyring, m
-            )
+            with stage("drill", backup_id=m.id, database=m.database) as span:
+                result = await drill_one(
+                    self.store, self.drill_connection, self.config.maintenance_database, self.keyring, m
+                )
+                span.set_attribute("kybdr.passed", bool(result.get("passed")))
             self.events.publish(
                 DrillResult(
                     database=m.database,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hmac
 import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from typing import Any, Final, Literal
 
 from aiohttp import web
 
+from kybdr_agent.clock import Clock, utc_now
 from kybdr_agent.control.problems import Problem, RawHandler
 from kybdr_agent.control.requests import (
     MAX_WAIT_SECONDS,
@@ -32,6 +34,7 @@ from kybdr_agent.control.requests import (
     parse_query,
     read_body,
 )
+from kybdr_agent.events import ControlRequestHandled, EventHub
 from kybdr_agent.jobs import JobManager
 
 Role = Literal["viewer", "operator", "admin"]
@@ -48,9 +51,20 @@ class ControlContext:
     max_body_bytes: int = 65536
     started: float = field(default_factory=time.monotonic)
     health: Callable[[], dict[str, Any]] = dict
+    # Who each token is (token → name), for the audit trail; swapped with ``tokens`` on reload.
+    token_names: dict[str, str] = field(default_factory=dict)
+    # Every answered request is published here (``ControlRequestHandled``): metrics and the audit trail.
+    events: EventHub | None = None
+    clock: Clock = utc_now
 
 
 CONTEXT: Final = web.AppKey("context", ControlContext)
+# What the guard learned about a request, for the observer middleware (``observe``).
+CALLER: Final = "kybdr.caller"
+ROLE: Final = "kybdr.role"
+TARGET: Final = "kybdr.target"
+_PEERCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_TARGET_FIELDS: Final = ("backup_id", "database", "databases", "target_database", "region", "job_id")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,6 +81,7 @@ class RouteSpec:
     query: tuple[QueryParam, ...] = ()
     path_params: tuple[PathParam, ...] = ()
     response: str = ""  # the 200 answer's schema in components/schemas ("" for a job route: Jobs)
+    media_type: str = "application/json"  # of the 200 answer; any other type is documented as text
     repository: bool = False  # reads the repository: 502 when it cannot, 422 when the configuration forbids
     problems: tuple[tuple[str, str], ...] = ()  # further refusals the route answers: (status, description)
 
@@ -103,6 +118,27 @@ def _peer_is_unix(request: web.Request) -> bool:
     return sock is not None and sock.family == socket.AF_UNIX
 
 
+def peer_uid(request: web.Request) -> int | None:
+    """The unix-socket peer's uid from the kernel (SO_PEERCRED): who called, whatever they claim."""
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    try:
+        _pid, uid, _gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+    except OSError:
+        return None
+    return int(uid)
+
+
+def caller_of(request: web.Request) -> str:
+    """``uid:N`` for a unix-socket peer, ``token:NAME`` for a valid bearer token, else ``anonymous``."""
+    known = request.get(CALLER)
+    if isinstance(known, str):
+        return known
+    uid = peer_uid(request)
+    return f"uid:{uid}" if uid is not None else "anonymous"
+
+
 def authorise(request: web.Request, needed: Role) -> Role:
     """Unix-socket peers are admins; TCP needs exactly ``Authorization: Bearer <token>``.
 
@@ -110,6 +146,7 @@ def authorise(request: web.Request, needed: Role) -> Role:
     nothing around it: a header that only almost matches is refused, never repaired.
     """
     if _peer_is_unix(request):
+        request[ROLE] = "admin"
         return "admin"
     ctx = request.app[CONTEXT]
     header = request.headers.get("Authorization", "")
@@ -125,8 +162,10 @@ def authorise(request: web.Request, needed: Role) -> Role:
         # Compare against every token, in constant time, so timing reveals neither match nor position.
         if hmac.compare_digest(token.encode(), given):
             role = token_role
+            request[CALLER] = f"token:{ctx.token_names.get(token, token_role)}"
     if role is None:
         raise Problem(401, "unauthorized", "the token is not valid")
+    request[ROLE] = role
     if _RANK[role] < _RANK[needed]:
         raise Problem(403, "forbidden", f"this needs the {needed} role", f"the token's role is {role}")
     return role
@@ -141,6 +180,42 @@ def guard(spec: RouteSpec, handler: Handler) -> RawHandler:
         path = check_path_params(request, spec.path_params)
         query = parse_query(request, spec.query)
         body = await read_body(request, spec.body, ctx.max_body_bytes)
+        request[TARGET] = _target(path, body)
         return await handler(Call(request, ctx, role, query, body, path))
 
     return guarded
+
+
+def _target(path: dict[str, str], body: Body | None) -> str | None:
+    """What the request acts on, for the audit trail: its path parameters, or the body's naming fields."""
+    named: list[str] = list(path.values())
+    for name in _TARGET_FIELDS:
+        value = getattr(body, name, None) if body is not None else None
+        if isinstance(value, str):
+            named.append(value)
+        elif isinstance(value, list | tuple):
+            named.extend(str(v) for v in value)
+    return ",".join(named)[:500] if named else None
+
+
+def observe(request: web.Request, status: int, seconds: float) -> None:
+    """Publish the answered request (after ``problems`` turned any refusal into its status)."""
+    ctx = request.app[CONTEXT]
+    if ctx.events is None:
+        return
+    route = request.match_info.route.name if request.match_info.route else None
+    role = request.get(ROLE)
+    target = request.get(TARGET)
+    ctx.events.publish(
+        ControlRequestHandled(
+            at=ctx.clock(),
+            method=request.method,
+            path=request.path[:200],
+            route=route or "unmatched",
+            status=status,
+            caller=caller_of(request),
+            role=role if isinstance(role, str) else None,
+            seconds=seconds,
+            target=target if isinstance(target, str) else None,
+        )
+    )

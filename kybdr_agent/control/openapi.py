@@ -187,6 +187,8 @@ def _operation(spec: RouteSpec, schemas: dict[str, Any]) -> dict[str, Any]:
         )
         responses["429"] = _problem("this kind of job, or the queue, is at its limit", retry=True)
         responses["503"] = _problem("the agent is stopping", retry=True)
+    elif spec.media_type != "application/json":
+        responses["200"] = {"description": "OK", "content": {spec.media_type: {"schema": {"type": "string"}}}}
     else:
         responses["200"] = _json(spec.response or "OpenAPIDocument", "OK")
     for status, description in spec.problems:

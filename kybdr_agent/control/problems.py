@@ -21,6 +21,9 @@ from kybdr_agent.telemetry import get_logger
 
 PROBLEM_BASE: Final = "https://kybdr.dev/problems/"
 RawHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Observer = Callable[[web.Request, int, float], None]
+# Told of every answered request (status and seconds, after refusals became problems): metrics, audit.
+OBSERVERS: Final = web.AppKey("observers", tuple[Observer, ...])
 
 log = get_logger("kybdr_agent.control")
 
@@ -117,11 +120,13 @@ async def problems(request: web.Request, handler: RawHandler) -> web.StreamRespo
     except Exception:  # a bug: the client still gets problem+json, the log gets the traceback
         log.exception("control.internal_error", method=request.method, path=request.path[:200])
         response = Problem(500, "internal", "internal error", "see the agent's log").response()
+    seconds = time.monotonic() - started
     log.debug(
-        "control.request",
-        method=request.method,
-        path=request.path[:200],
-        status=response.status,
-        ms=round((time.monotonic() - started) * 1000, 2),
+        "control.request", method=request.method, path=request.path[:200], status=response.status, ms=seconds * 1000
     )
+    for observer in request.app.get(OBSERVERS, ()):
+        try:
+            observer(request, response.status, seconds)
+        except Exception:  # an observer (metrics, audit) failing never changes the answer
+            log.exception("control.observer_failed")
     return response

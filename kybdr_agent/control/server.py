@@ -28,8 +28,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from kybdr_agent.control import openapi as _openapi
 from kybdr_agent.control.core_routes import core_routes, render_document
-from kybdr_agent.control.http import CONTEXT, ControlContext, Role, guard
-from kybdr_agent.control.problems import Problem, problems
+from kybdr_agent.control.http import CONTEXT, ControlContext, Role, guard, observe
+from kybdr_agent.control.problems import OBSERVERS, Problem, problems
 from kybdr_agent.control.routes import RouteTable
 from kybdr_agent.telemetry import get_logger
 
@@ -63,6 +63,7 @@ def build_app(ctx: ControlContext, tables: Sequence[RouteTable]) -> web.Applicat
         server_log.addFilter(_one_line_for_bad_http)
     app = web.Application(middlewares=[problems], client_max_size=ctx.max_body_bytes)
     app[CONTEXT] = ctx
+    app[OBSERVERS] = (observe,)
     for table in all_tables(tables):
         for route in table.routes:
             spec = route.spec

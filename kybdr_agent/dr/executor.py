@@ -33,6 +33,7 @@ from kybdr_agent.dr.observations import Region, other
 from kybdr_agent.errors import KybdrError
 from kybdr_agent.postgres.connection import Connection
 from kybdr_agent.telemetry import get_logger
+from kybdr_agent.telemetry.tracing import stage
 
 log = get_logger("kybdr_agent.dr")
 
@@ -70,7 +71,8 @@ class StepExecutor:
         started = time.monotonic()
         step = _step_name(action)
         try:
-            detail = await self._run(action)
+            with stage(f"dr.{step}", operation_id=operation_id, step=step):
+                detail = await self._run(action)
         except KybdrError as exc:
             return StepResult(operation_id, step, False, time.monotonic() - started, {}, str(exc))
         except Exception as exc:  # a step must always report back: the machine halts on a failure it sees

@@ -19,7 +19,7 @@ import base64
 import contextlib
 import hashlib
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -103,6 +103,9 @@ class S3Options:
     connect_timeout: float = 10.0
     request_timeout: float = 120.0  # seconds without a byte moving, either way, before an attempt is cut
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    # Told the S3 API operation (``put_object``, ``upload_part`` …) of every retried attempt: the
+    # ``kybdr_storage_retries_total{operation}`` counter, without the store knowing of metrics.
+    on_retry: Callable[[str], None] | None = field(default=None, compare=False)
 
 
 class S3Store:
@@ -162,6 +165,8 @@ class S3Store:
 
         def on_retry(attempt: int, error: BaseException, delay: float) -> None:
             failed.append(attempt)
+            if self.options.on_retry is not None:
+                self.options.on_retry(method)
             log.info(
                 "s3.retry",
                 operation=what,
@@ -439,6 +444,8 @@ class S3Store:
                         f"{reason}"
                     ) from exc
                 delay = policy.delay(failures, _JITTER)
+                if self.options.on_retry is not None:
+                    self.options.on_retry("get_object")
                 log.info(
                     "s3.retry",
                     operation=f"reading {key} from byte {offset}",
