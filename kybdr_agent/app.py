@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import anyio
 
@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 
 
 RetryObserver = Callable[[str], None]
+AUDIT_SHIP_SECONDS: Final = 300.0
 
 
 async def _open_store(repo: RepositorySettings, on_retry: RetryObserver | None = None) -> BlobStore:
@@ -383,7 +384,8 @@ async def open_telemetry(
 ) -> TelemetryComponent:
     """Metrics are always on (``GET /metrics``); CloudWatch, alerts and the audit trail as configured.
     Each observer subscribes to the hub here and brings its worker to the component."""
-    from kybdr_agent.telemetry.component import TelemetryComponent, TelemetryParts
+    from kybdr_agent.audit import AuditTrail, audit_subscriber, ship
+    from kybdr_agent.telemetry.component import Periodic, TelemetryComponent, TelemetryParts
 
     parts = TelemetryParts(
         metrics=metrics,
@@ -393,4 +395,49 @@ async def open_telemetry(
             "notify": settings.notify.model_dump(mode="json"),
         },
     )
+    # The audit trail: always on. Shipped to the repository every few minutes and at shutdown, so a copy
+    # exists that a person on this host cannot quietly rewrite.
+    host = socket.gethostname()
+    try:
+        trail = AuditTrail(settings.backup.backup_dir / "audit", clock=clock, host=host)
+    except OSError as exc:
+        raise ConfigError(f"backup.backup_dir: cannot open the audit trail: {exc.strerror or exc}") from None
+    events.subscribe("audit", audit_subscriber(trail))
+    repository = await stores.get(settings.repository)
+
+    async def ship_audit() -> int:
+        return await ship(trail, repository)
+
+    telemetry = settings.telemetry
+    if telemetry.cloudwatch:
+        from kybdr_agent.telemetry.cloudwatch import CloudWatchPublisher
+
+        region = telemetry.cloudwatch_region or settings.repository.region or os.environ.get("AWS_DEFAULT_REGION")
+        if not region:
+            raise ConfigError("telemetry.cloudwatch needs telemetry.cloudwatch_region (or repository.region)")
+        cloudwatch = CloudWatchPublisher(
+            namespace=telemetry.cloudwatch_namespace,
+            region=region,
+            clock=clock,
+            interval=telemetry.cloudwatch_interval.total_seconds(),
+            host=host,
+        )
+        events.subscribe("cloudwatch", cloudwatch.on_event)
+        parts.workers["cloudwatch"] = cloudwatch
+    notify = settings.notify
+    if notify.sns_topic_arn or notify.webhook_url:
+        from kybdr_agent.notify import Notifier, NotifyConfig
+
+        dr_lag = settings.dr.max_lag_bytes if settings.dr.enabled else None
+        notifier = Notifier(
+            NotifyConfig.from_settings(
+                notify, webhook_token=secret_files.webhook_token(settings), dr_max_lag_bytes=dr_lag, host=host
+            ),
+            clock=clock,
+        )
+        events.subscribe("notify", notifier.on_event)
+        parts.workers["notify"] = notifier
+    interval = min(AUDIT_SHIP_SECONDS, settings.daemon.housekeeping_interval.total_seconds())
+    parts.workers["audit_ship"] = Periodic("audit_ship", ship_audit, interval)
+    parts.on_stop.append(ship_audit)
     return TelemetryComponent(parts)

@@ -6,6 +6,9 @@ failure an operator can cause prints one paragraph saying what happened and what
 That holds for failures that are not ours too (an OSError, a library's ValueError, a driver's error): they
 end as one line "kybdr-agent: COMMAND failed: …", and the traceback is printed only with ``-v``. A bug
 says "internal error" and asks for ``-v``. How a successful result is printed is ``cli_output``'s job.
+Every message of its own goes through ``stderr_line``, so under systemd it reaches the journal with its
+priority (``<3>`` error) like the log lines. ``check`` is the exception to the exit statuses above: a
+monitoring probe, it answers in the Nagios convention (``cli_check``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import sys
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Final
+from typing import Final, NoReturn
 
 import anyio
 
@@ -33,6 +36,7 @@ from kybdr_agent.control.client import ControlClient, agent_listening, check_soc
 from kybdr_agent.errors import ConfigError, KybdrError
 from kybdr_agent.operations import LocalOperations, Operations, RemoteOperations, terminal_progress
 from kybdr_agent.telemetry import configure_logging, get_logger
+from kybdr_agent.telemetry.logs import ERROR, WARNING, stderr_line
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
@@ -49,10 +53,17 @@ class Interrupted(Exception):
     """SIGINT or SIGTERM arrived; the operation was cancelled and cleaned up."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors written as every other CLI message (``stderr_line``: with their
+    priority when stderr is the journal). Subcommand parsers are made of the same class."""
+
+    def error(self, message: str) -> NoReturn:
+        stderr_line(f"{self.format_usage().rstrip()}\n{self.prog}: error: {message}", ERROR)
+        sys.exit(EXIT_USAGE)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="kybdr-agent", description="Backup and disaster recovery for PostgreSQL hosts."
-    )
+    parser = _Parser(prog="kybdr-agent", description="Backup and disaster recovery for PostgreSQL hosts.")
     parser.add_argument("--version", action="version", version=f"kybdr-agent {__version__}")
     parser.add_argument(
         "--config", type=Path, default=None, help=f"TOML configuration file (default {DEFAULT_CONFIG_PATH})"
@@ -105,6 +116,14 @@ def _parser() -> argparse.ArgumentParser:
     from kybdr_agent.cli_dr import add_parser as add_dr_parser
 
     add_dr_parser(sub)
+
+    from kybdr_agent.cli_audit import add_parser as add_audit_parser
+
+    add_audit_parser(sub)
+
+    from kybdr_agent.cli_check import add_parser as add_check_parser
+
+    add_check_parser(sub)
 
     p = sub.add_parser("config", help="configuration tools")
     config_sub = p.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
@@ -177,31 +196,33 @@ def _report(args: argparse.Namespace, exc: BaseException) -> int:
             os.dup2(devnull, sys.stdout.fileno())
         return EXIT_FAILED
     if isinstance(exc, KybdrError) and args.verbose and exc.__cause__ is not None:
-        traceback.print_exception(exc.__cause__, file=sys.stderr)
+        _traceback(exc.__cause__)
     if isinstance(exc, ConfigError):
-        print(f"kybdr-agent: configuration error: {exc}", file=sys.stderr)
+        stderr_line(f"kybdr-agent: configuration error: {exc}")
         return EXIT_CONFIG
     if isinstance(exc, Interrupted | KeyboardInterrupt):
         if getattr(args, "remote", False):
-            print(
-                "kybdr-agent: interrupted; the job keeps running in the agent (see `kybdr-agent status`)",
-                file=sys.stderr,
+            stderr_line(
+                "kybdr-agent: interrupted; the job keeps running in the agent (see `kybdr-agent status`)", WARNING
             )
         else:
-            print(
-                "kybdr-agent: interrupted; the operation was cancelled and nothing half-done was kept", file=sys.stderr
-            )
+            stderr_line("kybdr-agent: interrupted; the operation was cancelled and nothing half-done was kept")
         return EXIT_INTERRUPTED
     if isinstance(exc, InvalidBackupId):
-        print(f"kybdr-agent: {exc}", file=sys.stderr)
+        stderr_line(f"kybdr-agent: {exc}")
         return EXIT_USAGE
     if isinstance(exc, KybdrError):
-        print(f"kybdr-agent: {args.command} failed: {exc}", file=sys.stderr)
+        stderr_line(f"kybdr-agent: {args.command} failed: {exc}")
         return EXIT_FAILED
     if args.verbose:
-        traceback.print_exception(exc, file=sys.stderr)
-    print(f"kybdr-agent: {args.command} failed: {_unexpected(exc, verbose=args.verbose)}", file=sys.stderr)
+        _traceback(exc)
+    stderr_line(f"kybdr-agent: {args.command} failed: {_unexpected(exc, verbose=args.verbose)}")
     return EXIT_FAILED
+
+
+def _traceback(exc: BaseException) -> None:
+    """A traceback for ``-v``, each of its lines an error line (the journal files lines one by one)."""
+    stderr_line("".join(traceback.format_exception(exc)).rstrip("\n"))
 
 
 def _unexpected(exc: BaseException, *, verbose: bool) -> str:
@@ -243,11 +264,20 @@ def _dispatch(args: argparse.Namespace) -> int:
         )
         demo_settings = load_settings(args.config) if configured else None
         return _run(lambda: run_demo(workdir, demo_settings))
+    if args.command == "check":
+        # A monitoring probe answers in its own convention, even for a configuration it cannot load.
+        from kybdr_agent import cli_check
+
+        return _run(lambda: cli_check.run(args))
     if args.command in ("show", "restore", "validate"):
         check_backup_id(args.backup_id)
     settings = load_settings(args.config)
     if args.command == "config":
         return _config_check(settings, args)
+    if args.command == "audit":
+        from kybdr_agent import cli_audit
+
+        return cli_audit.run(settings, args)
     if args.command == "run":
         from kybdr_agent.daemon import run_daemon
 

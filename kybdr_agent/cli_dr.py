@@ -19,6 +19,7 @@ from kybdr_agent import cli_output, secret_files
 from kybdr_agent.config import AgentSettings
 from kybdr_agent.control.client import ApiError, ControlClient, agent_listening
 from kybdr_agent.errors import ConfigError, KybdrError
+from kybdr_agent.telemetry.logs import stderr_line
 
 PREFIX: Final = "/v1/disaster-recovery"
 VERBS: Final = (
@@ -157,12 +158,11 @@ async def _rejoin(settings: AgentSettings, args: argparse.Namespace) -> int:
 
 
 def _print_refusal(exc: ApiError) -> None:
-    import sys
-
-    print(f"kybdr-agent: dr: {exc}", file=sys.stderr)
+    lines = [f"kybdr-agent: dr: {exc}"]
     for guard in exc.problem.get("guards") or []:
         mark = "ok" if guard.get("ok") else ("WARN" if guard.get("soft") else "FAIL")
-        print(f"  [{mark}] {guard.get('name')}: {guard.get('detail')}", file=sys.stderr)
+        lines.append(f"  [{mark}] {guard.get('name')}: {guard.get('detail')}")
+    stderr_line("\n".join(lines))
 
 
 def _print(verb: str, result: dict[str, Any], args: argparse.Namespace) -> None:

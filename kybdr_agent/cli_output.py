@@ -15,6 +15,8 @@ import sys
 from collections.abc import Callable
 from typing import Any, Final, ParamSpec
 
+from kybdr_agent.telemetry.logs import WARNING, stderr_line
+
 P = ParamSpec("P")
 
 
@@ -140,9 +142,8 @@ def print_backups(made: list[dict[str, Any]], args: argparse.Namespace) -> None:
 @_flushed
 def print_backup_list(found: dict[str, Any], args: argparse.Namespace) -> None:
     for item in found["unreadable"]:
-        print(
-            f"kybdr-agent: warning: {item['key']} is not a valid manifest ({item['problem']}); not listed",
-            file=sys.stderr,
+        stderr_line(
+            f"kybdr-agent: warning: {item['key']} is not a valid manifest ({item['problem']}); not listed", WARNING
         )
     backups = found["backups"]
     if args.json:
@@ -222,7 +223,7 @@ def print_validation(result: dict[str, Any], args: argparse.Namespace) -> None:
         else:
             print(f"FAIL  {result['error']}")
     if not result["ok"]:
-        print(f"kybdr-agent: validate failed: {result['error']}", file=sys.stderr)
+        stderr_line(f"kybdr-agent: validate failed: {result['error']}")
 
 
 @_flushed
@@ -314,7 +315,7 @@ def print_drills(result: dict[str, Any], args: argparse.Namespace) -> None:
             print(f"{verdict}  {drill['database']}  {drill['backup_id']}  {drill.get('error') or detail}")
     failed = [d for d in result["drills"] if not d["passed"]]
     if failed:
-        print(f"kybdr-agent: test failed: {len(failed)} restore drill(s) failed", file=sys.stderr)
+        stderr_line(f"kybdr-agent: test failed: {len(failed)} restore drill(s) failed")
 
 
 @_flushed

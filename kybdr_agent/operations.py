@@ -25,6 +25,7 @@ from kybdr_agent.config import AgentSettings
 from kybdr_agent.control.client import ControlClient
 from kybdr_agent.errors import ConfigError, KybdrError
 from kybdr_agent.jobs import Job, JobStatus
+from kybdr_agent.telemetry.logs import WARNING, stderr_line
 
 
 class Operations(Protocol):
@@ -166,7 +167,7 @@ class LocalOperations:
 
 
 def _to_stderr(message: str) -> None:
-    print(f"kybdr-agent: {message}", file=sys.stderr, flush=True)
+    stderr_line(f"kybdr-agent: {message}", WARNING)
 
 
 class RemoteOperations:

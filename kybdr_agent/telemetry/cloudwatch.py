@@ -53,12 +53,11 @@ from __future__ import annotations
 import math
 import random
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final
-from urllib.parse import quote
 
 import anyio
 from anyio.abc import TaskStatus
@@ -93,6 +92,7 @@ RETRY_BASE_DELAY: Final = 0.5
 RETRY_MAX_DELAY: Final = 4.0
 FINAL_FLUSH_TIMEOUT: Final = 15.0
 CLOSE_TIMEOUT: Final = 5.0
+MAX_ERROR_TEXT: Final = 300  # characters of an error kept for the log and /healthz
 DIMENSION_DATABASE: Final = "Database"
 DIMENSION_HOST: Final = "Host"
 
@@ -162,45 +162,51 @@ def datum(key: SeriesKey, series: Series) -> dict[str, Any]:
     }
 
 
-def _flat(value: Any, key: str) -> Iterator[tuple[str, str]]:
-    if isinstance(value, Mapping):
-        for name, item in value.items():
-            yield from _flat(item, f"{key}.{name}")
-    elif isinstance(value, list):
-        for index, item in enumerate(value, 1):
-            yield from _flat(item, f"{key}.member.{index}")
-    elif isinstance(value, datetime):
-        yield key, value.isoformat()
-    else:
-        yield key, repr(value) if isinstance(value, float) else str(value)
-
-
-def encoded_size(item: Mapping[str, Any], index: int) -> int:
-    """An upper bound of one item's bytes on the wire: its form-encoded query-protocol rendering, the most
-    verbose of CloudWatch's protocols (CBOR and JSON, which botocore prefers, are smaller)."""
-    return sum(
-        len(quote(k, safe="")) + len(quote(v, safe="")) + 2 for k, v in _flat(item, f"MetricData.member.{index}")
+_ITEM_PREFIX: Final = len("MetricData.member.1000.")  # every key of the query protocol's rendering starts so
+_ESCAPED_SCALAR: Final = 48  # a number (repr: ≤ 24 characters) or an ISO timestamp (32), escapes included
+_FIXED_BYTES: Final = sum(
+    _ITEM_PREFIX + len(field) + 2 + _ESCAPED_SCALAR  # "key=value&"
+    for field in (
+        "MetricName",
+        "Unit",
+        "Timestamp",
+        "StatisticValues.SampleCount",
+        "StatisticValues.Sum",
+        "StatisticValues.Minimum",
+        "StatisticValues.Maximum",
     )
+)
+_DIMENSION_BYTES: Final = 2 * (_ITEM_PREFIX + 2) + len("Dimensions.member.30.Name") + len("Dimensions.member.30.Value")
+
+
+def encoded_size(key: SeriesKey) -> int:
+    """An upper bound of one series' bytes in a request: its form-encoded query-protocol rendering with every
+    byte of every value escaped, the most verbose of CloudWatch's protocols (CBOR and JSON, which botocore
+    prefers, are smaller). Arithmetic only: a flush of ``MAX_SERIES`` series must not hold the event loop."""
+    name, dimensions, unit = key
+    size = _FIXED_BYTES + 3 * (len(name.encode()) + len(unit.encode()))
+    for dimension, value in dimensions:
+        size += _DIMENSION_BYTES + 3 * (len(dimension.encode()) + len(value.encode()))
+    return size
 
 
 def plan_batches(
-    items: Sequence[dict[str, Any]],
+    keys: Sequence[SeriesKey],
     *,
     max_count: int = MAX_DATUMS_PER_CALL,
     max_bytes: int = MAX_REQUEST_BYTES - REQUEST_OVERHEAD_BYTES,
-) -> list[list[dict[str, Any]]]:
-    """Split ``items`` into requests of at most ``max_count`` items and ``max_bytes`` (estimated) each."""
-    batches: list[list[dict[str, Any]]] = []
-    current: list[dict[str, Any]] = []
+) -> list[list[SeriesKey]]:
+    """Split ``keys`` into requests of at most ``max_count`` series and ``max_bytes`` (bounded above) each."""
+    batches: list[list[SeriesKey]] = []
+    current: list[SeriesKey] = []
     size = 0
-    for item in items:
-        item_size = encoded_size(item, len(current) + 1)
-        if current and (len(current) >= max_count or size + item_size > max_bytes):
+    for key in keys:
+        key_size = encoded_size(key)
+        if current and (len(current) >= max_count or size + key_size > max_bytes):
             batches.append(current)
             current, size = [], 0
-            item_size = encoded_size(item, 1)
-        current.append(item)
-        size += item_size
+        current.append(key)
+        size += key_size
     if current:
         batches.append(current)
     return batches
@@ -222,8 +228,8 @@ def _classify(exc: BaseException) -> tuple[bool, bool, str]:
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
         text = f"{code or status}: {error.get('Message', '') or ''}".rstrip(": ")
         transient = code in _THROTTLING or status >= 500 or status == 429
-        # 400 (other than throttling): the request is malformed and would be refused again, forever.
-        return transient, transient or status != 400, text
+        # 400 (other than throttling) or 413: the request is malformed and would be refused again, forever.
+        return transient, transient or status not in (400, 413), text
     if isinstance(exc, ParamValidationError):
         return False, False, str(exc)
     if isinstance(exc, TimeoutError):
@@ -334,6 +340,7 @@ class CloudWatchPublisher:
 
     def _merge(self, series: Mapping[SeriesKey, Series]) -> None:
         """Fold ``series`` into the buffer; a series new to a full buffer is dropped and counted."""
+        first_drop = None
         with self._lock:
             for key, one in series.items():
                 held = self._buffer.get(key)
@@ -343,9 +350,11 @@ class CloudWatchPublisher:
                     self._buffer[key] = Series(one.count, one.total, one.minimum, one.maximum, one.last_at)
                 else:
                     if not self._dropped:
-                        log.warning("cloudwatch.buffer_full", max_series=self._max_series, metric=key[0])
+                        first_drop = key[0]
                     self._dropped += 1
                     self._dropped_total += 1
+        if first_drop is not None:  # once per flush window; the flush logs how many
+            log.warning("cloudwatch.buffer_full", max_series=self._max_series, metric=first_drop)
 
     # --- the task ---------------------------------------------------------------------------------------
 
@@ -394,14 +403,14 @@ class CloudWatchPublisher:
             if too_old:
                 log.warning("cloudwatch.too_old_dropped", series=len(too_old))
             keys = list(pending)
-            batches = plan_batches([datum(key, pending[key]) for key in keys])
+            batches = plan_batches(keys)
             done = 0  # keys[:done] are sent or rejected for good
             ok = True
             try:
                 for batch in batches:
                     self._in_flight = len(keys) - done
                     try:
-                        await self._put(batch)
+                        await self._put([datum(key, pending[key]) for key in batch])
                         self._published_total += len(batch)
                     except _PutFailed as exc:
                         ok = False
@@ -462,6 +471,7 @@ class CloudWatchPublisher:
                     await client.put_metric_data(Namespace=self.namespace, MetricData=batch)
             except Exception as exc:
                 retry, keep, text = _classify(exc)
+                text = text if len(text) <= MAX_ERROR_TEXT else text[: MAX_ERROR_TEXT - 1] + "…"
                 if not retry or attempt == self._attempts:
                     raise _PutFailed(f"PutMetricData: {text}", keep=keep) from exc
                 delay = min(RETRY_MAX_DELAY, self._retry_delay * 2.0 ** (attempt - 1))

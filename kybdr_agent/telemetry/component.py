@@ -39,7 +39,7 @@ class TelemetryParts:
     workers: dict[str, Worker] = field(default_factory=dict)
     metrics_listen: str | None = None
     settings_snapshot: Mapping[str, Any] = field(default_factory=dict)  # [telemetry] and [notify] at start
-    on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    on_stop: list[Callable[[], Awaitable[object]]] = field(default_factory=list)
 
 
 class TelemetryComponent:
@@ -75,10 +75,11 @@ class TelemetryComponent:
         while True:
             try:
                 await worker.run()
-                return
             except Exception:
                 self.crashes[name] = self.crashes.get(name, 0) + 1
                 log.exception("telemetry.worker_crashed", worker=name, restart_in=RESTART_PAUSE_SECONDS)
+            else:
+                return
             await anyio.sleep(RESTART_PAUSE_SECONDS)
 
     def health(self) -> Health:
@@ -94,3 +95,29 @@ class TelemetryComponent:
         }
         if now != self.parts.settings_snapshot:
             log.warning("telemetry.reload_ignored", note="[telemetry] and [notify] changes apply on restart")
+
+
+class Periodic:
+    """A worker that runs ``work`` every ``interval`` seconds (first at once); a failure is logged and the
+    next round retries. Used for shipping the audit trail to the repository."""
+
+    def __init__(self, name: str, work: Callable[[], Awaitable[object]], interval: float) -> None:
+        self.name = name
+        self.work = work
+        self.interval = interval
+        self.last_ok: float | None = None
+        self.last_error: str | None = None
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            try:
+                await self.work()
+                self.last_ok, self.last_error = anyio.current_time(), None
+            except Exception as exc:  # noqa: BLE001 - logged and retried next round; never ends the worker
+                self.last_error = str(exc)[:300]
+                log.warning("telemetry.periodic_failed", worker=self.name, error=self.last_error)
+            await anyio.sleep(self.interval)
+
+    def status(self) -> Mapping[str, Any]:
+        return {"last_error": self.last_error, "ok": self.last_error is None}

@@ -269,7 +269,8 @@ class AgentMetrics:
                 database, done = result.get("database"), _ts(result.get("finished_at")) or finished
                 if isinstance(database, str) and done is not None:
                     self._raise(self.last_success, database, done)
-            elif record.get("kind") == "test" and finished is not None and isinstance(result, list):
-                for entry in result:
+            elif record.get("kind") == "test" and finished is not None and isinstance(result, dict):
+                drills = result.get("drills")
+                for entry in drills if isinstance(drills, list) else ():
                     if isinstance(entry, dict) and entry.get("passed") and isinstance(entry.get("database"), str):
                         self._raise(self.drill_last_success, entry["database"], finished)

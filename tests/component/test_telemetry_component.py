@@ -181,7 +181,7 @@ def test_last_success_gauges_are_rebuilt_from_the_journal_and_only_move_forward(
             "kind": "test",
             "status": "failed",
             "finished_at": "2031-01-03T05:00:00+00:00",
-            "result": [{"database": "app", "passed": True}, {"database": "crm", "passed": False}],
+            "result": {"drills": [{"database": "app", "passed": True}, {"database": "crm", "passed": False}]},
         },
     ]
     metrics.rebuild_from_journal(records)

@@ -168,9 +168,10 @@ def test_metrics_alerts_cloudwatch_traces_and_audit(
     }
     agent = start_daemon(config, socket_path, tmp_path, env=env)
     try:
-        made = agent.request("POST", "/v1/backup?wait=true", {"databases": [app_db]})
+        made = agent.request("POST", "/v1/backup?wait=true", {"database": app_db})
+        assert made.status == 200, made.body
         assert made.body["jobs"][0]["status"] == "succeeded", made.body
-        failed = agent.request("POST", "/v1/backup?wait=true", {"databases": [missing]})
+        failed = agent.request("POST", "/v1/backup?wait=true", {"database": missing})
         assert failed.body["jobs"][0]["status"] == "failed", failed.body
         drilled = agent.request("POST", "/v1/backup/test?wait=true", {})
         assert drilled.body["jobs"][0]["status"] == "succeeded", drilled.body
