@@ -1,6 +1,7 @@
 """The agent's backup against the shell pipelines it replaces, to a folder and to S3, in one session.
 
     .venv/bin/python benchmarks/backup_bench.py [--scale 100] [--runs 5] [--skip-double] [--out DIR]
+    .venv/bin/python benchmarks/backup_bench.py --telemetry [--scale 100] [--runs 5]
 
 Builds dataset B (../shared/bench/dataset-b.sh: pgbench rows whose filler compresses ~3×, scale 100 ≈ 1.03 GB
 ``pg_dump -Fc -Z0``) on a throwaway cluster, starts a moto S3 server and two ``kybdr-agent run`` daemons (one
@@ -18,6 +19,10 @@ rounds, so the ratios stay comparable across runs. Reported per variant: median 
 its baseline, median CPU seconds of the whole process tree (pg_dump included, for the agent as for the
 shell), and the agent process's own peak RSS (VmHWM, never wait4's ru_maxrss — see bench_support.py).
 Finally a database twice the size is backed up once through each daemon: the peak RSS must stay flat.
+
+``--telemetry`` measures what observability costs on the backup path instead: the folder daemon as above
+(metrics always on, no tracing) against a second folder daemon exporting OpenTelemetry traces by OTLP/HTTP
+to a local collector while ``GET /metrics`` is scraped every second — the ratio is traced ÷ untraced.
 It prints a Markdown table (docs/benchmarks.md carries it as printed) and writes the figures as JSON.
 """
 
@@ -52,6 +57,7 @@ from benchmarks.bench_support import (  # noqa: E402
     pg_env,
     run_process,
 )
+from benchmarks.telemetry_load import OtlpSink, Scraper  # noqa: E402
 from kybdr_agent.postgres.cluster import PG_BIN, Cluster, start_cluster  # noqa: E402
 
 __all__ = ["build_database", "main"]  # control_bench.py imports build_database from here
@@ -88,6 +94,7 @@ class Bench:
             raise RuntimeError("the aws CLI is not on PATH (it uploads the shell baseline to S3)")
         self.aws = aws
         self.daemons: dict[str, AgentDaemon] = {}
+        self.sink: OtlpSink | None = None
         self.moto = MotoS3([BUCKET])
 
     def repository(self, target: str, name: str) -> str:
@@ -95,7 +102,7 @@ class Bench:
             return self.moto.repository(BUCKET, f"agent-{name}")
         return f'url = "file://{self.workdir / f"repo-{name}"}"'
 
-    def config(self, name: str, target: str, *, daemon: bool) -> Path:
+    def config(self, name: str, target: str, *, daemon: bool, extra: str = "") -> Path:
         """One agent configuration per variant: its own state directory, repository and socket."""
         state = self.workdir / f"state-{name}"
         text = (
@@ -107,19 +114,33 @@ class Bench:
         if daemon:
             text += f'\n[control]\nsocket = "{self.workdir / f"{name}.sock"}"\n\n[daemon]\nshutdown_grace_seconds = 2\n'
         path = self.workdir / f"{name}.toml"
-        path.write_text(text)
+        path.write_text(text + extra)
         return path
 
-    def start_daemons(self) -> None:
+    def start_daemons(self, *, telemetry: bool = False) -> None:
         for target in ("folder", "s3"):
             name = f"daemon-{target}"
             config = self.config(name, target, daemon=True)
             self.daemons[target] = AgentDaemon(config, self.workdir / f"{name}.sock", self.workdir / name, DUMMY_AWS)
+        if telemetry:
+            self.sink = OtlpSink()
+            name = "daemon-traced"
+            extra = f'\n[telemetry]\notlp_endpoint = "{self.sink.endpoint}"\n'
+            config = self.config(name, "folder", daemon=True, extra=extra)
+            self.daemons["traced"] = AgentDaemon(config, self.workdir / f"{name}.sock", self.workdir / name, DUMMY_AWS)
+
+    def agent_traced(self, database: str) -> Measurement:
+        daemon = self.daemons["traced"]
+        with Scraper(daemon.daemon.socket_path):
+            measured, _ = daemon.backup(database)
+        return replace(measured, stored_bytes=self.clear("folder", "daemon-traced"))
 
     def stop(self) -> None:
         for daemon in self.daemons.values():
             daemon.stop()
         self.moto.stop()
+        if self.sink is not None:
+            self.sink.stop()
 
     # --- the variants: each returns its measurement with the bytes it stored, and clears what it wrote ---
 
@@ -166,6 +187,17 @@ class Bench:
         stored = tree_bytes(repo)
         shutil.rmtree(repo)
         return stored
+
+    def telemetry_variants(self) -> list[Variant]:
+        post = "`POST /v1/backup?wait=true` to `kybdr-agent run`"
+        traced = f"{post}, `[telemetry] otlp_endpoint` set, `GET /metrics` every 1 s"
+        return [
+            Variant("floor", "floor", "`pg_dump -Fc -Z0 > /dev/null`", None, self.floor),
+            Variant("agent_folder_daemon", "agent → folder, untraced", post, None, self.agent_daemon("folder")),
+            Variant(
+                "agent_traced", "agent → folder, traced + scraped", traced, "agent_folder_daemon", self.agent_traced
+            ),
+        ]
 
     def variants(self) -> list[Variant]:
         zstd = "pg_dump -Fc -Z0 \\| zstd -3 -T1"
@@ -248,7 +280,8 @@ def markdown_table(variants: list[Variant], summary: dict[str, dict[str, Any]]) 
     ]
     for v in variants:
         s = summary[v.key]
-        ratio = "baseline" if v.key in ("shell_file", "shell_s3") else cell(s["vs_baseline"], "{:.3f}")
+        baseline = v.key in ("shell_file", "shell_s3") or (v.baseline is None and v.key != "floor")
+        ratio = "baseline" if baseline else cell(s["vs_baseline"], "{:.3f}")
         stored = None if s["stored_bytes"] is None else s["stored_bytes"] / 1e6
         lines.append(
             f"| {v.label} | {v.command} | {cell(s['median_seconds'])} | {ratio} | {cell(s['median_cpu_seconds'])} "
@@ -311,6 +344,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5, help="interleaved rounds")
     parser.add_argument("--dataset", choices=("B", "mixed"), default="B", help="B: ../shared/bench/dataset-b.sh")
     parser.add_argument("--skip-double", action="store_true", help="skip the doubled database (RSS flatness)")
+    parser.add_argument("--telemetry", action="store_true", help="tracing + scraping on vs off (folder daemons)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="where the JSON goes")
     args = parser.parse_args()
 
@@ -327,13 +361,16 @@ def main() -> int:
     try:
         report["dump_bytes"] = build(cluster, args.dataset, "bench", args.scale)
         bench = Bench(cluster, workdir)
-        bench.start_daemons()
-        variants = bench.variants()
+        bench.start_daemons(telemetry=args.telemetry)
+        variants = bench.telemetry_variants() if args.telemetry else bench.variants()
         print(f"dump is {report['dump_bytes'] / 1e9:.2f} GB; {args.runs} interleaved round(s) …", flush=True)
         report["variants"] = summarize(variants, run_rounds(variants, "bench", args.runs))
         table = markdown_table(variants, report["variants"])
-        text = f"{header(args, report['dump_bytes'], args.runs)}\n\n{table}\n\n{NOTES}"
-        if not args.skip_double:
+        notes = "" if args.telemetry else f"\n\n{NOTES}"
+        text = f"{header(args, report['dump_bytes'], args.runs)}\n\n{table}{notes}"
+        if args.telemetry and bench.sink is not None:
+            text += f"\n\nThe collector received {bench.sink.requests} OTLP exports ({bench.sink.bytes} bytes)."
+        elif not args.skip_double:
             text += "\n\n" + doubled_check(bench, variants, args, report)
     finally:
         if bench is not None:

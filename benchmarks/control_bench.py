@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/control_bench.py [--scale 60] [--samples 300]
 
 Starts a throwaway cluster with realistic mixed data, runs ``kybdr-agent run`` on a local repository,
-and times sequential ``GET /v1/backup/stats`` and ``GET /healthz`` requests over the unix socket: first
+and times sequential ``GET /v1/backup/stats``, ``GET /healthz`` and ``GET /metrics`` (Prometheus text) requests
+over the unix socket: first
 idle, then while a backup of the whole database streams (pg_dump → zstd → AES-GCM → folder). Reports
 p50/p99 per endpoint and phase. The target: p99 under 10 ms during the backup — proof that compression and
 encryption never run on the event loop.
@@ -27,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.backup_bench import build_database  # noqa: E402
 from kybdr_agent.postgres.cluster import start_cluster  # noqa: E402
-from tests.daemon_support import Daemon, start_daemon  # noqa: E402
+from tests.daemon_support import Daemon, UnixHTTPConnection, start_daemon  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -35,14 +36,25 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-PATHS = ("/v1/backup/stats", "/healthz")
+PATHS = ("/v1/backup/stats", "/healthz", "/metrics")
 
 
 def timed_get(agent: Daemon, path: str) -> float:
     start = time.perf_counter()
-    resp = agent.request("GET", path)
+    if path == "/metrics":  # text, not JSON: read it whole without parsing
+        conn = UnixHTTPConnection(str(agent.socket_path))
+        try:
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            body = resp.read()
+        finally:
+            conn.close()
+        elapsed = (time.perf_counter() - start) * 1000
+        assert resp.status == 200, body[:200]
+        return elapsed
+    answer = agent.request("GET", path)
     elapsed = (time.perf_counter() - start) * 1000
-    assert resp.status == 200, resp.body
+    assert answer.status == 200, answer.body
     return elapsed
 
 
