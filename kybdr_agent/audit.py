@@ -14,6 +14,9 @@ One process writes (the agent, from its event loop: ``append`` is one small ``O_
 fsync, like the job journal); the CLI only reads. A restart continues the chain from the last record on
 disk. A crash mid-write leaves a torn last line: ``verify`` reports it, and the agent's next start cuts it
 off and records that it did (``audit.recover``), so the trail stays verifiable and says what happened.
+
+Which events become records is :mod:`kybdr_agent.audit_events` (``entry_for``, ``audit_subscriber``); its
+names are re-exported here.
 """
 
 from __future__ import annotations
@@ -22,9 +25,8 @@ import contextlib
 import os
 import re
 import threading
-from collections.abc import Callable, Generator, Iterator, Mapping
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from collections.abc import Generator, Iterator, Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any, Final
 
@@ -42,15 +44,11 @@ from kybdr_agent.audit_chain import (
     seal,
     walk,
 )
+from kybdr_agent.audit_events import REFUSALS_PER_MINUTE as REFUSALS_PER_MINUTE
+from kybdr_agent.audit_events import Entry as Entry
+from kybdr_agent.audit_events import audit_subscriber as audit_subscriber
+from kybdr_agent.audit_events import entry_for as entry_for
 from kybdr_agent.clock import Clock, utc_now
-from kybdr_agent.events import (
-    ControlRequestHandled,
-    DROperationFinished,
-    DRTransition,
-    Event,
-    JobFinished,
-    RetentionDeleted,
-)
 from kybdr_agent.storage.base import BlobStore
 from kybdr_agent.telemetry import get_logger
 
@@ -62,8 +60,6 @@ _SEGMENT: Final = re.compile(r"^audit-(\d{6,})\.jsonl$")
 _TAIL_BYTES: Final = 4 * MAX_RECORD_BYTES  # enough of a segment's end to hold its last complete record
 _MAX_LINE: Final = 2 * MAX_RECORD_BYTES  # a longer "line" is garbage: verify stops reading it there
 _UNSAFE_KEY_CHARS: Final = re.compile(r"[^A-Za-z0-9._-]")
-REFUSALS_PER_MINUTE: Final = 120
-_MINUTE: Final = timedelta(minutes=1)
 
 
 def segment_name(number: int) -> str:
@@ -264,121 +260,6 @@ def read(directory: Path, since: datetime | None = None) -> Iterator[dict[str, A
                     if at is None or at < since:
                         continue
                 yield record
-
-
-# --- events → records ----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Entry:
-    """What one event puts in the trail."""
-
-    caller: str
-    operation: str
-    target: str | None
-    outcome: str
-    detail: Mapping[str, Any]
-    at: datetime | None = None
-
-
-def entry_for(event: Event) -> Entry | None:
-    """The record an event makes, or None when it is not an auditable action.
-
-    Requests are audited when they change something or were refused; the agent's own actions (scheduled
-    jobs, retention deletes, automatic DR operations and state changes) always. A job someone asked for
-    over the control API is already in the trail as that request."""
-    if isinstance(event, ControlRequestHandled):
-        if not (event.changes or event.refused):
-            return None
-        outcome = f"{event.status} refused" if event.refused else str(event.status)
-        detail = {"path": event.path, "role": event.role, "seconds": round(event.seconds, 3)}
-        return Entry(event.caller, f"{event.method} {event.route}", event.target, outcome, detail, event.at)
-    if isinstance(event, JobFinished):
-        record = event.record
-        params = record.get("params")
-        slot = params.get("slot") if isinstance(params, Mapping) else None
-        if record.get("via") != "agent" or not slot:
-            return None
-        database = record.get("database")
-        detail = {"job": record.get("id"), "slot": slot, "error": record.get("error")}
-        return Entry("agent:schedule", event.kind, None if database is None else str(database), event.status, detail)
-    if isinstance(event, RetentionDeleted):
-        detail = {"database": event.database, "stored_bytes": event.stored_bytes}
-        return Entry("agent", "retention.delete", event.backup_id, "deleted", detail)
-    if isinstance(event, DROperationFinished):
-        record = event.record
-        if record.get("trigger") != "auto":
-            return None
-        target = record.get("target")
-        detail = {key: record.get(key) for key in ("operation_id", "source", "reason", "duration_s")}
-        return Entry(
-            "agent:dr",
-            f"dr.{record.get('operation')}",
-            None if target is None else str(target),
-            str(record.get("outcome")),
-            detail,
-        )
-    if isinstance(event, DRTransition):
-        outcome = f"{event.from_phase} -> {event.to_phase}"
-        return Entry("agent:dr", "dr.transition", event.active, outcome, {"reason": event.reason}, event.at)
-    return None
-
-
-class _RefusalBudget:
-    """At most ``limit`` refused requests recorded a minute; the rest counted, and one record for them."""
-
-    def __init__(self, trail: AuditTrail, limit: int) -> None:
-        self.trail, self.limit = trail, limit
-        self.start: datetime | None = None
-        self.recorded = self.suppressed = 0
-
-    def roll(self) -> None:
-        now = self.trail.clock()
-        if self.start is not None and now - self.start < _MINUTE:
-            return
-        if self.suppressed:
-            outcome = f"{self.suppressed} refused requests not recorded"
-            self.trail.append("agent", "audit.suppressed", None, outcome, {"from": self.start, "to": now})
-        self.start, self.recorded, self.suppressed = now, 0, 0
-
-    def take(self) -> bool:
-        if self.recorded < self.limit:
-            self.recorded += 1
-            return True
-        self.suppressed += 1
-        if self.suppressed == 1:
-            log.warning("audit.refusals_suppressed", limit=self.limit)
-        return False
-
-
-def audit_subscriber(trail: AuditTrail, *, refusals_per_minute: int = REFUSALS_PER_MINUTE) -> Callable[[Event], None]:
-    """The event hub's subscriber. It never raises; a record it could not write is logged as an error.
-
-    Refused requests need no credentials to cause, so a flood of them could fill the disk and stall the event
-    loop with fsyncs: past ``refusals_per_minute`` in a minute they are counted instead, and one
-    ``audit.suppressed`` record says how many were left out once the minute is over."""
-    budget = _RefusalBudget(trail, refusals_per_minute)
-
-    def subscriber(event: Event) -> None:
-        try:
-            budget.roll()
-            entry = entry_for(event)
-            if entry is None:
-                return
-            if isinstance(event, ControlRequestHandled) and event.refused and not budget.take():
-                return
-            trail.append(entry.caller, entry.operation, entry.target, entry.outcome, entry.detail, at=entry.at)
-        except OSError as exc:  # the disk's own words say it all; a traceback would add nothing
-            log.error(  # noqa: TRY400
-                "audit.write_failed",
-                directory=str(trail.directory),
-                event_type=type(event).__name__,
-                error=exc.strerror or str(exc),
-            )
-        except Exception:
-            log.exception("audit.record_failed", event_type=type(event).__name__)
-
-    return subscriber
 
 
 # --- shipping ------------------------------------------------------------------------------------------------

@@ -2,19 +2,15 @@
 JSON webhook — without ever slowing down or failing the work they report on.
 
 The split is the house's: :mod:`kybdr_agent.alerts` decides (pure, de-duplicated, bounded); this module
-only maps events to its calls and moves bytes. ``Notifier.on_event`` is an ``EventHub`` subscriber, so it
-runs inline in the job that published: it only updates the book and appends to one bounded queue per
-channel (the oldest message goes, with a warning, when a queue is full) and never blocks or raises.
-``Notifier.run`` is the dispatcher the daemon's task group owns: one worker per channel, so a channel that
-hangs only delays its own queue; each attempt is cut at ``timeout``, retried with jittered, bounded
-exponential backoff up to ``max_attempts``, then logged as ``notify.dropped``. Any failure but cancellation
-is logged and survived: a page that cannot be sent must not take down the agent that would send the next.
+only maps events to its calls; :mod:`kybdr_agent.notify_channels` moves bytes (the channels, and each one's
+outbox and worker: bounded attempts, jittered backoff, ``notify.dropped`` when they run out; a token never
+logged). ``Notifier.on_event`` is an ``EventHub`` subscriber, so it runs inline in the job that published:
+it only updates the book and appends to one bounded queue per channel (the oldest message goes, with a
+warning, when a queue is full) and never blocks or raises. ``Notifier.run`` is the dispatcher the daemon's
+task group owns, one worker per channel. Any failure but cancellation is logged and survived: a page that
+cannot be sent must not take down the agent that would send the next.
 
-Channels send :meth:`Message.body` — the same JSON document everywhere. SNS (``publish`` with a subject
-and message attributes for filter policies; endpoints follow botocore's environment, e.g.
-``AWS_ENDPOINT_URL_SNS``) and a webhook (POST, ``Authorization: Bearer`` when a token is configured, any 2xx
-is delivered, redirects are not followed so the token never travels elsewhere). The token is never logged:
-it is left out of reprs, and error texts are scrubbed of it before they are logged or shown in ``status()``.
+The channel names below are re-exported from :mod:`kybdr_agent.notify_channels`, where they live.
 """
 
 from __future__ import annotations
@@ -22,19 +18,14 @@ from __future__ import annotations
 import random
 import socket
 import threading
-from collections import deque
 from collections.abc import Callable
-from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Final, Protocol
-from urllib.parse import urlsplit, urlunsplit
+from typing import TYPE_CHECKING, Any, Final
 
-import aiohttp
 import anyio
 from anyio.abc import TaskStatus
 
-from kybdr_agent import __version__
 from kybdr_agent.alerts import (
     Alert,
     AlertBook,
@@ -43,12 +34,10 @@ from kybdr_agent.alerts import (
     dr_phase_severity,
     human_bytes,
     human_duration,
-    one_line,
     parse_severity,
     replication_lag,
 )
 from kybdr_agent.clock import Clock
-from kybdr_agent.errors import KybdrError
 from kybdr_agent.events import (
     BackupCompleted,
     BackupFailed,
@@ -62,27 +51,27 @@ from kybdr_agent.events import (
     RepositorySpace,
     ValidationVerdict,
 )
+from kybdr_agent.notify_channels import BACKSTOP as BACKSTOP
+from kybdr_agent.notify_channels import OPEN_TIMEOUT as OPEN_TIMEOUT
+from kybdr_agent.notify_channels import WAKE_POLL as WAKE_POLL
+from kybdr_agent.notify_channels import Channel as Channel
+from kybdr_agent.notify_channels import ChannelError as ChannelError
+from kybdr_agent.notify_channels import Outbox, scrub
+from kybdr_agent.notify_channels import SnsChannel as SnsChannel
+from kybdr_agent.notify_channels import WebhookChannel as WebhookChannel
+from kybdr_agent.notify_channels import build_channels as build_channels
+from kybdr_agent.notify_channels import redact_url as redact_url
 from kybdr_agent.telemetry import get_logger
 
 if TYPE_CHECKING:
-    from aiobotocore.session import AioSession
-
     from kybdr_agent.config_sections import NotifySettings
 
 log = get_logger("kybdr_agent.notify")
 
-WAKE_POLL: Final = 1.0  # a worker looks at its queue at least this often, whoever appended to it
 CLOSE_TIMEOUT: Final = 5.0
-OPEN_TIMEOUT: Final = 30.0  # loading botocore's SNS model is CPU work; credentials may come from IMDS
-# A channel's own timeouts are a backstop past the notifier's per-attempt bound, so the bound always wins.
-BACKSTOP: Final = 1.0
 FAILOVER_OPERATIONS: Final = ("failover", "failback")
 _NOT_DETAILS: Final = frozenset({"kind", "seq", "at", "frozen"})  # of a DR operation record
 _JITTER: Final = random.Random()  # noqa: S311 - backoff jitter needs no cryptographic randomness
-
-
-class ChannelError(KybdrError):
-    """A channel did not deliver a message (the text never carries a secret)."""
 
 
 @dataclass(frozen=True)
@@ -143,152 +132,6 @@ class NotifyConfig:
         )
 
 
-class Channel(Protocol):
-    name: str
-
-    async def open(self) -> None:
-        """Make the client ready (idempotent, no network call): CPU work kept out of the attempt's bound."""
-        ...
-
-    async def send(self, message: Message) -> None:
-        """Deliver one message or raise; the notifier bounds the time and retries."""
-        ...
-
-    async def aclose(self) -> None: ...
-
-
-def redact_url(url: str) -> str:
-    """A URL fit for a log line: no user, password, query or fragment."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    netloc = f"[{host}]" if ":" in host else host
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
-class SnsChannel:
-    """``sns:Publish`` to one topic; the client is opened on first use and kept until ``aclose``."""
-
-    name = "sns"
-
-    def __init__(
-        self, topic_arn: str, *, region: str | None, timeout: float, session: AioSession | None = None
-    ) -> None:
-        self.topic_arn = topic_arn
-        self.region = region
-        self.timeout = timeout
-        self._session = session
-        self._exit: AsyncExitStack | None = None
-        self._client: Any = None
-
-    async def open(self) -> None:
-        if self._client is not None:
-            return
-        from aiobotocore.config import AioConfig
-        from aiobotocore.session import get_session
-
-        config = AioConfig(
-            connect_timeout=self.timeout + BACKSTOP,
-            read_timeout=self.timeout + BACKSTOP,
-            retries={"total_max_attempts": 1},  # the notifier's retries are the only ones
-        )
-        stack = AsyncExitStack()
-        try:
-            session = self._session or get_session()
-            self._client = await stack.enter_async_context(
-                session.create_client("sns", region_name=self.region, config=config)
-            )
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await stack.aclose()
-            raise
-        self._exit = stack
-
-    async def send(self, message: Message) -> None:
-        await self.open()
-        attributes = {"alert": message.alert, "status": message.status, "severity": message.severity}
-        for name in ("database", "region"):
-            value = getattr(message, name)
-            if value:
-                attributes[name] = value
-        await self._client.publish(
-            TopicArn=self.topic_arn,
-            Subject=message.subject(),
-            Message=message.body(),
-            MessageAttributes={k: {"DataType": "String", "StringValue": v} for k, v in attributes.items()},
-        )
-
-    async def aclose(self) -> None:
-        stack, self._exit, self._client = self._exit, None, None
-        if stack is not None:
-            await stack.aclose()
-
-
-class WebhookChannel:
-    """POST the JSON body to a URL; any 2xx answer is delivered, anything else (redirects included) is not."""
-
-    def __init__(self, url: str, *, token: str | None, timeout: float, name: str = "webhook") -> None:
-        self.name = name
-        self.url = url
-        self.where = redact_url(url)
-        self.timeout = timeout
-        self._token = token
-        self._session: aiohttp.ClientSession | None = None
-
-    def __repr__(self) -> str:
-        return f"WebhookChannel({self.where!r}, token={'set' if self._token else 'none'})"
-
-    async def open(self) -> None:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout + BACKSTOP))
-
-    async def send(self, message: Message) -> None:
-        await self.open()
-        assert self._session is not None
-        headers = {"Content-Type": "application/json", "User-Agent": f"kybdr-agent/{__version__}"}
-        if self._token:
-            headers["Authorization"] = f"Bearer {self._token}"
-        try:
-            async with self._session.post(
-                self.url, data=message.body().encode(), headers=headers, allow_redirects=False
-            ) as response:
-                if 200 <= response.status < 300:
-                    return
-                status = response.status
-        except aiohttp.ClientError as exc:
-            raise ChannelError(f"POST {self.where} failed: {type(exc).__name__}: {exc}") from None
-        raise ChannelError(f"POST {self.where} answered HTTP {status}")
-
-    async def aclose(self) -> None:
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
-
-
-def build_channels(config: NotifyConfig) -> list[Channel]:
-    """The channels ``config`` names: SNS when a topic is set, the webhook when a URL is."""
-    channels: list[Channel] = []
-    if config.sns_topic_arn:
-        channels.append(SnsChannel(config.sns_topic_arn, region=config.region, timeout=config.timeout))
-    if config.webhook_url:
-        channels.append(WebhookChannel(config.webhook_url, token=config.webhook_token, timeout=config.timeout))
-    return channels
-
-
-@dataclass
-class _Outbox:
-    """One channel's bounded queue and what happened to its messages."""
-
-    channel: Channel
-    queue: deque[Message] = field(default_factory=deque)
-    wake: anyio.Event | None = None
-    sent: int = 0
-    failed: int = 0  # attempts that failed (a message retried twice and then sent counts 2)
-    dropped: int = 0  # messages given up after max_attempts, or pushed out of a full queue
-    last_error: str | None = None
-
-
 class Notifier:
     """Events in (``on_event``, sync, never blocks), messages out (``run``, one worker per channel)."""
 
@@ -296,7 +139,7 @@ class Notifier:
         self.config = config
         self.clock = clock
         self.book = AlertBook(host=config.host, max_keys=config.max_keys)
-        self.outboxes = [_Outbox(c) for c in (build_channels(config) if channels is None else channels)]
+        self.outboxes = [Outbox(c) for c in (build_channels(config) if channels is None else channels)]
         self._loop_thread: int | None = None
         self._handlers: dict[type, Callable[[Any], tuple[Message, ...]]] = {
             BackupFailed: self._backup_failed,
@@ -333,13 +176,7 @@ class Notifier:
         log.info("notify.alert", alert=message.alert, status=message.status, key=message.key, summary=message.summary)
         wake_now = threading.get_ident() == self._loop_thread  # else the worker's poll picks it up
         for outbox in self.outboxes:
-            if len(outbox.queue) >= self.config.queue_size:
-                lost = outbox.queue.popleft()
-                outbox.dropped += 1
-                log.warning("notify.queue_full", channel=outbox.channel.name, dropped_alert=lost.alert, key=lost.key)
-            outbox.queue.append(message)
-            if wake_now and outbox.wake is not None:
-                outbox.wake.set()
+            outbox.put(message, self.config.queue_size, wake_now=wake_now)
 
     # --- events to conditions ---------------------------------------------------------------------------
 
@@ -507,70 +344,12 @@ class Notifier:
         try:
             async with anyio.create_task_group() as tg:
                 for outbox in self.outboxes:
-                    tg.start_soon(self._worker, outbox, name=f"notify-{outbox.channel.name}")
+                    tg.start_soon(outbox.work, self.config, name=f"notify-{outbox.channel.name}")
                 task_status.started()
                 await anyio.sleep_forever()
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT):
                 await self.aclose()
-
-    async def _worker(self, outbox: _Outbox) -> None:
-        while True:
-            if not outbox.queue:
-                outbox.wake = anyio.Event()
-                with anyio.move_on_after(WAKE_POLL):
-                    await outbox.wake.wait()
-                continue
-            message = outbox.queue.popleft()
-            try:
-                await self._deliver(outbox, message)
-            except Exception:  # a bug here must not end the dispatcher, nor the daemon's task group
-                log.exception("notify.worker_failed", channel=outbox.channel.name, alert=message.alert)
-
-    async def _deliver(self, outbox: _Outbox, message: Message) -> None:
-        """Bounded attempts, each bounded in time; anything but cancellation is logged and survived."""
-        name = outbox.channel.name
-        for attempt in range(1, self.config.max_attempts + 1):
-            bound = OPEN_TIMEOUT
-            try:
-                with anyio.fail_after(bound):
-                    await outbox.channel.open()
-                bound = self.config.timeout
-                with anyio.fail_after(bound):
-                    await outbox.channel.send(message)
-            except TimeoutError:
-                error = f"no answer within {bound:g} s"
-            except Exception as exc:  # noqa: BLE001 - a broken channel is logged, never fatal
-                error = self._scrub(f"{type(exc).__name__}: {exc}")
-            else:
-                outbox.sent += 1
-                log.info("notify.sent", channel=name, alert=message.alert, status=message.status, key=message.key)
-                return
-            outbox.failed += 1
-            outbox.last_error = error
-            log.warning(
-                "notify.send_failed", channel=name, alert=message.alert, key=message.key, attempt=attempt, error=error
-            )
-            if attempt < self.config.max_attempts:
-                await anyio.sleep(self.config.delay(attempt))
-        outbox.dropped += 1
-        log.error(
-            "notify.dropped",
-            channel=name,
-            alert=message.alert,
-            status=message.status,
-            key=message.key,
-            summary=message.summary,
-            attempts=self.config.max_attempts,
-        )
-
-    def _scrub(self, text: str) -> str:
-        token = self.config.webhook_token
-        if token:
-            text = text.replace(token, "***")
-        if self.config.webhook_url:
-            text = text.replace(self.config.webhook_url, redact_url(self.config.webhook_url))
-        return one_line(text, 500)
 
     async def aclose(self) -> None:
         """Close every channel's client (idempotent; a channel reopens on its next send)."""
@@ -578,22 +357,13 @@ class Notifier:
             try:
                 await outbox.channel.aclose()
             except Exception as exc:  # noqa: BLE001 - closing is best effort
-                log.warning("notify.close_failed", channel=outbox.channel.name, error=self._scrub(str(exc)))
+                log.warning("notify.close_failed", channel=outbox.channel.name, error=scrub(str(exc), self.config))
 
     # --- for /healthz -----------------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
         """Firing conditions and delivery counts, totals and per channel."""
-        channels = {
-            o.channel.name: {
-                "queued": len(o.queue),
-                "sent": o.sent,
-                "failed": o.failed,
-                "dropped": o.dropped,
-                "last_error": o.last_error,
-            }
-            for o in self.outboxes
-        }
+        channels = {o.channel.name: o.counts() for o in self.outboxes}
         return {
             "firing": list(self.book.keys),
             "queued": sum(len(o.queue) for o in self.outboxes),

@@ -39,9 +39,9 @@ flush window). Each datum carries the time of its series' latest sample.
 Sending. ``run`` flushes every ``interval`` through one aiobotocore ``cloudwatch`` client with connect and
 read timeouts; its endpoint comes from botocore's standard ``AWS_ENDPOINT_URL`` /
 ``AWS_ENDPOINT_URL_CLOUDWATCH`` environment (how tests point it at moto). Datums go in batches within
-``PutMetricData``'s limits (``MAX_DATUMS_PER_CALL`` and ``MAX_REQUEST_BYTES``, sized by an upper bound of
-the largest wire encoding). Each call has a deadline and a bounded number of attempts with jittered
-backoff (botocore's own retries are off). A transient failure (transport, timeout, throttling, 5xx, denied
+``PutMetricData``'s limits, planned by the pure :mod:`~kybdr_agent.telemetry.cloudwatch_batches` (its names
+are re-exported here). Each call has a deadline and a bounded number of attempts with jittered backoff
+(botocore's own retries are off). A transient failure (transport, timeout, throttling, 5xx, denied
 access) is logged and the unsent series go back into the buffer, merged with what arrived since, so they
 still fit the cap; a request CloudWatch rejects as malformed (400) is dropped, since resending it would
 poison every later flush. On cancellation or ``aclose()`` the buffer is flushed one last time, shielded
@@ -53,10 +53,10 @@ from __future__ import annotations
 import math
 import random
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, Final
 
 import anyio
@@ -73,16 +73,22 @@ from kybdr_agent.events import (
     FreshnessChecked,
 )
 from kybdr_agent.telemetry import get_logger
+from kybdr_agent.telemetry.cloudwatch_batches import MAX_DATUM_AGE as MAX_DATUM_AGE
+from kybdr_agent.telemetry.cloudwatch_batches import MAX_DATUMS_PER_CALL as MAX_DATUMS_PER_CALL
+from kybdr_agent.telemetry.cloudwatch_batches import MAX_DIMENSION_VALUE as MAX_DIMENSION_VALUE
+from kybdr_agent.telemetry.cloudwatch_batches import MAX_REQUEST_BYTES as MAX_REQUEST_BYTES
+from kybdr_agent.telemetry.cloudwatch_batches import MAX_VALUE as MAX_VALUE
+from kybdr_agent.telemetry.cloudwatch_batches import MIN_VALUE as MIN_VALUE
+from kybdr_agent.telemetry.cloudwatch_batches import REQUEST_OVERHEAD_BYTES as REQUEST_OVERHEAD_BYTES
+from kybdr_agent.telemetry.cloudwatch_batches import Series as Series
+from kybdr_agent.telemetry.cloudwatch_batches import SeriesKey as SeriesKey
+from kybdr_agent.telemetry.cloudwatch_batches import bounded
+from kybdr_agent.telemetry.cloudwatch_batches import datum as datum
+from kybdr_agent.telemetry.cloudwatch_batches import encoded_size as encoded_size
+from kybdr_agent.telemetry.cloudwatch_batches import plan_batches as plan_batches
 
 log = get_logger("kybdr_agent.telemetry.cloudwatch")
 
-MAX_DATUMS_PER_CALL: Final = 1000  # PutMetricData: at most 1000 MetricData items per request
-MAX_REQUEST_BYTES: Final = 1_000_000  # PutMetricData: at most 1 MB per HTTP POST (the decimal reading)
-REQUEST_OVERHEAD_BYTES: Final = 8192  # action, version, namespace, headers: kept free in every request
-MAX_DIMENSION_VALUE: Final = 1024  # characters in a dimension value
-MAX_VALUE: Final = 1e100  # CloudWatch rejects magnitudes above 2**360 (≈ 2.3e108) and below 2**-260 (≈ 5e-79)
-MIN_VALUE: Final = 1e-70
-MAX_DATUM_AGE: Final = timedelta(days=14) - timedelta(hours=1)  # CloudWatch refuses older timestamps
 MAX_SERIES: Final = 10_000  # distinct series buffered (a few per database): beyond it, new ones are dropped
 NO_BACKUP_AGE_SECONDS: Final = 10 * 365 * 86400.0  # BackupAgeSeconds of a database without any good backup
 CONNECT_TIMEOUT: Final = 5.0
@@ -106,30 +112,6 @@ _THROTTLING: Final = frozenset(
 )
 _JITTER: Final = random.Random()  # noqa: S311 - backoff jitter needs no cryptographic randomness
 
-SeriesKey = tuple[str, tuple[tuple[str, str], ...], str]  # (metric, ((dimension, value), ...), unit)
-
-
-@dataclass
-class Series:
-    """One series' samples since the last flush, as CloudWatch's ``StatisticValues``."""
-
-    count: float
-    total: float
-    minimum: float
-    maximum: float
-    last_at: datetime
-
-    @classmethod
-    def of(cls, value: float, at: datetime) -> Series:
-        return cls(1.0, value, value, value, at)
-
-    def add(self, other: Series) -> None:
-        self.count += other.count
-        self.total += other.total
-        self.minimum = min(self.minimum, other.minimum)
-        self.maximum = max(self.maximum, other.maximum)
-        self.last_at = max(self.last_at, other.last_at)
-
 
 @dataclass(frozen=True)
 class _Tracked:
@@ -143,79 +125,6 @@ class _PutFailed(Exception):
     def __init__(self, message: str, *, keep: bool) -> None:
         super().__init__(message)
         self.keep = keep
-
-
-def datum(key: SeriesKey, series: Series) -> dict[str, Any]:
-    """The ``MetricData`` item of one series."""
-    name, dimensions, unit = key
-    return {
-        "MetricName": name,
-        "Dimensions": [{"Name": n, "Value": v} for n, v in dimensions],
-        "Timestamp": series.last_at,
-        "StatisticValues": {
-            "SampleCount": series.count,
-            "Sum": _bounded(series.total),
-            "Minimum": series.minimum,
-            "Maximum": series.maximum,
-        },
-        "Unit": unit,
-    }
-
-
-_ITEM_PREFIX: Final = len("MetricData.member.1000.")  # every key of the query protocol's rendering starts so
-_ESCAPED_SCALAR: Final = 48  # a number (repr: ≤ 24 characters) or an ISO timestamp (32), escapes included
-_FIXED_BYTES: Final = sum(
-    _ITEM_PREFIX + len(field) + 2 + _ESCAPED_SCALAR  # "key=value&"
-    for field in (
-        "MetricName",
-        "Unit",
-        "Timestamp",
-        "StatisticValues.SampleCount",
-        "StatisticValues.Sum",
-        "StatisticValues.Minimum",
-        "StatisticValues.Maximum",
-    )
-)
-_DIMENSION_BYTES: Final = 2 * (_ITEM_PREFIX + 2) + len("Dimensions.member.30.Name") + len("Dimensions.member.30.Value")
-
-
-def encoded_size(key: SeriesKey) -> int:
-    """An upper bound of one series' bytes in a request: its form-encoded query-protocol rendering with every
-    byte of every value escaped, the most verbose of CloudWatch's protocols (CBOR and JSON, which botocore
-    prefers, are smaller). Arithmetic only: a flush of ``MAX_SERIES`` series must not hold the event loop."""
-    name, dimensions, unit = key
-    size = _FIXED_BYTES + 3 * (len(name.encode()) + len(unit.encode()))
-    for dimension, value in dimensions:
-        size += _DIMENSION_BYTES + 3 * (len(dimension.encode()) + len(value.encode()))
-    return size
-
-
-def plan_batches(
-    keys: Sequence[SeriesKey],
-    *,
-    max_count: int = MAX_DATUMS_PER_CALL,
-    max_bytes: int = MAX_REQUEST_BYTES - REQUEST_OVERHEAD_BYTES,
-) -> list[list[SeriesKey]]:
-    """Split ``keys`` into requests of at most ``max_count`` series and ``max_bytes`` (bounded above) each."""
-    batches: list[list[SeriesKey]] = []
-    current: list[SeriesKey] = []
-    size = 0
-    for key in keys:
-        key_size = encoded_size(key)
-        if current and (len(current) >= max_count or size + key_size > max_bytes):
-            batches.append(current)
-            current, size = [], 0
-        current.append(key)
-        size += key_size
-    if current:
-        batches.append(current)
-    return batches
-
-
-def _bounded(value: float) -> float:
-    if abs(value) < MIN_VALUE:
-        return 0.0
-    return max(-MAX_VALUE, min(MAX_VALUE, value))
 
 
 def _classify(exc: BaseException) -> tuple[bool, bool, str]:
@@ -336,7 +245,7 @@ class CloudWatchPublisher:
         if not math.isfinite(value):
             log.warning("cloudwatch.value_not_finite", metric=name, database=database)
             return
-        self._merge({self._key(name, unit, database): Series.of(_bounded(value), at or self._clock())})
+        self._merge({self._key(name, unit, database): Series.of(bounded(value), at or self._clock())})
 
     def _merge(self, series: Mapping[SeriesKey, Series]) -> None:
         """Fold ``series`` into the buffer; a series new to a full buffer is dropped and counted."""
