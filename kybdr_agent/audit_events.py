@@ -131,7 +131,10 @@ def audit_subscriber(trail: AuditTrail, *, refusals_per_minute: int = REFUSALS_P
             entry = entry_for(event)
             if entry is None:
                 return
-            if isinstance(event, ControlRequestHandled) and event.refused and not budget.take():
+            # Every request nobody authenticated (a 401, or a 404/405 that matched no route and so never
+            # reached the guard) costs the caller nothing: all of them share the refusal budget.
+            unauthenticated = isinstance(event, ControlRequestHandled) and (event.refused or event.role is None)
+            if unauthenticated and not budget.take():
                 return
             trail.append(entry.caller, entry.operation, entry.target, entry.outcome, entry.detail, at=entry.at)
         except OSError as exc:  # the disk's own words say it all; a traceback would add nothing

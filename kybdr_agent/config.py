@@ -17,9 +17,11 @@ those define that other code uses is importable from here.
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, ClassVar, Final
+from urllib.parse import urlsplit
 
 from pydantic import ValidationError, model_validator
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
@@ -131,6 +133,15 @@ class AgentSettings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _cloudwatch_needs_region(self) -> AgentSettings:
+        known = self.telemetry.cloudwatch_region or self.repository.region
+        if self.telemetry.cloudwatch and not (known or os.environ.get("AWS_DEFAULT_REGION")):
+            raise ValueError(
+                "telemetry.cloudwatch needs a region: set telemetry.cloudwatch_region (or repository.region)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _encryption_needs_key(self) -> AgentSettings:
         if self.backup.encryption and self.encryption.key_file is None:
             if self.encryption.kms_key_id:
@@ -186,6 +197,9 @@ class AgentSettings(BaseSettings):
         for name in ("primary_dsn", "standby_dsn"):
             if getattr(self.dr, name):
                 data["dr"][name] = mask_dsn(getattr(self.dr, name))
+        if self.notify.webhook_url:  # a webhook's path is often its secret (Slack, Teams): host only
+            parts = urlsplit(self.notify.webhook_url)
+            data["notify"]["webhook_url"] = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/…"
         if self.repository.endpoint_url:  # validation refuses userinfo; masked anyway, whatever reaches here
             data["repository"]["endpoint_url"] = mask_url(self.repository.endpoint_url)
         return data

@@ -63,13 +63,14 @@ class Channel(Protocol):
 
 
 def redact_url(url: str) -> str:
-    """A URL fit for a log line: no user, password, query or fragment."""
+    """A URL fit for a log line and ``/healthz``: scheme, host and port only. Many webhook services (Slack,
+    Teams, Discord) put the secret in the path, so the path is never shown."""
     parts = urlsplit(url)
     host = parts.hostname or ""
     netloc = f"[{host}]" if ":" in host else host
     if parts.port:
         netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    return urlunsplit((parts.scheme, netloc, "/…" if parts.path not in ("", "/") else parts.path, "", ""))
 
 
 def scrub(text: str, config: NotifyConfig) -> str:

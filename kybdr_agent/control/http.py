@@ -147,6 +147,9 @@ def authorise(request: web.Request, needed: Role) -> Role:
     """
     if _peer_is_unix(request):
         request[ROLE] = "admin"
+        uid = peer_uid(request)  # now: a refusal that closes the connection leaves no transport to ask later
+        if uid is not None:
+            request[CALLER] = f"uid:{uid}"
         return "admin"
     ctx = request.app[CONTEXT]
     header = request.headers.get("Authorization", "")

@@ -90,6 +90,8 @@ from kybdr_agent.telemetry.cloudwatch_batches import plan_batches as plan_batche
 log = get_logger("kybdr_agent.telemetry.cloudwatch")
 
 MAX_SERIES: Final = 10_000  # distinct series buffered (a few per database): beyond it, new ones are dropped
+# Distinct Database dimension values (each a billed custom metric per metric name); beyond, "_other".
+MAX_DATABASES: Final = 256
 NO_BACKUP_AGE_SECONDS: Final = 10 * 365 * 86400.0  # BackupAgeSeconds of a database without any good backup
 CONNECT_TIMEOUT: Final = 5.0
 READ_TIMEOUT: Final = 10.0
@@ -158,6 +160,7 @@ class CloudWatchPublisher:
         interval: float = 60.0,
         host: str | None = None,
         max_series: int = MAX_SERIES,
+        max_databases: int = MAX_DATABASES,
         connect_timeout: float = CONNECT_TIMEOUT,
         read_timeout: float = READ_TIMEOUT,
         attempts: int = ATTEMPTS,
@@ -170,6 +173,8 @@ class CloudWatchPublisher:
         self._clock = clock
         self._interval = interval
         self._host = host[:MAX_DIMENSION_VALUE] if host else None
+        self._databases: set[str] = set()
+        self._max_databases = max_databases
         self._max_series = max_series
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
@@ -236,7 +241,13 @@ class CloudWatchPublisher:
     def _key(self, name: str, unit: str, database: str | None) -> SeriesKey:
         dimensions: list[tuple[str, str]] = []
         if database is not None:
-            dimensions.append((DIMENSION_DATABASE, database[:MAX_DIMENSION_VALUE] or "-"))
+            value = database[:MAX_DIMENSION_VALUE] or "-"
+            if value not in self._databases:
+                if len(self._databases) >= self._max_databases:
+                    value = "_other"  # a request naming endless databases must not mint endless metrics
+                else:
+                    self._databases.add(value)
+            dimensions.append((DIMENSION_DATABASE, value))
         if self._host:
             dimensions.append((DIMENSION_HOST, self._host))
         return name, tuple(dimensions), unit

@@ -11,8 +11,11 @@ scrape time from callbacks, so it cannot drift from the truth. After a restart t
 are rebuilt: from the journal (``rebuild_from_journal``, backups and drills) at start, and from the
 repository at the first housekeeping tick (``FreshnessChecked``), never left at zero.
 
-Label values come from the configuration (database names, routes, DR targets), never from a request's
-raw path, so the number of series is bounded by what the operator configured.
+Label values are bounded: routes and DR targets come from the configuration, and database names — which
+a request may name (a backup of a database nobody configured fails, and is counted) — are capped at
+``MAX_DATABASES`` distinct values, beyond which they are counted as ``_other``. The DR gauges exist only
+on an agent with DR on, and only once a probe round has measured them: a 0 that nobody measured would
+page ("primary unhealthy") or reassure ("no lag") falsely.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
+from kybdr_agent.alerts import replication_lag
 from kybdr_agent.events import (
     BackupCompleted,
     BackupFailed,
@@ -41,6 +45,8 @@ from kybdr_agent.events import (
 )
 
 CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
+MAX_DATABASES: Final = 256
+OTHER_DATABASE: Final = "_other"
 # Backups take seconds to hours; drills and restores alike.
 DURATION_BUCKETS: Final = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 86400)
 PROBE_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -59,6 +65,12 @@ DR_PHASES: Final = (
     "peer",
     "fenced",
 )
+
+DR_GAUGES: Final = {
+    "kybdr_dr_primary_healthy": "1 while the primary passes its probes, 0 while it fails them",
+    "kybdr_dr_replication_lag_bytes": "The writer's WAL position minus the standby's replay position",
+    "kybdr_dr_last_wal_receipt_age_seconds": "Seconds since the standby last heard from the writer",
+}
 
 # Prometheus' *_created series double every counter's output for a value no alert uses.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -82,6 +94,7 @@ class _Live(Collector):
     def __init__(self) -> None:
         self.jobs: Callable[[], Mapping[str, int]] | None = None
         self.dr_phase: Callable[[], str] | None = None
+        self.dr_values: dict[str, float] = {}  # the last probe round's measurements, by metric name
 
     def collect(self) -> Iterator[Metric]:
         if self.jobs is not None:
@@ -97,6 +110,9 @@ class _Live(Collector):
             for phase in (*DR_PHASES, *(() if current in DR_PHASES else (current,))):
                 state.add_metric([phase], 1.0 if phase == current else 0.0)
             yield state
+            for name, help_text in DR_GAUGES.items():
+                if name in self.dr_values:
+                    yield GaugeMetricFamily(name, help_text, value=self.dr_values[name])
 
 
 class AgentMetrics:
@@ -154,24 +170,25 @@ class AgentMetrics:
         self.control_requests = Counter(
             "kybdr_control_requests", "Control API requests answered", ["route", "status"], registry=r
         )
-        self.dr_primary_healthy = Gauge(
-            "kybdr_dr_primary_healthy", "1 while the primary passes its probes, 0 while it fails them", registry=r
-        )
         self.dr_failovers = Counter(
-            "kybdr_dr_failovers", "Completed DR operations (failover, failback, drills) by kind", ["kind"], registry=r
+            "kybdr_dr_failovers", "Completed failovers and failbacks, by kind", ["kind"], registry=r
         )
         self.dr_probe_duration = Histogram(
             "kybdr_dr_probe_duration_seconds", "DR probe latency", ["target"], buckets=PROBE_BUCKETS, registry=r
         )
-        self.dr_lag = Gauge(
-            "kybdr_dr_replication_lag_bytes", "Primary WAL position minus the standby's replay position", registry=r
-        )
-        self.dr_receipt_age = Gauge(
-            "kybdr_dr_last_wal_receipt_age_seconds", "Seconds since the standby last heard from the primary", registry=r
-        )
         self._live = _Live()
         r.register(self._live)
         self._highest: dict[tuple[int, str], float] = {}
+        self._databases: set[str] = set()
+
+    def _db(self, name: str) -> str:
+        """The label for a database: itself, until ``MAX_DATABASES`` distinct names were seen."""
+        if name in self._databases:
+            return name
+        if len(self._databases) >= MAX_DATABASES:
+            return OTHER_DATABASE
+        self._databases.add(name)
+        return name
 
     # --- wiring ------------------------------------------------------------------------------------
 
@@ -191,7 +208,7 @@ class AgentMetrics:
 
     def on_event(self, event: Event) -> None:
         if isinstance(event, BackupCompleted):
-            db = event.database
+            db = self._db(event.database)
             self.backups.labels(db, "succeeded").inc()
             self.backup_duration.labels(db).observe(event.seconds)
             self.dump_bytes.labels(db).set(event.dump_bytes)
@@ -200,31 +217,34 @@ class AgentMetrics:
             if event.seconds > 0:
                 self.throughput.labels(db).set(event.dump_bytes / event.seconds)
         elif isinstance(event, BackupFailed):
-            self.backups.labels(event.database, "failed").inc()
-            self.backup_duration.labels(event.database).observe(event.seconds)
+            db = self._db(event.database)
+            self.backups.labels(db, "failed").inc()
+            self.backup_duration.labels(db).observe(event.seconds)
         elif isinstance(event, ValidationVerdict):
             verdict = "ok" if event.ok else ("corrupt" if event.corrupt else "inconclusive")
-            self.validations.labels(event.database, event.level, verdict).inc()
+            self.validations.labels(self._db(event.database), event.level, verdict).inc()
         elif isinstance(event, DrillResult):
-            self.drills.labels(event.database, "passed" if event.passed else "failed").inc()
+            db = self._db(event.database)
+            self.drills.labels(db, "passed" if event.passed else "failed").inc()
             if event.seconds is not None:
-                self.drill_duration.labels(event.database).set(event.seconds)
+                self.drill_duration.labels(db).set(event.seconds)
             if event.passed:
-                self._raise(self.drill_last_success, event.database, time.time())
+                self._raise(self.drill_last_success, db, time.time())
         elif isinstance(event, RetentionDeleted):
-            self.retention_deleted.labels(event.database).inc()
+            self.retention_deleted.labels(self._db(event.database)).inc()
         elif isinstance(event, ControlRequestHandled):
             self.control_requests.labels(event.route, str(event.status)).inc()
         elif isinstance(event, FreshnessChecked):
             for fresh in event.databases:
                 if fresh.newest_good_at is not None:
-                    self._raise(self.last_success, fresh.database, fresh.newest_good_at.timestamp())
+                    self._raise(self.last_success, self._db(fresh.database), fresh.newest_good_at.timestamp())
         elif isinstance(event, DRProbed):
             self._dr_probed(event)
         elif isinstance(event, DROperationFinished):
             record = event.record
-            if record.get("outcome") == "succeeded":
-                self.dr_failovers.labels(str(record.get("operation") or "unknown")).inc()
+            operation = record.get("operation")
+            if operation in ("failover", "failback") and record.get("outcome") == "succeeded":
+                self.dr_failovers.labels(str(operation)).inc()
 
     def _raise(self, gauge: Gauge, database: str, value: float) -> None:
         """A last-success gauge only moves forward: the repository's view never undoes a newer backup."""
@@ -235,7 +255,8 @@ class AgentMetrics:
 
     def _dr_probed(self, event: DRProbed) -> None:
         obs: Mapping[str, Any] = event.observations
-        self.dr_primary_healthy.set(1 if event.primary_healthy else 0)
+        values = self._live.dr_values
+        values["kybdr_dr_primary_healthy"] = 1.0 if event.primary_healthy else 0.0
         for region, probe in (obs.get("health") or {}).items():
             self._latency(f"health:{region}", probe)
         dbs = obs.get("db") or {}
@@ -243,13 +264,19 @@ class AgentMetrics:
             self._latency(f"db:{region}", probe)
         for index, probe in enumerate(obs.get("witnesses") or ()):
             self._latency(f"witness:{index}", probe)
-        primary, standby = dbs.get("primary") or {}, dbs.get("dr") or {}
-        current, replay = primary.get("current_lsn"), standby.get("replay_lsn")
-        if isinstance(current, int) and isinstance(replay, int):
-            self.dr_lag.set(max(0, current - replay))
+        # Whichever way replication runs now (primary → dr, or the reverse after a failover).
+        lag = replication_lag(obs)
+        if lag is None:
+            values.pop("kybdr_dr_replication_lag_bytes", None)
+            values.pop("kybdr_dr_last_wal_receipt_age_seconds", None)
+            return
+        values["kybdr_dr_replication_lag_bytes"] = float(lag[0])
+        standby = dbs.get(lag[1]) or {}
         receipt, at = _ts(standby.get("last_receipt")), _ts(obs.get("at"))
         if receipt is not None and at is not None:
-            self.dr_receipt_age.set(max(0.0, at - receipt))
+            values["kybdr_dr_last_wal_receipt_age_seconds"] = max(0.0, at - receipt)
+        else:
+            values.pop("kybdr_dr_last_wal_receipt_age_seconds", None)
 
     def _latency(self, target: str, probe: Mapping[str, Any]) -> None:
         latency = probe.get("latency_s") if isinstance(probe, Mapping) else None
@@ -268,9 +295,9 @@ class AgentMetrics:
             if record.get("kind") == "backup" and record.get("status") == "succeeded" and isinstance(result, dict):
                 database, done = result.get("database"), _ts(result.get("finished_at")) or finished
                 if isinstance(database, str) and done is not None:
-                    self._raise(self.last_success, database, done)
+                    self._raise(self.last_success, self._db(database), done)
             elif record.get("kind") == "test" and finished is not None and isinstance(result, dict):
                 drills = result.get("drills")
                 for entry in drills if isinstance(drills, list) else ():
                     if isinstance(entry, dict) and entry.get("passed") and isinstance(entry.get("database"), str):
-                        self._raise(self.drill_last_success, entry["database"], finished)
+                        self._raise(self.drill_last_success, self._db(entry["database"]), finished)

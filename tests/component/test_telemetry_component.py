@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from kybdr_agent.backup import verbs
 from kybdr_agent.backup.service import BackupOverrides
 from kybdr_agent.config import AgentSettings
-from kybdr_agent.events import DROperationFinished, DRProbed, FreshnessChecked
+from kybdr_agent.events import BackupFailed, DROperationFinished, DRProbed, FreshnessChecked
 from kybdr_agent.jobs import JobStatus
 from kybdr_agent.telemetry.metrics import AgentMetrics
 from tests.component.harness import IDLE_GRACE, ManualClock, Recorder, running_agent
@@ -193,3 +193,21 @@ def test_last_success_gauges_are_rebuilt_from_the_journal_and_only_move_forward(
     drill = datetime(2031, 1, 3, 5, 0, tzinfo=UTC).timestamp()
     assert found[("kybdr_restore_drill_last_success_timestamp_seconds", frozenset({("database", "app")}))] == drill
     assert ("kybdr_restore_drill_last_success_timestamp_seconds", frozenset({("database", "crm")})) not in found
+
+
+def test_no_dr_gauges_without_a_measurement_and_database_labels_are_capped() -> None:
+    metrics = AgentMetrics()
+    text = metrics.render().decode()
+    assert "kybdr_dr_primary_healthy" not in text  # DR off: no 0 that would page "primary unhealthy"
+    metrics.watch_dr(lambda: "starting")
+    assert "kybdr_dr_replication_lag_bytes" not in metrics.render().decode()  # DR on, nothing probed yet
+    at = datetime(2031, 1, 1, tzinfo=UTC)
+    for n in range(300):
+        metrics.on_event(BackupFailed(f"db{n}", "no such database", 0.1, at))
+    databases = {labels.get("database") for name, labels in (_labels(s) for s in samples(metrics))}
+    assert len(databases - {None}) == 257  # 256 names, then "_other"
+    assert "_other" in databases
+
+
+def _labels(key: tuple[str, frozenset[tuple[str, str]]]) -> tuple[str, dict[str, str]]:
+    return key[0], dict(key[1])

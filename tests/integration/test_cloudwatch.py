@@ -496,7 +496,7 @@ def test_batches_stay_within_putmetricdata_limits() -> None:
 async def test_many_series_go_out_in_several_calls(cw_moto: MotoServer, endpoint: Any) -> None:
     namespace = fresh_namespace()
     clock = FakeClock()
-    cw = publisher(namespace, clock)
+    cw = publisher(namespace, clock, max_databases=2000)
     for n in range(1500):
         cw.on_event(BackupFailed(f"db{n:04d}", "boom", 1.0, clock()))
     assert await cw.flush_now()
@@ -517,3 +517,17 @@ async def test_cancelling_run_flushes_what_is_buffered(cw_moto: MotoServer, endp
     (point,) = datapoints(cw_moto, namespace, "DRPrimaryHealthy", clock)
     assert point["Maximum"] == 0
     assert cw.status()["ok"]
+
+
+@pytest.mark.anyio
+async def test_database_names_beyond_the_cap_share_one_series(cw_moto: MotoServer, endpoint: Any) -> None:
+    """A request may name databases nobody configured; each would be a billed custom metric."""
+    namespace = fresh_namespace()
+    clock = FakeClock()
+    cw = publisher(namespace, clock, max_databases=3)
+    for n in range(10):
+        cw.on_event(BackupFailed(f"db{n}", "boom", 1.0, clock()))
+    assert await cw.flush_now()
+    metrics = cw_moto.client("cloudwatch").list_metrics(Namespace=namespace, MetricName="BackupFailures")["Metrics"]
+    names = {d["Value"] for m in metrics for d in m["Dimensions"] if d["Name"] == "Database"}
+    assert names == {"db0", "db1", "db2", "_other"}
