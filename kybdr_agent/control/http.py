@@ -60,9 +60,9 @@ class ControlContext:
 
 CONTEXT: Final = web.AppKey("context", ControlContext)
 # What the guard learned about a request, for the observer middleware (``observe``).
-CALLER: Final = "kybdr.caller"
-ROLE: Final = "kybdr.role"
-TARGET: Final = "kybdr.target"
+CALLER: Final = web.RequestKey("kybdr_caller", str)
+ROLE: Final = web.RequestKey("kybdr_role", str)
+TARGET: Final = web.RequestKey("kybdr_target", str)
 _PEERCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _TARGET_FIELDS: Final = ("backup_id", "database", "databases", "target_database", "region", "job_id")
 
@@ -183,7 +183,9 @@ def guard(spec: RouteSpec, handler: Handler) -> RawHandler:
         path = check_path_params(request, spec.path_params)
         query = parse_query(request, spec.query)
         body = await read_body(request, spec.body, ctx.max_body_bytes)
-        request[TARGET] = _target(path, body)
+        target = _target(path, body)
+        if target is not None:
+            request[TARGET] = target
         return await handler(Call(request, ctx, role, query, body, path))
 
     return guarded

@@ -265,7 +265,9 @@ def test_sigterm_during_large_backup_aborts_cleanly(
         assert time.monotonic() - started < 2 + 30  # the grace period plus a bounded abort
         agent.wait_notify("STOPPING=1", timeout=5)
     assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
-    assert s3.list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0
+    # Nothing of the backup is left; the audit trail (shipped at shutdown under audit/) is not a backup.
+    backups = s3.list_objects_v2(Bucket=bucket, Prefix="kybdr/backups/")
+    assert backups.get("KeyCount", 0) == 0, backups.get("Contents")
     journal = [json.loads(line) for line in (tmp_path / "state" / "journal.jsonl").read_text().splitlines()]
     assert [(r["id"], r["status"]) for r in journal] == [(job["id"], "cancelled")]
 
@@ -331,7 +333,7 @@ def test_restart_sweeps_leftovers(
         ):
             assert time.monotonic() < deadline, agent.log()
             time.sleep(0.2)
-        keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"])
+        keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="kybdr/backups/")["Contents"])
         assert keys == sorted([f"kybdr/{good['object_key']}", f"kybdr/backups/{app_db}/{good['id']}/manifest.json"])
     finally:
         assert agent.stop() == 0
