@@ -106,6 +106,13 @@ def _etag(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _unreadable_folder(exc: OSError) -> None:
+    """A folder the walk cannot open would otherwise read as empty ("no backups"); one removed while we walk
+    (a concurrent cleanup) is simply gone."""
+    if not isinstance(exc, FileNotFoundError):
+        raise exc
+
+
 class LocalStore:
     kind = "file"
 
@@ -338,7 +345,7 @@ class LocalStore:
             found: list[ObjectInfo] = []
             if not self._root.exists():
                 return found
-            for dirpath, dirnames, filenames in os.walk(self._root):
+            for dirpath, dirnames, filenames in os.walk(self._root, onerror=_unreadable_folder):
                 dirnames.sort()
                 for name in sorted(filenames):
                     if name.startswith(TEMP_MARKER):
