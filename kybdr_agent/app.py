@@ -102,6 +102,7 @@ class Stores:
     def __init__(self, on_retry: RetryObserver | None = None) -> None:
         self._open: dict[str, BlobStore] = {}
         self._on_retry = on_retry
+        self._keyrings: list[KeyRing] = []
 
     async def get(self, repo: RepositorySettings) -> BlobStore:
         key = json.dumps(repo.model_dump(mode="json"), sort_keys=True)
@@ -120,11 +121,18 @@ class Stores:
         assert isinstance(store, S3Store)  # replica_repository only ever names an s3:// bucket
         return store
 
+    def close_with_stores(self, ring: KeyRing) -> None:
+        """Close this key ring (its KMS client) when the stores close: it lives exactly as long as they do."""
+        self._keyrings.append(ring)
+
     async def aclose(self) -> None:
         stores, self._open = list(self._open.values()), {}
+        rings, self._keyrings = self._keyrings, []
         with anyio.CancelScope(shield=True):
             for store in stores:
                 await store.aclose()
+            for ring in rings:
+                await ring.aclose()
 
 
 @asynccontextmanager
@@ -136,13 +144,18 @@ async def open_stores(on_retry: RetryObserver | None = None) -> AsyncIterator[St
         await stores.aclose()
 
 
-def keyring(settings: AgentSettings) -> KeyRing | None:
-    """The configured key ring, or None when no key file is set (unencrypted backups only).
+def keyring(settings: AgentSettings, stores: Stores | None = None) -> KeyRing | None:
+    """The configured key ring, or None when there is no current key (unencrypted backups only).
 
     Every key file is checked as ``config check`` and ``run`` check it (``secret_files``: regular file,
-    trusted owner, mode 0600/0640, 32 bytes), so a one-shot command refuses exactly what the agent would.
+    trusted owner, mode 0600/0640, 32 bytes), so a one-shot command refuses exactly what the agent would. A
+    KMS key's client opens on first use; given ``stores``, the ring is closed with them (a ring made without
+    them holds no client until used, and then its user closes it: ``async with ring``).
     """
-    return secret_files.load_keyring(settings)
+    ring = secret_files.load_keyring(settings)
+    if ring is not None and stores is not None:
+        stores.close_with_stores(ring)
+    return ring
 
 
 def connection(settings: AgentSettings) -> Connection:
@@ -194,7 +207,7 @@ async def build_backup_service(
         replica=await stores.replica(settings),
         connection=connection(settings),
         drill_connection=drill_connection(settings),
-        keyring=keyring(settings),
+        keyring=keyring(settings, stores),
         journal=journal,
         events=events,
         clock=clock,

@@ -90,6 +90,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--target-database", required=True, help="database to create (must not exist or be empty)")
     p.add_argument("--force", action="store_true", help="replace a non-empty target once the restore succeeded")
     p.add_argument("--no-owner", action="store_true", help="do not restore ownership and privileges")
+    p.add_argument(
+        "--with-globals",
+        action="store_true",
+        help="first create the roles (and tablespaces) recorded with the backup that the server lacks; "
+        "existing ones are left as they are",
+    )
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("validate", help="check a backup's integrity")
@@ -124,6 +130,10 @@ def _parser() -> argparse.ArgumentParser:
     from kybdr_agent.cli_check import add_parser as add_check_parser
 
     add_check_parser(sub)
+
+    from kybdr_agent.cli_key import add_parser as add_key_parser
+
+    add_key_parser(sub)
 
     p = sub.add_parser("config", help="configuration tools")
     config_sub = p.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
@@ -278,6 +288,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from kybdr_agent import cli_audit
 
         return cli_audit.run(settings, args)
+    if args.command == "key":
+        from kybdr_agent import cli_key
+
+        return cli_key.run(settings, args)
     if args.command == "run":
         from kybdr_agent.daemon import run_daemon
 
@@ -391,7 +405,8 @@ async def _show(ops: Operations, args: argparse.Namespace) -> int:
 
 
 async def _restore(ops: Operations, args: argparse.Namespace) -> int:
-    cli_output.print_restore(await ops.restore(args.backup_id, args.target_database, args.force, args.no_owner), args)
+    result = await ops.restore(args.backup_id, args.target_database, args.force, args.no_owner, args.with_globals)
+    cli_output.print_restore(result, args)
     return EXIT_OK
 
 

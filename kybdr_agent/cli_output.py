@@ -189,12 +189,20 @@ def print_manifest(m: dict[str, Any], args: argparse.Namespace) -> None:
         ["key id", m["encryption"]["key_id"] or "-"],
         ["sha256", m["sha256"]],
         ["object", m["object_key"]],
+        ["globals", _globals_line(m.get("globals"))],
         ["parts", str(m["part_count"] or "-")],
         ["tables counted", str(len(m["row_counts"]))],
         ["labels", ", ".join(m["labels"]) or "-"],
         ["description", m["description"] or "-"],
     ]
     print(table(rows, ["FIELD", "VALUE"]))
+
+
+def _globals_line(g: dict[str, Any] | None) -> str:
+    if not g:
+        return "- (made before roles were recorded)"
+    passwords = "with role passwords" if g["role_passwords"] else "without role passwords"
+    return f"{g['object_key']} ({human_bytes(g['stored_bytes'])}, {passwords})"
 
 
 @_flushed
@@ -209,6 +217,12 @@ def print_restore(result: dict[str, Any], args: argparse.Namespace) -> None:
             f"restored {result['backup_id']} into {result['target_database']}{replaced} "
             f"in {result['seconds']:.1f} s ({human_bytes(result['dump_bytes'])} of dump)"
         )
+        applied = result.get("globals")
+        if applied:
+            print(
+                f"globals: {len(applied['roles_created'])} role(s) created, {len(applied['roles_existing'])} "
+                f"already there and left as they were, {len(applied['tablespaces_created'])} tablespace(s) created"
+            )
 
 
 @_flushed

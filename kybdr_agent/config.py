@@ -53,6 +53,7 @@ from kybdr_agent.config_sections import (
     RepositorySettings,
     TelemetrySettings,
     TokenSettings,
+    kms_arn_region,
 )
 from kybdr_agent.config_values import (
     HUNDRED_YEARS_DAYS,
@@ -143,18 +144,39 @@ class AgentSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _encryption_needs_key(self) -> AgentSettings:
-        if self.backup.encryption and self.encryption.key_file is None:
-            if self.encryption.kms_key_id:
+        enc = self.encryption
+        if self.backup.encryption and enc.key_provider == "file" and enc.key_file is None:
+            if enc.kms_key_id:
                 raise ValueError(
-                    "backup.encryption is on and only encryption.kms_key_id is set: KMS envelope encryption is "
-                    "not implemented yet, so backups still need encryption.key_file "
-                    "(generate one with: kybdr-agent keygen FILE)"
+                    "backup.encryption is on but encryption.key_file is not set: to wrap backups' data keys with "
+                    'encryption.kms_key_id, set encryption.key_provider = "kms"'
                 )
             raise ValueError(
                 "backup.encryption is on but encryption.key_file is not set "
-                "(generate one with: kybdr-agent keygen FILE)"
+                '(generate one with: kybdr-agent keygen FILE), or use AWS KMS: key_provider = "kms" and kms_key_id'
             )
         return self
+
+    @model_validator(mode="after")
+    def _kms_needs_region(self) -> AgentSettings:
+        if self.encryption.kms_key_id and not self.kms_region():
+            raise ValueError(
+                "encryption.kms_key_id needs a region: use the key's ARN, or set encryption.kms_region "
+                "(or repository.region)"
+            )
+        return self
+
+    def kms_region(self) -> str | None:
+        """Where ``encryption.kms_key_id`` is asked: ``kms_region``, else the region in the key's ARN, else the
+        repository's, else the AWS environment's (``AWS_REGION``, ``AWS_DEFAULT_REGION``)."""
+        enc = self.encryption
+        return (
+            enc.kms_region
+            or kms_arn_region(enc.kms_key_id)
+            or self.repository.region
+            or os.environ.get("AWS_REGION")
+            or os.environ.get("AWS_DEFAULT_REGION")
+        )
 
     @classmethod
     def settings_customise_sources(

@@ -159,12 +159,22 @@ _KMS_KEY: Final = (
 
 
 class EncryptionSettings(_Section):
+    """Where master keys come from. ``key_provider`` picks the key that wraps new backups' data keys: a key
+    file (``key_file``) or AWS KMS envelope encryption (``kms_key_id``). Older keys stay able to open the
+    backups they wrapped: ``old_key_files``, and ``kms_key_id`` when the provider is a file."""
+
+    key_provider: Literal["file", "kms"] = Field(
+        "file", description='"file": key_file wraps data keys; "kms": AWS KMS GenerateDataKey under kms_key_id'
+    )
     key_file: Path | None = Field(None, description="32-byte master key: raw, hex or base64; mode 0600")
     kms_key_id: str | None = Field(
         None,
         pattern=_KMS_KEY,
-        description="terraform's KMS key (ARN, key id or alias): validated and shown, not used yet: "
-        "backups are encrypted with key_file until KMS envelope encryption lands",
+        description="AWS KMS key (ARN, key id or alias; terraform's encryption_kms_key_id): wraps new backups' "
+        'data keys with key_provider = "kms", and opens the backups it wrapped either way',
+    )
+    kms_region: str | None = Field(
+        None, pattern=_REGION, description="KMS region (default: the region in kms_key_id's ARN, else repository's)"
     )
     old_key_files: list[Path] = Field(default_factory=list, description="earlier keys, to open older backups")
     frame_size_kib: int = Field(1024, description="plaintext bytes per authenticated frame, in KiB")
@@ -175,6 +185,28 @@ class EncryptionSettings(_Section):
         if not MIN_FRAME_SIZE <= value * 1024 <= MAX_FRAME_SIZE:
             raise ValueError(f"must be between 1 and {MAX_FRAME_SIZE // 1024}")
         return value
+
+    @model_validator(mode="after")
+    def _provider_has_its_key(self) -> EncryptionSettings:
+        if self.key_provider == "kms":
+            if not self.kms_key_id:
+                raise ValueError('key_provider = "kms" needs kms_key_id (terraform output encryption_kms_key_id)')
+            if self.key_file is not None:
+                raise ValueError(
+                    'key_provider = "kms" does not use key_file: move it to old_key_files, where it keeps '
+                    "opening the backups it wrapped (until `kybdr-agent key rotate` re-wraps them)"
+                )
+        named = kms_arn_region(self.kms_key_id)
+        if self.kms_region and named and self.kms_region != named:
+            raise ValueError(f"kms_region {self.kms_region} differs from the region of kms_key_id's ARN ({named})")
+        return self
+
+
+def kms_arn_region(key_ref: str | None) -> str | None:
+    """The region of a KMS key or alias ARN (``arn:aws:kms:REGION:…``); None for a bare id or alias."""
+    if key_ref is None or not key_ref.startswith("arn:"):
+        return None
+    return key_ref.split(":")[3] or None
 
 
 class RepositorySettings(_Section):

@@ -34,7 +34,9 @@ class Operations(Protocol):
     async def backup(self, databases: list[str] | None, description: str | None) -> list[dict[str, Any]]: ...
     async def list(self, database: str | None) -> dict[str, Any]: ...
     async def show(self, backup_id: str) -> dict[str, Any]: ...
-    async def restore(self, backup_id: str, target: str, force: bool, no_owner: bool) -> dict[str, Any]: ...
+    async def restore(
+        self, backup_id: str, target: str, force: bool, no_owner: bool, with_globals: bool = False
+    ) -> dict[str, Any]: ...
     async def validate(self, backup_id: str, level: Level) -> dict[str, Any]: ...
     async def cleanup(self, dry_run: bool) -> dict[str, Any]: ...
     async def stats(self) -> dict[str, Any]: ...
@@ -127,12 +129,21 @@ class LocalOperations:
         await self._sweep_first()
         return manifest_document(await self.local.service.find(backup_id))
 
-    async def restore(self, backup_id: str, target: str, force: bool, no_owner: bool) -> dict[str, Any]:
+    async def restore(
+        self, backup_id: str, target: str, force: bool, no_owner: bool, with_globals: bool = False
+    ) -> dict[str, Any]:
         await self._sweep_first()
         service = self.local.service
         await service.find(backup_id)
         job = verbs.submit_restore(
-            self.local.jobs, service, backup_id, target, force=force, no_owner=no_owner, notice=self.notice
+            self.local.jobs,
+            service,
+            backup_id,
+            target,
+            force=force,
+            no_owner=no_owner,
+            with_globals=with_globals,
+            notice=self.notice,
         )
         result: dict[str, Any] = (await self._finish([job]))[0]["result"]
         return result
@@ -224,8 +235,12 @@ class RemoteOperations:
         answer: dict[str, Any] = await self.client.request("GET", f"/v1/backup/{backup_id}")
         return answer
 
-    async def restore(self, backup_id: str, target: str, force: bool, no_owner: bool) -> dict[str, Any]:
-        body = {"target_database": target, "force": force, "no_owner": no_owner}
+    async def restore(
+        self, backup_id: str, target: str, force: bool, no_owner: bool, with_globals: bool = False
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"target_database": target, "force": force, "no_owner": no_owner}
+        if with_globals:  # only when asked: an agent of an older version refuses fields it does not know
+            body["with_globals"] = True
         jobs = await self._jobs(f"/v1/backup/{backup_id}/restore", body)
         result: dict[str, Any] = jobs[0]["result"]
         for message in result.get("notices", []):

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Literal
 
-from kybdr_agent.backup.keys import KeyMaterialError, KeyRing, MasterKey, parse_key_material
+from kybdr_agent.backup.keys import KeyMaterialError, KeyRing, MasterKey, WrappingKey, parse_key_material
 from kybdr_agent.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -156,22 +156,37 @@ def load_key(path: Path, field: str, owners: Iterable[int]) -> MasterKey:
     """A master key file checked by the rules above, then parsed as ``keys.parse_key_material`` does."""
     raw = read_secret_file(path, field, owners)
     try:
-        return MasterKey(parse_key_material(raw))
+        return MasterKey(parse_key_material(raw), source=f"{field} {path}")
     except KeyMaterialError as exc:
         raise SecretFileError(f"{field} {path}: {exc}") from None
 
 
 def load_keyring(settings: AgentSettings) -> KeyRing | None:
-    """The configured key ring, every file checked; None when no key file is set."""
+    """The configured key ring, every key file checked; None when there is no current key (no key_file and
+    the provider is "file"): then only unencrypted backups can be made and opened.
+
+    The current key is ``key_file``, or with ``key_provider = "kms"`` the KMS key; the older ones are
+    ``old_key_files``, and ``kms_key_id`` when the provider is a file (so backups it wrapped still open after
+    moving away from KMS). Nothing here talks to KMS: its client opens on first use.
+    """
     enc = settings.encryption
-    if enc.key_file is None:
+    if enc.key_provider == "file" and enc.key_file is None:
         return None
     owners = trusted_owners(settings.daemon.service_user)
-    current = load_key(enc.key_file, "encryption.key_file", owners)
-    older = tuple(
+    older: list[WrappingKey] = [
         load_key(path, f"encryption.old_key_files[{index}]", owners) for index, path in enumerate(enc.old_key_files)
-    )
-    return KeyRing(current, older)
+    ]
+    kms = None
+    if enc.kms_key_id:
+        from kybdr_agent.backup.kms import KmsKey
+
+        kms = KmsKey(enc.kms_key_id, region=settings.kms_region())
+    if enc.key_provider == "kms":
+        assert kms is not None  # EncryptionSettings refuses key_provider "kms" without kms_key_id
+        return KeyRing(kms, older)
+    assert enc.key_file is not None
+    current = load_key(enc.key_file, "encryption.key_file", owners)
+    return KeyRing(current, [*older, *([kms] if kms is not None else [])])
 
 
 # --- passwords ----------------------------------------------------------------------------------

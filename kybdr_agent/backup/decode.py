@@ -63,30 +63,35 @@ class _Decoder:
         return plain
 
 
-def data_key_for(backup: Manifest, keyring: KeyRing | None) -> bytes | None:
+async def data_key_for(backup: Manifest, keyring: KeyRing | None) -> bytes | None:
+    """The backup's plaintext data key, from whichever key of the ring wraps it now (the manifest's ``wrap``
+    and ``key_id``; a KMS key is asked with ``Decrypt``). None for an unencrypted backup."""
     enc = backup.encryption
     if enc.cipher == "none":
         return None
     if keyring is None:
-        raise KeyUnavailable(f"backup {backup.id} is encrypted; set encryption.key_file to open it")
+        raise KeyUnavailable(
+            f'backup {backup.id} is encrypted; set encryption.key_file (or key_provider = "kms") to open it'
+        )
     if enc.key_id is None or enc.wrapped_data_key is None:
         raise IntegrityError(f"backup {backup.id}'s manifest lacks its key id or wrapped data key")
     try:
-        master = keyring.find(bytes.fromhex(enc.key_id))
-        return master.unwrap(enc.wrapped_data_key, backup.id)
-    except ValueError as exc:
+        return await keyring.open(backup.id, enc)
+    except (ValueError, KeyUnavailable) as exc:
         # A missing key, a wrong key and a tampered wrapped key look alike from here: report the key.
         raise KeyUnavailable(f"backup {backup.id}: {exc}") from None
 
 
-def _decoder(backup: Manifest, keyring: KeyRing | None) -> _Decoder:
+async def _decoder(backup: Manifest, keyring: KeyRing | None) -> _Decoder:
     try:
         expected = StreamHeader.decode(bytes.fromhex(backup.stream_header))
     except (ValueError, StreamFormatError) as exc:
         raise IntegrityError(f"backup {backup.id}'s manifest has a bad stream header: {exc}") from None
     if expected.compression is not Compression[backup.compression.upper()]:
         raise IntegrityError(f"backup {backup.id}'s manifest disagrees with its stream header")
-    opener = StreamOpener(data_key_for(backup, keyring), expected=expected)
+    # The header is compared whole with the manifest's copy, key id included: after a rotation it still
+    # names the key the backup was made with, while the data key comes from the key that wraps it now.
+    opener = StreamOpener(await data_key_for(backup, keyring), expected=expected)
     return _Decoder(opener, compress.decompressor(expected.compression))
 
 
@@ -97,7 +102,7 @@ async def stream_backup(
     sink: Callable[[bytes], Awaitable[None]],
 ) -> DecodeStats:
     """Decode the whole backup into ``sink``; raise ``IntegrityError`` on the first inconsistency."""
-    decoder = _decoder(backup, keyring)
+    decoder = await _decoder(backup, keyring)
     raw_send, raw_recv = anyio.create_memory_object_stream[bytes](QUEUE_DEPTH)
     out_send, out_recv = anyio.create_memory_object_stream[bytes](QUEUE_DEPTH)
     async with task_group() as tg:

@@ -1,9 +1,15 @@
 """Master keys, the key ring, and per-backup data keys.
 
-Each backup gets a fresh random 256-bit data key; only its wrapped form (AES-256-GCM under a master key,
-bound to the backup id) is stored, in the manifest. Rotating the master key therefore never touches old
-backups: the old key stays in the ring (``encryption.old_key_files``) so they can still be opened, and a key
-id derived from the key itself tells which ring entry a backup needs, with no naming to keep in sync.
+Each backup gets a fresh random 256-bit data key; only its wrapped form is stored, in the manifest: sealed
+with AES-256-GCM under a key file's master key and bound to the backup id (``wrap = "aes-256-gcm"``), or
+made and wrapped by AWS KMS (``wrap = "aws-kms"``, ``kms.py``). Changing the master key therefore never
+touches old backups: the old key stays in the ring (``encryption.old_key_files``, or ``kms_key_id`` when the
+provider is a file) so they can still be opened, and ``kybdr-agent key rotate`` (``rotate.py``) re-wraps
+their data keys under the new one, after which the old key can go. A key id derived from the key itself
+(for KMS, the key's own id) tells which ring entry a backup needs, with no naming to keep in sync.
+
+The ring's operations are async because a KMS key is a network service: ``new_data_key`` (a backup),
+``open`` (restore, validation) and ``rewrap`` (rotation). A key file's are the same operations done locally.
 """
 
 from __future__ import annotations
@@ -16,13 +22,16 @@ import os
 import re
 import secrets
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from types import TracebackType
+from typing import ClassVar, Final, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from kybdr_agent.backup.manifest import Encryption
 from kybdr_agent.backup.streamfmt import DATA_KEY_SIZE, KEY_ID_SIZE
 
 MASTER_KEY_SIZE: Final = 32
@@ -38,10 +47,56 @@ class KeyMaterialError(ValueError):
 
 
 @dataclass(frozen=True)
+class NewDataKey:
+    """A fresh data key for one backup: the plaintext that seals its stream, and the manifest's record of it."""
+
+    plaintext: bytes = field(repr=False)
+    encryption: Encryption
+
+    @property
+    def key_id(self) -> bytes:
+        """The id for the stream header: the master key that wrapped this data key."""
+        assert self.encryption.key_id is not None
+        return bytes.fromhex(self.encryption.key_id)
+
+
+def data_key_encryption(key_id: bytes, wrap: str, wrapped: str) -> Encryption:
+    return Encryption(cipher="aes-256-gcm", key_id=key_id.hex(), wrap=wrap, wrapped_data_key=wrapped)
+
+
+class WrappingKey(Protocol):
+    """A master key of the ring: a key file (``MasterKey``) or a KMS key (``kms.KmsKey``).
+
+    ``known_key_id`` is None only for a KMS alias not yet resolved; ``resolve_key_id()`` resolves it."""
+
+    wrap_algorithm: ClassVar[str]
+
+    @property
+    def label(self) -> str: ...
+
+    @property
+    def known_key_id(self) -> bytes | None: ...
+
+    async def resolve_key_id(self) -> bytes: ...
+
+    async def generate(self, backup_id: str) -> NewDataKey: ...
+
+    async def wrap_data_key(self, data_key: bytes, backup_id: str) -> tuple[bytes, str]: ...
+
+    async def unwrap_data_key(self, wrapped: str, backup_id: str) -> bytes: ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True)
 class MasterKey:
-    """A 32-byte master key and its id (the first 16 bytes of an HMAC of a fixed label under the key)."""
+    """A 32-byte master key and its id (the first 16 bytes of an HMAC of a fixed label under the key).
+
+    ``source`` says where it came from ("encryption.key_file /etc/…"), for messages; it is not compared."""
 
     material: bytes = field(repr=False)
+    source: str = field(default="a key file", compare=False)
+    wrap_algorithm: ClassVar[str] = WRAP_ALGORITHM
 
     def __post_init__(self) -> None:
         if len(self.material) != MASTER_KEY_SIZE:
@@ -74,6 +129,32 @@ class MasterKey:
         if len(key) != DATA_KEY_SIZE:
             raise KeyMaterialError("unwrapped data key has the wrong length")
         return key
+
+    # --- as a WrappingKey ---------------------------------------------------------------------------
+
+    @property
+    def label(self) -> str:
+        return self.source
+
+    @property
+    def known_key_id(self) -> bytes:
+        return self.key_id
+
+    async def resolve_key_id(self) -> bytes:
+        return self.key_id
+
+    async def generate(self, backup_id: str) -> NewDataKey:
+        data_key = new_data_key()
+        return NewDataKey(data_key, data_key_encryption(self.key_id, WRAP_ALGORITHM, self.wrap(data_key, backup_id)))
+
+    async def wrap_data_key(self, data_key: bytes, backup_id: str) -> tuple[bytes, str]:
+        return self.key_id, self.wrap(data_key, backup_id)
+
+    async def unwrap_data_key(self, wrapped: str, backup_id: str) -> bytes:
+        return self.unwrap(wrapped, backup_id)
+
+    async def aclose(self) -> None:
+        return None
 
 
 def parse_key_material(raw: bytes) -> bytes:
@@ -118,21 +199,109 @@ def generate_master_key_file(path: Path) -> MasterKey:
     return MasterKey(material)
 
 
-@dataclass(frozen=True)
 class KeyRing:
-    """The current master key (used for new backups) and older ones (still able to open old backups)."""
+    """The current master key (wraps new backups' data keys) and older ones (still able to open old backups).
 
-    current: MasterKey
-    older: tuple[MasterKey, ...] = ()
+    Keys are found by the manifest's ``wrap`` and ``key_id``, never by the stream header: after a rotation the
+    header (authenticated, so never rewritten) still names the key the backup was made with, while the
+    manifest names the key that wraps its data key now. ``aclose`` (or ``async with``) closes a KMS client.
+    """
+
+    def __init__(self, current: WrappingKey, older: Sequence[WrappingKey] = ()) -> None:
+        self.current = current
+        self.older = tuple(older)
+
+    @property
+    def keys(self) -> tuple[WrappingKey, ...]:
+        return (self.current, *self.older)
 
     def find(self, key_id: bytes) -> MasterKey:
-        for key in (self.current, *self.older):
-            if hmac.compare_digest(key.key_id, key_id):
+        """The key file with this id (the sync lookup for file keys)."""
+        for key in self.keys:
+            if isinstance(key, MasterKey) and hmac.compare_digest(key.key_id, key_id):
                 return key
         raise KeyMaterialError(
             f"no key in the key ring has id {key_id.hex()}: add the key this backup was made with to "
             "encryption.old_key_files"
         )
+
+    async def new_data_key(self, backup_id: str) -> NewDataKey:
+        """A fresh data key for a backup, wrapped by the current key (KMS: ``GenerateDataKey``)."""
+        return await self.current.generate(backup_id)
+
+    async def opener(self, encryption: Encryption) -> WrappingKey | None:
+        """The ring's key for this manifest's wrapped data key, by wrap and key id; None when no key matches."""
+        wanted = _key_id_of(encryption)
+        wrap = wrap_of(encryption)
+        for key in self.keys:
+            if key.wrap_algorithm == wrap and hmac.compare_digest(await key.resolve_key_id(), wanted):
+                return key
+        return None
+
+    async def open(self, backup_id: str, encryption: Encryption) -> bytes:
+        """The plaintext data key of one backup; ``KeyMaterialError`` when no key of the ring opens it."""
+        if encryption.wrapped_data_key is None:
+            raise KeyMaterialError("the manifest has no wrapped data key")
+        key = await self.opener(encryption)
+        if key is None:
+            raise KeyMaterialError(_no_key_message(encryption))
+        return await key.unwrap_data_key(encryption.wrapped_data_key, backup_id)
+
+    async def is_current(self, encryption: Encryption) -> bool:
+        """Whether this data key is already wrapped by the current key (rotation skips it)."""
+        return wrap_of(encryption) == self.current.wrap_algorithm and hmac.compare_digest(
+            await self.current.resolve_key_id(), _key_id_of(encryption)
+        )
+
+    async def rewrap(self, backup_id: str, encryption: Encryption) -> Encryption:
+        """The same data key wrapped by the current key, proven to unwrap to it before it is returned."""
+        data_key = await self.open(backup_id, encryption)
+        key_id, wrapped = await self.current.wrap_data_key(data_key, backup_id)
+        if not hmac.compare_digest(await self.current.unwrap_data_key(wrapped, backup_id), data_key):
+            raise KeyMaterialError(f"{self.current.label}: the re-wrapped data key does not unwrap to the same key")
+        return data_key_encryption(key_id, self.current.wrap_algorithm, wrapped)
+
+    async def aclose(self) -> None:
+        for key in self.keys:
+            await key.aclose()
+
+    async def __aenter__(self) -> KeyRing:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+
+def wrap_of(encryption: Encryption) -> str:
+    """How a manifest's data key is wrapped; manifests before KMS support always say ``aes-256-gcm``."""
+    return encryption.wrap or WRAP_ALGORITHM
+
+
+def _key_id_of(encryption: Encryption) -> bytes:
+    try:
+        key_id = bytes.fromhex(encryption.key_id or "")
+    except ValueError:
+        raise KeyMaterialError("the manifest's key id is not hexadecimal") from None
+    if len(key_id) != KEY_ID_SIZE:
+        raise KeyMaterialError(f"the manifest's key id is not {KEY_ID_SIZE} bytes")
+    return key_id
+
+
+def _no_key_message(encryption: Encryption) -> str:
+    key_id = encryption.key_id or "?"
+    if wrap_of(encryption) == WRAP_ALGORITHM:
+        return (
+            f"no key in the key ring has id {key_id}: add the key file this backup was made with to "
+            "encryption.old_key_files"
+        )
+    if wrap_of(encryption) == "aws-kms":
+        return (
+            f"the data key is wrapped by AWS KMS key id {key_id}, which is not encryption.kms_key_id: configure "
+            "that KMS key (or its multi-Region replica in this region)"
+        )
+    return f"the data key is wrapped with {encryption.wrap!r}, which this agent does not know"
 
 
 def new_data_key() -> bytes:

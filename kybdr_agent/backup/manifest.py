@@ -12,13 +12,14 @@ from datetime import UTC, datetime
 from typing import Final, Literal
 from urllib.parse import quote
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kybdr_agent.storage.parts import PartRun
 
 MANIFEST_FORMAT: Final = 1
 MANIFEST_NAME: Final = "manifest.json"
 DATA_NAME: Final = "data"
+GLOBALS_NAME: Final = "globals"
 BACKUPS_PREFIX: Final = "backups"
 
 BACKUP_ID_PATTERN: Final = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}$")
@@ -57,6 +58,10 @@ def data_key_path(database: str, backup_id: str) -> str:
     return f"{backup_prefix(database, backup_id)}/{DATA_NAME}"
 
 
+def globals_key_path(database: str, backup_id: str) -> str:
+    return f"{backup_prefix(database, backup_id)}/{GLOBALS_NAME}"
+
+
 def manifest_key_path(database: str, backup_id: str) -> str:
     return f"{backup_prefix(database, backup_id)}/{MANIFEST_NAME}"
 
@@ -68,6 +73,26 @@ class Encryption(BaseModel):
     key_id: str | None = None
     wrap: str | None = None
     wrapped_data_key: str | None = None
+
+
+class GlobalsObject(BaseModel):
+    """The server's roles, memberships, role settings and tablespaces (``pg_dumpall --globals-only``), stored
+    beside the data as a second stream: same format, codec, frame size and data key, its own nonce prefix."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    object_key: str
+    sql_bytes: int = Field(description="bytes pg_dumpall --globals-only wrote")
+    compressed_bytes: int
+    stored_bytes: int = Field(description="bytes of the globals object in the repository")
+    sha256: str = Field(description="SHA-256 of the stored globals object")
+    frames: int
+    stream_header: str = Field(description="hex of the globals stream's header, bound to every frame")
+    role_passwords: bool = Field(
+        description="whether role password hashes are included: only when the agent's role could read "
+        "pg_authid and the backup is encrypted (else pg_dumpall --no-role-passwords)"
+    )
+    pg_dumpall_version: str
 
 
 class Manifest(BaseModel):
@@ -105,6 +130,17 @@ class Manifest(BaseModel):
     description: str | None = None
     row_counts: dict[str, int] = {}
     replication: dict[str, dict[str, str]] = {}
+    globals: GlobalsObject | None = Field(
+        None, description="the server's globals taken with this backup; absent in backups made before they were"
+    )
+
+    @model_validator(mode="after")
+    def _globals_beside_the_data(self) -> Manifest:
+        # A manifest names only its own objects: an edited one could otherwise point a restore's roles at
+        # another backup's globals (the catalog checks the data object's key the same way).
+        if self.globals is not None and self.globals.object_key != globals_key_path(self.database, self.id):
+            raise ValueError("the globals object is not in the backup's own folder")
+        return self
 
     def to_json(self) -> bytes:
         return self.model_dump_json(indent=2).encode() + b"\n"

@@ -33,7 +33,8 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from kybdr_agent import __version__
 from kybdr_agent.asyncutil import TailBuffer, task_group
 from kybdr_agent.backup import compress, facts, manifest
-from kybdr_agent.backup.keys import WRAP_ALGORITHM, KeyRing, new_data_key
+from kybdr_agent.backup.globals import dump_globals, globals_header
+from kybdr_agent.backup.keys import KeyRing
 from kybdr_agent.backup.lease import hold_lease
 from kybdr_agent.backup.pgdump import PipeReader, child_process, drain_into, failure_message
 from kybdr_agent.backup.streamfmt import Cipher, Compression, StreamHeader, StreamSealer
@@ -120,7 +121,7 @@ async def run_backup(
     backup_id = backup_id or manifest.new_backup_id(started_at)
     data_key_path = manifest.data_key_path(database, backup_id)
 
-    header, data_key, encryption = _seal_plan(options, backup_id)
+    header, data_key, encryption = await _seal_plan(options, backup_id)
     encoder = _Encoder(
         compressor=compress.compressor(options.compression, options.compression_level, options.compression_threads),
         sealer=StreamSealer(header, data_key),
@@ -170,6 +171,29 @@ async def run_backup(
                 tg.start_soon(count_rows)
             # pg_dump goes to the server that exported the snapshot, whichever of several hosts that was.
             await _stream_dump(argv, connection.child_env(database, conn), encoder, sink.write, options.progress)
+        # The server's roles and tablespaces, as a second object sealed like the data (``globals.py``). If
+        # that fails, the data object already stored goes too: no manifest, nothing left.
+        globals_key = manifest.globals_key_path(database, backup_id)
+        globals_stream = globals_header(header)
+        try:
+            with stage("globals"):
+                globals_object = await dump_globals(
+                    conn,
+                    connection=connection,
+                    database=database,
+                    server_major=server_major,
+                    store=store,
+                    key=globals_key,
+                    header=globals_stream,
+                    encoder=_Encoder(
+                        compressor=compress.compressor(options.compression, options.compression_level, 0),
+                        sealer=StreamSealer(globals_stream, data_key),
+                    ),
+                    encrypted=data_key is not None,
+                )
+        except BaseException:
+            await _delete_quietly(store, [data_key_path])
+            raise
         # pg_dump exited 0 and every byte is stored: the dump is complete and consistent, because pg_dump
         # imported the snapshot into its own transaction when it started. Ending ours is a courtesy that a
         # dead session may refuse.
@@ -205,24 +229,20 @@ async def run_backup(
         row_counts=counts,
         labels=list(options.labels),
         description=options.description,
+        globals=globals_object,
     )
 
 
-def _seal_plan(options: BackupOptions, backup_id: str) -> tuple[StreamHeader, bytes | None, manifest.Encryption]:
+async def _seal_plan(options: BackupOptions, backup_id: str) -> tuple[StreamHeader, bytes | None, manifest.Encryption]:
     prefix = os.urandom(NONCE_PREFIX_BYTES)
     if options.keyring is None:
         header = StreamHeader(options.compression, Cipher.NONE, options.frame_size, _NO_KEY_ID, prefix)
         return header, None, manifest.Encryption(cipher="none")
-    master = options.keyring.current
-    data_key = new_data_key()
-    header = StreamHeader(options.compression, Cipher.AES_256_GCM, options.frame_size, master.key_id, prefix)
-    encryption = manifest.Encryption(
-        cipher="aes-256-gcm",
-        key_id=master.key_id.hex(),
-        wrap=WRAP_ALGORITHM,
-        wrapped_data_key=master.wrap(data_key, backup_id),
-    )
-    return header, data_key, encryption
+    # A fresh data key for this backup from the ring's current key: drawn here and wrapped by a key file, or
+    # made and wrapped by AWS KMS (GenerateDataKey, bound to the backup id). The header names that key.
+    new = await options.keyring.new_data_key(backup_id)
+    header = StreamHeader(options.compression, Cipher.AES_256_GCM, options.frame_size, new.key_id, prefix)
+    return header, new.plaintext, new.encryption
 
 
 async def _stream_dump(
@@ -320,6 +340,22 @@ async def _check_stored(store: BlobStore, made: manifest.Manifest) -> None:
         )
 
 
+async def _delete_quietly(store: BlobStore, keys: list[str]) -> None:
+    """Best-effort removal of what a failed backup wrote; the sweep retries whatever this cannot delete."""
+    with anyio.move_on_after(60, shield=True):
+        for key in keys:
+            try:
+                await store.delete(key)
+            except Exception as exc:  # noqa: BLE001 - keep the original error; the sweep retries
+                log.warning(
+                    "backup.cleanup_failed",
+                    key=key,
+                    error=str(exc),
+                    note="the next sweep (the agent's next housekeeping tick, or the next kybdr-agent command) "
+                    "removes it",
+                )
+
+
 async def backup_and_record(
     database: str,
     *,
@@ -346,17 +382,9 @@ async def backup_and_record(
                 await store.put_bytes(manifest.manifest_key_path(database, made.id), made.to_json())
         except BaseException:
             # No manifest means no backup: do not leave its data behind to look like one.
-            with anyio.move_on_after(60, shield=True):
-                for key in (manifest.manifest_key_path(database, made.id), made.object_key):
-                    try:
-                        await store.delete(key)
-                    except Exception as exc:  # noqa: BLE001 - keep the original error; the sweep retries
-                        log.warning(
-                            "backup.cleanup_failed",
-                            key=key,
-                            error=str(exc),
-                            note="the next sweep (the agent's next housekeeping tick, or the next "
-                            "kybdr-agent command) removes it",
-                        )
+            globals_keys = [made.globals.object_key] if made.globals is not None else []
+            await _delete_quietly(
+                store, [manifest.manifest_key_path(database, made.id), made.object_key, *globals_keys]
+            )
             raise
     return made

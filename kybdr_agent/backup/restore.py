@@ -6,6 +6,10 @@ The restore goes into a fresh scratch database (``kybdr_restore_<random>``) insi
 the manifest and pg_restore has exited 0 is the scratch database renamed to the target. So a wrong key, a
 corrupt or truncated object, or a failing pg_restore leaves no target that looks restored — and with
 ``--force`` the old target survives until the new one is complete.
+
+Before the scratch database is created, ``globals.prepare_target`` makes sure the server has every role the
+backup names (owners, grantees): it refuses the restore with one message naming the missing ones, or, with
+``with_globals``, creates them from the roles recorded with the backup. ``no_owner`` needs no roles.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import anyio
 
 from kybdr_agent.asyncutil import TailBuffer, task_group
 from kybdr_agent.backup.decode import stream_backup
+from kybdr_agent.backup.globals import prepare_target
 from kybdr_agent.backup.keys import KeyRing
 from kybdr_agent.backup.manifest import Manifest
 from kybdr_agent.backup.pgdump import child_process, drain_into, failure_message
@@ -54,6 +59,7 @@ class RestoreResult:
     seconds: float
     terminated_sessions: int = 0
     notices: list[str] = field(default_factory=list)
+    globals: dict[str, Any] | None = None  # what --with-globals created and found (globals.prepare_target)
 
 
 Notice = Callable[[str], None]
@@ -108,6 +114,7 @@ async def restore_backup(
     target: str,
     force: bool = False,
     no_owner: bool = False,
+    with_globals: bool = False,
     notice: Notice = _ignore,
 ) -> RestoreResult:
     """Restore into a scratch database, then put it in place of ``target``.
@@ -147,6 +154,17 @@ async def restore_backup(
                         "session connected to it when the restored copy replaces it"
                     )
         pg_restore = connection.binary("pg_restore", server_major)
+        applied = await prepare_target(
+            backup,
+            admin=admin,
+            store=store,
+            keyring=keyring,
+            connection=connection,
+            pg_restore=pg_restore,
+            with_globals=with_globals,
+            no_owner=no_owner,
+            say=say,
+        )
         async with held(admin, scratch):
             with database_errors("creating the scratch database for the restore"):
                 await admin.execute(f"create database {quote_ident(scratch)} template template0")
@@ -170,6 +188,7 @@ async def restore_backup(
         seconds=round(time.monotonic() - started, 3),
         terminated_sessions=terminated,
         notices=notices,
+        globals=applied,
     )
 
 

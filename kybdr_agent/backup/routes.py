@@ -64,6 +64,11 @@ class RestoreBody(Body):
     target_database: DatabaseName
     force: bool = False
     no_owner: bool = False
+    with_globals: bool = Field(
+        False,
+        description="first create the roles (and tablespaces) recorded with the backup that the server lacks; "
+        "existing ones are left as they are",
+    )
 
 
 class ValidateBody(Body):
@@ -145,7 +150,13 @@ def backup_routes(component: BackupComponent) -> RouteTable:
         service = component.service
         await service.find(backup_id)  # 404 now, not as a failed job later
         job = verbs.submit_restore(
-            call.ctx.jobs, service, backup_id, body.target_database, force=body.force, no_owner=body.no_owner
+            call.ctx.jobs,
+            service,
+            backup_id,
+            body.target_database,
+            force=body.force,
+            no_owner=body.no_owner,
+            with_globals=body.with_globals,
         )
         return await answer_jobs(call, [job])
 

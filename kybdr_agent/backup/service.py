@@ -68,6 +68,14 @@ async def _check_size(store: BlobStore, key: str, size: int) -> None:
         raise KybdrError(f"the copy of {key} has {info.size if info else 'no'} bytes, expected {size}")
 
 
+def _objects(m: Manifest) -> list[tuple[str, int]]:
+    """A backup's objects besides its manifest, with their sizes: the data, and the globals if it has them."""
+    found = [(m.object_key, m.stored_bytes)]
+    if m.globals is not None:
+        found.append((m.globals.object_key, m.globals.stored_bytes))
+    return found
+
+
 class BackupService:
     def __init__(
         self,
@@ -158,8 +166,9 @@ class BackupService:
         key = manifest_key_path(made.database, made.id)
         try:
             with stage("copy", backup_id=made.id, stored_bytes=made.stored_bytes):
-                await replica.copy_from(self.store, made.object_key, made.stored_bytes)
-                await _check_size(replica, made.object_key, made.stored_bytes)
+                for object_key, size in _objects(made):
+                    await replica.copy_from(self.store, object_key, size)
+                    await _check_size(replica, object_key, size)
             record = {
                 **replica.location(),
                 "copied_at": self._now().isoformat(),
@@ -171,7 +180,8 @@ class BackupService:
             if isinstance(exc, Exception):
                 self.events.publish(ReplicaCopyFailed(made.database, made.id, str(exc), self._now()))
             with anyio.move_on_after(60, shield=True):
-                await replica.delete(made.object_key)
+                for object_key, _size in _objects(made):
+                    await replica.delete(object_key)
             if isinstance(exc, KybdrError):
                 raise KybdrError(
                     f"backup {made.id} is stored in the primary repository, but its cross-region copy failed: {exc}"
@@ -197,6 +207,7 @@ class BackupService:
         *,
         force: bool = False,
         no_owner: bool = False,
+        with_globals: bool = False,
         notice: Notice | None = None,
     ) -> RestoreResult:
         check_user_target(target)
@@ -211,6 +222,7 @@ class BackupService:
                 target=target,
                 force=force,
                 no_owner=no_owner,
+                with_globals=with_globals,
                 notice=notice or (lambda _message: None),
             )
 
@@ -292,7 +304,8 @@ class BackupService:
                 # that if this process dies between the two, the next sweep removes the data at once.
                 async with hold_lease(self.store, m.database, m.id, now=self._now):
                     await self.store.delete(manifest_key_path(m.database, m.id))
-                    await self.store.delete(m.object_key)
+                    for object_key, _size in _objects(m):
+                        await self.store.delete(object_key)
                 deleted.append(backup_id)
                 self.events.publish(RetentionDeleted(m.database, m.id, m.stored_bytes))
         return {

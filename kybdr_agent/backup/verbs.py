@@ -48,6 +48,7 @@ def submit_restore(
     *,
     force: bool,
     no_owner: bool,
+    with_globals: bool = False,
     notice: Callable[[str], None] | None = None,
 ) -> Job:
     """Restore into ``target``; each notice (what ``--force`` will do) shows as the job's stage as it happens."""
@@ -60,10 +61,18 @@ def submit_restore(
             if notice is not None:
                 notice(message)
 
-        result = await service.restore(backup_id, target, force=force, no_owner=no_owner, notice=on_notice)
+        result = await service.restore(
+            backup_id, target, force=force, no_owner=no_owner, with_globals=with_globals, notice=on_notice
+        )
         return dict(result.__dict__)
 
-    params = {"backup_id": backup_id, "target_database": target, "force": force, "no_owner": no_owner}
+    params = {
+        "backup_id": backup_id,
+        "target_database": target,
+        "force": force,
+        "no_owner": no_owner,
+        "with_globals": with_globals,
+    }
     return jobs.submit("restore", work, params=params, database=target, bounded=True)
 
 

@@ -5,6 +5,8 @@
            (with the codec's own content checksum) and the dump's size, and ``pg_restore --list`` reading the
            archive's table of
            contents. The plaintext only ever flows through memory and a pipe; nothing is written to disk.
+The globals object (``globals.py``), when a backup has one, gets the same checks at each level, and at
+``full`` is read as a restore would read it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Literal
 
 from kybdr_agent.asyncutil import TailBuffer, task_group
 from kybdr_agent.backup.decode import data_key_for, stream_backup
+from kybdr_agent.backup.globals import check_globals_object, verify_globals
 from kybdr_agent.backup.keys import KeyRing
 from kybdr_agent.backup.manifest import Manifest
 from kybdr_agent.backup.pgdump import child_process, drain_into, failure_message
@@ -83,6 +86,8 @@ async def _quick(backup: Manifest, store: BlobStore, result: ValidationResult) -
     if head[:HEADER_SIZE].hex() != backup.stream_header:
         raise IntegrityError(f"backup {backup.id}: stream header differs from the manifest's")
     result.checks.append("stream header matches the manifest")
+    if checked := await check_globals_object(backup, store):
+        result.checks.append(checked)
 
 
 async def _full(
@@ -92,7 +97,7 @@ async def _full(
     connection: Connection,
     result: ValidationResult,
 ) -> None:
-    data_key_for(backup, keyring)  # fail fast on a missing or wrong key, before reading gigabytes
+    await data_key_for(backup, keyring)  # fail fast on a missing or wrong key, before reading gigabytes
     pg_restore = connection.binary("pg_restore", _server_major(backup))
     stderr = TailBuffer()
     toc_lines = 0
@@ -139,6 +144,8 @@ async def _full(
         raise IntegrityError(f"backup {backup.id}: pg_restore --list found no table of contents entries")
     result.toc_entries = toc_lines
     result.checks.append(f"pg_restore --list read the archive ({toc_lines} entries)")
+    if checked := await verify_globals(backup, store, keyring):
+        result.checks.append(checked)
 
 
 def _server_major(backup: Manifest) -> int | None:

@@ -185,12 +185,12 @@ def _keys(s3: Any, bucket: str, prefix: str) -> list[str]:
 
 
 def leftovers(suite: Suite, repo: Repo, backup_id: str | None) -> list[str]:
-    """Everything in the repository but the one completed backup's data and manifest: open uploads, any
-    other object (a manifest, data or lease of a failed backup)."""
+    """Everything in the repository but the one completed backup's data, globals and manifest: open uploads,
+    any other object (a manifest, data, globals or lease of a failed backup)."""
     found = [f"open upload {u['Key']}" for u in _uploads(suite.s3, suite.bucket, repo.prefix)]
     keys = _keys(suite.s3, suite.bucket, repo.prefix)
     folder = next((k.rsplit("/", 1)[0] for k in keys if backup_id and f"/{backup_id}/" in k), None)
-    keep = {f"{folder}/manifest.json", f"{folder}/data"} if folder else set()
+    keep = {f"{folder}/manifest.json", f"{folder}/data", f"{folder}/globals"} if folder else set()
     return found + [f"object {k}" for k in keys if k not in keep]
 
 
@@ -201,9 +201,13 @@ def stored_intact(suite: Suite, repo: Repo, backup_id: str) -> str | None:
     if key is None:
         return "no manifest"
     made = json.loads(s3.get_object(Bucket=suite.bucket, Key=key)["Body"].read())
-    data = s3.get_object(Bucket=suite.bucket, Key=f"{repo.prefix}/{made['object_key']}")["Body"].read()
-    if len(data) != made["stored_bytes"] or hashlib.sha256(data).hexdigest() != made["sha256"]:
-        return f"stored object differs from its manifest ({len(data)} bytes, manifest {made['stored_bytes']})"
+    for record in (made, made["globals"]):
+        data = s3.get_object(Bucket=suite.bucket, Key=f"{repo.prefix}/{record['object_key']}")["Body"].read()
+        if len(data) != record["stored_bytes"] or hashlib.sha256(data).hexdigest() != record["sha256"]:
+            return (
+                f"stored object {record['object_key']} differs from its manifest ({len(data)} bytes, manifest "
+                f"{record['stored_bytes']})"
+            )
     return None
 
 

@@ -246,7 +246,8 @@ def _kill_before_manifest_s3(env: Env, config: Path, database: str) -> tuple[str
 
 
 def _kill_before_manifest_folder(env: Env, config: Path, database: str) -> tuple[str, set[str], list[str]]:
-    """Freeze the agent (SIGSTOP) the moment its data file is renamed into place, then kill it. Returns the
+    """Freeze the agent (SIGSTOP) the moment its globals file (written after the data, before the manifest) is
+    renamed into place, then kill it. Returns the
     hit backup's id and what its folder held, plus the ids of attempts that were frozen too late (after
     the manifest write): those are complete backups and must stay listed and valid."""
     missed: list[str] = []
@@ -255,16 +256,16 @@ def _kill_before_manifest_folder(env: Env, config: Path, database: str) -> tuple
         proc = start_cli(config, "backup", "--database", database)
         try:
             folder = wait_new_folder(env.repo, database, known, proc)
-            data = str(folder / "data")
+            last = str(folder / "globals")
             deadline = time.monotonic() + 60
-            while not os.path.exists(data):  # a busy loop: the window is a few hundred microseconds
+            while not os.path.exists(last):  # a busy loop: the window is a few hundred microseconds
                 if time.monotonic() > deadline or proc.poll() is not None:
                     break
             os.kill(proc.pid, signal.SIGSTOP)
             names = {p.name for p in folder.iterdir()} if folder.exists() else set()
         finally:
             kill9(proc)
-        if "data" in names and MANIFEST not in names:
+        if "globals" in names and MANIFEST not in names:
             return folder.name, names, missed
         missed.append(folder.name)
     raise AssertionError(f"never froze the agent between its data rename and its manifest write: {missed}")
@@ -278,8 +279,8 @@ def test_kill9_between_data_and_manifest(env: Env, small_db: str) -> None:
         killed, names = _kill_before_manifest_s3(env, config, small_db)
     else:
         killed, names, missed = _kill_before_manifest_folder(env, config, small_db)
-    # The state the kill left: the complete data object and the lease, no manifest, nothing uploading.
-    assert names == {"data", LEASE}, names
+    # The state the kill left: the complete data and globals objects and the lease, no manifest, nothing uploading.
+    assert names == {"data", "globals", LEASE}, names
 
     after = next_list(env, config, orphaned_tools([], [small_db]))
     traces = [item for item in env.repo.objects() if killed in item]
@@ -363,7 +364,7 @@ def test_kill9_mid_cleanup(env: Env, small_db: str) -> None:
             assert not running(agent)
     half = env.repo.folders().get(first, set())
     # Cleanup deletes under a lease, so the half-deleted backup carries its dead owner's lease.
-    assert half == {"data", "lease.json"}, f"the kill should leave data and lease without a manifest: {half}"
+    assert half == {"data", "globals", "lease.json"}, f"the kill should leave data and lease without a manifest: {half}"
 
     after = next_list(env, config, orphaned_tools([], [small_db]))
     stored = env.repo.objects()

@@ -334,7 +334,8 @@ def test_restart_sweeps_leftovers(
             assert time.monotonic() < deadline, agent.log()
             time.sleep(0.2)
         keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="kybdr/backups/")["Contents"])
-        assert keys == sorted([f"kybdr/{good['object_key']}", f"kybdr/backups/{app_db}/{good['id']}/manifest.json"])
+        manifest_key = f"kybdr/backups/{app_db}/{good['id']}/manifest.json"
+        assert keys == sorted([f"kybdr/{good['object_key']}", f"kybdr/{good['globals']['object_key']}", manifest_key])
     finally:
         assert agent.stop() == 0
 
@@ -433,7 +434,9 @@ def test_seed_body_with_cross_region_copies_to_the_dr_bucket(
         assert record["bucket"] == dr_bucket
         manifest_key = f"kybdr/backups/{app_db}/{made['id']}/manifest.json"
         dr_keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=dr_bucket)["Contents"])
-        assert dr_keys == sorted([f"kybdr/{made['object_key']}", manifest_key])
+        assert dr_keys == sorted(
+            [f"kybdr/{made['object_key']}", f"kybdr/{made['globals']['object_key']}", manifest_key]
+        )
         primary = s3.get_object(Bucket=bucket, Key=f"kybdr/{made['object_key']}")["Body"].read()
         copy = s3.get_object(Bucket=dr_bucket, Key=f"kybdr/{made['object_key']}")["Body"].read()
         assert primary == copy

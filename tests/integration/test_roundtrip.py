@@ -87,8 +87,8 @@ def test_round_trip_folder(
     assert made["encryption"]["cipher"] == ("aes-256-gcm" if encrypted else "none")
     stored = repo / made["object_key"]  # type: ignore[operator]
     assert stored.stat().st_size == made["stored_bytes"]
-    # Nothing but the data object and its manifest; no temp files left behind.
-    assert sorted(p.name for p in stored.parent.iterdir()) == ["data", "manifest.json"]
+    # Nothing but the data object, the globals object and the manifest; no temp files left behind.
+    assert sorted(p.name for p in stored.parent.iterdir()) == ["data", "globals", "manifest.json"]
 
 
 @pytest.mark.parametrize(("compression", "encrypted"), COMBINATIONS)

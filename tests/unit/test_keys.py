@@ -1,4 +1,5 @@
-"""Master keys, key files and data-key wrapping (kybdr_agent/backup/keys.py)."""
+"""Master keys, key files, data-key wrapping and the key ring (backup/keys.py), KMS key ids and configuration
+(backup/kms.py, config), and rotation over a folder repository (backup/rotate.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import hmac
 import os
 import stat
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -24,8 +26,14 @@ from kybdr_agent.backup.keys import (
     new_data_key,
     parse_key_material,
 )
-from kybdr_agent.backup.manifest import BACKUP_ID_PATTERN
+from kybdr_agent.backup.kms import KMS_WRAP, KmsKey, arn_region, derive_key_id, key_id_part
+from kybdr_agent.backup.manifest import BACKUP_ID_PATTERN, Encryption, Manifest, manifest_key_path
+from kybdr_agent.backup.rotate import key_status, rotate
 from kybdr_agent.backup.streamfmt import DATA_KEY_SIZE, KEY_ID_SIZE
+from kybdr_agent.config import AgentSettings, load_settings
+from kybdr_agent.errors import ConfigError
+from kybdr_agent.secret_files import load_keyring
+from kybdr_agent.storage.local import LocalStore
 
 BACKUP_ID = "20261124T215226Z-3f9a1c2b"
 OTHER_ID = "20261124T215226Z-3f9a1c2c"
@@ -307,3 +315,254 @@ def test_rotation_keeps_old_backups_openable() -> None:
     assert ring.find(old.key_id).unwrap(wrapped, BACKUP_ID) == data_key
     with pytest.raises(KeyMaterialError):
         ring.current.unwrap(wrapped, BACKUP_ID)
+
+
+# ------------------------------------------------------------------------------- the ring's async operations
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_new_data_key_from_a_key_file_is_recorded_for_the_manifest() -> None:
+    key = MasterKey(MATERIAL)
+    new = await KeyRing(key).new_data_key(BACKUP_ID)
+    assert len(new.plaintext) == DATA_KEY_SIZE
+    assert new.key_id == key.key_id
+    assert new.encryption == Encryption(
+        cipher="aes-256-gcm",
+        key_id=key.key_id.hex(),
+        wrap="aes-256-gcm",
+        wrapped_data_key=new.encryption.wrapped_data_key,
+    )
+    assert key.unwrap(new.encryption.wrapped_data_key or "", BACKUP_ID) == new.plaintext
+    assert new.plaintext.hex() not in repr(new)
+
+
+@pytest.mark.anyio
+async def test_the_ring_opens_by_the_manifests_key_and_rewraps_under_the_current_one() -> None:
+    old, new = MasterKey(MATERIAL), MasterKey(bytes(32))
+    made = await KeyRing(old).new_data_key(BACKUP_ID)
+    ring = KeyRing(new, [old])
+    assert not await ring.is_current(made.encryption)
+    assert await ring.open(BACKUP_ID, made.encryption) == made.plaintext
+    rewrapped = await ring.rewrap(BACKUP_ID, made.encryption)
+    assert rewrapped.key_id == new.key_id.hex()
+    assert await ring.is_current(rewrapped)
+    assert await KeyRing(new).open(BACKUP_ID, rewrapped) == made.plaintext  # the old key is no longer needed
+    with pytest.raises(KeyMaterialError):
+        await ring.open(OTHER_ID, rewrapped)  # still bound to its backup
+
+
+@pytest.mark.anyio
+async def test_the_ring_says_which_key_a_backup_needs() -> None:
+    made = await KeyRing(MasterKey(MATERIAL)).new_data_key(BACKUP_ID)
+    ring = KeyRing(MasterKey(bytes(32)))
+    with pytest.raises(KeyMaterialError, match="old_key_files"):
+        await ring.open(BACKUP_ID, made.encryption)
+    by_kms = made.encryption.model_copy(update={"wrap": KMS_WRAP})
+    with pytest.raises(KeyMaterialError, match="kms_key_id"):
+        await ring.open(BACKUP_ID, by_kms)
+    with pytest.raises(KeyMaterialError, match="does not know"):
+        await ring.open(BACKUP_ID, made.encryption.model_copy(update={"wrap": "rot13"}))
+    with pytest.raises(KeyMaterialError, match="16 bytes"):
+        await ring.open(BACKUP_ID, made.encryption.model_copy(update={"key_id": "abcd"}))
+
+
+# ------------------------------------------------------------------------------------------ KMS key ids
+
+MRK_HEX = "0123456789abcdef0123456789abcdef"
+PRIMARY_ARN = f"arn:aws:kms:us-east-1:123456789012:key/mrk-{MRK_HEX}"
+REPLICA_ARN = f"arn:aws:kms:us-west-2:123456789012:key/mrk-{MRK_HEX}"
+KEY_UUID = "1234abcd-12ab-34cd-56ef-1234567890ab"
+
+
+def test_a_multi_region_key_and_its_replica_have_one_key_id() -> None:
+    primary, replica = KmsKey(PRIMARY_ARN, region=None), KmsKey(REPLICA_ARN, region=None)
+    assert primary.known_key_id == replica.known_key_id == bytes.fromhex(MRK_HEX)
+    assert derive_key_id(f"mrk-{MRK_HEX}") == bytes.fromhex(MRK_HEX)
+    assert (primary.region, replica.region) == ("us-east-1", "us-west-2")  # each asks KMS in its own region
+
+
+@pytest.mark.parametrize(
+    ("ref", "part", "region"),
+    [
+        (PRIMARY_ARN, f"mrk-{MRK_HEX}", "us-east-1"),
+        (f"arn:aws-us-gov:kms:us-gov-west-1:123456789012:key/{KEY_UUID}", KEY_UUID, "us-gov-west-1"),
+        ("arn:aws:kms:eu-west-1:123456789012:alias/kybdr-backup", None, "eu-west-1"),
+        ("alias/kybdr-backup", None, None),
+        (KEY_UUID, KEY_UUID, None),
+        (f"mrk-{MRK_HEX}", f"mrk-{MRK_HEX}", None),
+    ],
+)
+def test_kms_references(ref: str, part: str | None, region: str | None) -> None:
+    assert key_id_part(ref) == part
+    assert arn_region(ref) == region
+    known = KmsKey(ref, region="us-east-1").known_key_id
+    assert known == (derive_key_id(part) if part else None)  # an alias is resolved on first use
+
+
+def test_kms_key_ids_are_16_bytes_and_distinct() -> None:
+    ids = [
+        derive_key_id(KEY_UUID),
+        derive_key_id(f"mrk-{MRK_HEX}"),
+        derive_key_id("mrk-cc1cea09-7a57-471c-a3e5-0ba45f2ad360"),  # moto's form of a multi-Region key id
+        derive_key_id("something-else"),
+    ]
+    assert all(len(i) == KEY_ID_SIZE for i in ids)
+    assert len(set(ids)) == len(ids)
+    assert ids[0] == bytes.fromhex(KEY_UUID.replace("-", ""))
+
+
+# -------------------------------------------------------------------------------- configuring the ring
+
+
+def _settings(tmp_path: Path, encryption: str, repository: str = "") -> AgentSettings:
+    path = tmp_path / "agent.toml"
+    path.write_text(f'[repository]\nurl = "file:///srv/repo"\n{repository}\n[encryption]\n{encryption}\n')
+    return load_settings(path)
+
+
+def _config_error(tmp_path: Path, encryption: str, repository: str = "") -> str:
+    with pytest.raises(ConfigError) as info:
+        _settings(tmp_path, encryption, repository)
+    return str(info.value)
+
+
+def test_kms_provider_needs_no_key_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    old = write_key(tmp_path / "old.key", MATERIAL.hex().encode(), 0o600)
+    settings = _settings(tmp_path, f'key_provider = "kms"\nkms_key_id = "{REPLICA_ARN}"\nold_key_files = ["{old}"]')
+    assert settings.kms_region() == "us-west-2"
+    ring = load_keyring(settings)
+    assert ring is not None
+    assert isinstance(ring.current, KmsKey)
+    assert ring.current.region == "us-west-2"
+    assert ring.older == (MasterKey(MATERIAL),)
+
+
+def test_file_provider_keeps_a_kms_key_as_an_older_key(tmp_path: Path) -> None:
+    current = write_key(tmp_path / "new.key", bytes(32).hex().encode(), 0o600)
+    settings = _settings(tmp_path, f'key_file = "{current}"\nkms_key_id = "{PRIMARY_ARN}"')
+    ring = load_keyring(settings)
+    assert ring is not None
+    assert ring.current == MasterKey(bytes(32))
+    assert [type(k) for k in ring.older] == [KmsKey]
+
+
+@pytest.mark.parametrize(
+    ("encryption", "repository", "message"),
+    [
+        ('key_provider = "kms"', "", 'key_provider = "kms" needs kms_key_id'),
+        (
+            f'key_provider = "kms"\nkms_key_id = "{PRIMARY_ARN}"\nkey_file = "/k"',
+            "",
+            "move it to old_key_files",
+        ),
+        (f'kms_key_id = "{PRIMARY_ARN}"', "", 'set encryption.key_provider = "kms"'),
+        (
+            f'key_provider = "kms"\nkms_key_id = "{PRIMARY_ARN}"\nkms_region = "eu-west-1"',
+            "",
+            "differs from the region of kms_key_id's ARN (us-east-1)",
+        ),
+        ('key_provider = "kms"\nkms_key_id = "alias/kybdr"', "", "needs a region"),
+        ('key_provider = "cloud"', "", "key_provider"),
+    ],
+)
+def test_kms_configuration_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, encryption: str, repository: str, message: str
+) -> None:
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    assert message in _config_error(tmp_path, encryption, repository)
+
+
+def test_an_alias_takes_the_repositorys_region(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    settings = _settings(tmp_path, 'key_provider = "kms"\nkms_key_id = "alias/kybdr"', 'region = "eu-central-1"')
+    assert settings.kms_region() == "eu-central-1"
+
+
+# ------------------------------------------------------------------------------------------- rotation
+
+
+def _manifest(backup_id: str, encryption: Encryption, database: str = "app") -> Manifest:
+    at = datetime(2026, 11, 24, 21, 52, 26, tzinfo=UTC)
+    return Manifest(
+        id=backup_id,
+        database=database,
+        agent_version="0.1.0",
+        server_version="15.8",
+        pg_dump_version="15.8",
+        started_at=at,
+        finished_at=at,
+        duration_seconds=1.0,
+        dump_bytes=10,
+        compressed_bytes=10,
+        stored_bytes=10,
+        sha256="a" * 64,
+        compression="zstd",
+        frame_size=1 << 20,
+        frames=1,
+        stream_header="00" * 39,
+        encryption=encryption,
+        storage="file",
+        object_key=f"backups/{database}/{backup_id}/data",
+    )
+
+
+async def _put(store: LocalStore, m: Manifest) -> None:
+    await store.put_bytes(manifest_key_path(m.database, m.id), m.to_json())
+
+
+async def _read(store: LocalStore, m: Manifest) -> bytes:
+    return await store.get_bytes(manifest_key_path(m.database, m.id), max_size=1 << 20)
+
+
+@pytest.mark.anyio
+async def test_rotation_rewraps_what_it_can_skips_what_is_done_and_never_strands_a_backup(tmp_path: Path) -> None:
+    old, new, stranger = MasterKey(MATERIAL), MasterKey(bytes(32)), MasterKey(b"\xee" * 32)
+    store = LocalStore(tmp_path / "repo")
+    ids = [f"20261124T21522{i}Z-3f9a1c2b" for i in range(5)]
+    keys = {}
+    made = []
+    for backup_id, key in zip(ids, [old, old, new, stranger], strict=False):
+        data_key = await KeyRing(key).new_data_key(backup_id)
+        keys[backup_id] = data_key.plaintext
+        made.append(_manifest(backup_id, data_key.encryption))
+    made.append(_manifest(ids[4], Encryption(cipher="none")))
+    for m in made:
+        await _put(store, m)
+    stranded = await _read(store, made[3])
+    ring = KeyRing(new, [old])
+
+    before = await key_status(store, ring)
+    assert [(use.key.current, use.backups) for use in before.keys] == [(True, 1), (False, 2)]
+    assert [u.backup_id for u in before.unopened] == [ids[3]]
+    assert before.unencrypted == 1
+    assert not before.ok
+
+    planned = await rotate(store, ring, dry_run=True)
+    assert planned.rewrapped == [ids[0], ids[1], ids[3]]
+    assert await _read(store, made[0]) == made[0].to_json()  # a dry run writes nothing
+
+    report = await rotate(store, ring)
+    assert report.rewrapped == ids[:2]
+    assert (report.already_current, report.unencrypted) == (1, 1)
+    assert [backup_id for backup_id, _ in report.failed] == [ids[3]]
+    assert "old_key_files" in report.failed[0][1]
+    assert await _read(store, made[3]) == stranded  # untouched: still opens with the key it needs
+    for m in made[:3]:
+        rotated = Manifest.from_json(await _read(store, m))
+        assert rotated.model_copy(update={"encryption": m.encryption}) == m  # only the wrap changed
+        assert await KeyRing(new).open(m.id, rotated.encryption) == keys[m.id]
+
+    again = await rotate(store, ring)
+    assert (again.rewrapped, again.already_current) == ([], 3)
+    after = await key_status(store, KeyRing(new), verify=True)
+    assert [use.backups for use in after.keys] == [3]
+    assert [u.backup_id for u in after.unopened] == [ids[3]]
