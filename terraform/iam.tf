@@ -106,9 +106,10 @@ data "aws_iam_policy_document" "agent" {
   # ---- KMS ----------------------------------------------------------------------------------------
 
   statement {
-    sid     = "UseBackupKeys"
-    effect  = "Allow"
-    actions = ["kms:GenerateDataKey", "kms:Decrypt"]
+    sid    = "UseBackupKeys"
+    effect = "Allow"
+    # Encrypt: `kybdr-agent key rotate` re-wraps data keys of file-key backups under the KMS key.
+    actions = ["kms:GenerateDataKey", "kms:Decrypt", "kms:Encrypt"]
     resources = [
       aws_kms_key.backup.arn,
       aws_kms_replica_key.backup_dr.arn,

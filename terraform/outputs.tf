@@ -27,6 +27,11 @@ output "backup_cross_region_bucket" {
   value       = module.dr_bucket.bucket_id
 }
 
+output "encryption_key_provider" {
+  description = "Agent config encryption.key_provider: \"kms\", so each backup's data key comes from KMS (GenerateDataKey) and no key file is needed."
+  value       = "kms"
+}
+
 output "encryption_kms_key_id" {
   description = "Agent config encryption.kms_key_id: ARN of the multi-Region KMS key that wraps each backup's data key (its DR replica has the same key ID)."
   value       = aws_kms_key.backup.arn
@@ -78,6 +83,7 @@ output "agent_config" {
     "repository.url"             = "s3://${module.primary_bucket.bucket_id}/${local.repository_prefix}"
     "repository.region"          = var.primary_region
     "backup.cross_region_bucket" = module.dr_bucket.bucket_id
+    "encryption.key_provider"    = "kms"
     "encryption.kms_key_id"      = aws_kms_key.backup.arn
     "dr.primary_region"          = var.primary_region
     "dr.dr_region"               = var.dr_region
@@ -96,6 +102,7 @@ output "dr_region_agent_config" {
     "repository.url"             = "s3://${module.dr_bucket.bucket_id}/${local.repository_prefix}"
     "repository.region"          = var.dr_region
     "backup.cross_region_bucket" = module.primary_bucket.bucket_id
+    "encryption.key_provider"    = "kms"
     "encryption.kms_key_id"      = aws_kms_replica_key.backup_dr.arn
     "dr.primary_region"          = var.primary_region
     "dr.dr_region"               = var.dr_region

@@ -23,6 +23,7 @@ SAMPLE_VALUES: dict[str, Any] = {
     "repository.url": "s3://acme-kybdr-backups-use1/kybdr",
     "repository.region": "us-east-1",
     "backup.cross_region_bucket": "acme-kybdr-backups-usw2",
+    "encryption.key_provider": "kms",
     "encryption.kms_key_id": "arn:aws:kms:us-east-1:123456789012:key/mrk-0123456789abcdef0123456789abcdef",
     "dr.primary_region": "us-east-1",
     "dr.dr_region": "us-west-2",
@@ -51,7 +52,10 @@ def output_keys(name: str) -> list[str]:
 
 
 def toml_of(keys: list[str], key_file: Path) -> str:
-    sections: dict[str, dict[str, Any]] = {"encryption": {"key_file": str(key_file)}}
+    # The outputs name a KMS key ring; without one (older outputs) a key file completes the configuration.
+    sections: dict[str, dict[str, Any]] = {}
+    if "encryption.key_provider" not in keys:
+        sections["encryption"] = {"key_file": str(key_file)}
     for key in keys:
         section, _, field = key.partition(".")
         assert key in SAMPLE_VALUES, f"no sample value for terraform output key {key}: add one"
