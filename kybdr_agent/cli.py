@@ -62,6 +62,16 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
+def _restore_jobs(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= 16:
+        raise argparse.ArgumentTypeError("must be 1 to 16")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kybdr-agent", description="Backup and disaster recovery for PostgreSQL hosts.")
     parser.add_argument("--version", action="version", version=f"kybdr-agent {__version__}")
@@ -95,6 +105,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="first create the roles (and tablespaces) recorded with the backup that the server lacks; "
         "existing ones are left as they are",
+    )
+    p.add_argument(
+        "--jobs",
+        type=_restore_jobs,
+        default=1,
+        metavar="N",
+        help="pg_restore -j N (1-16; default 1 streams): spools the verified archive to restore.spool_dir first",
     )
     p.add_argument("--json", action="store_true")
 
@@ -405,7 +422,9 @@ async def _show(ops: Operations, args: argparse.Namespace) -> int:
 
 
 async def _restore(ops: Operations, args: argparse.Namespace) -> int:
-    result = await ops.restore(args.backup_id, args.target_database, args.force, args.no_owner, args.with_globals)
+    result = await ops.restore(
+        args.backup_id, args.target_database, args.force, args.no_owner, args.with_globals, args.jobs
+    )
     cli_output.print_restore(result, args)
     return EXIT_OK
 

@@ -51,6 +51,7 @@ from kybdr_agent.config_sections import (
     NotifySettings,
     PolicySettings,
     RepositorySettings,
+    RestoreSettings,
     TelemetrySettings,
     TokenSettings,
     kms_arn_region,
@@ -94,6 +95,7 @@ __all__ = [
     "NotifySettings",
     "PolicySettings",
     "RepositorySettings",
+    "RestoreSettings",
     "SweepGrace",
     "TelemetrySettings",
     "TokenSettings",
@@ -121,6 +123,7 @@ class AgentSettings(BaseSettings):
     control: ControlSettings = ControlSettings()
     daemon: DaemonSettings = DaemonSettings()
     drill: DrillSettings = DrillSettings()
+    restore: RestoreSettings = RestoreSettings()
     dr: DRSettings = DRSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
     notify: NotifySettings = NotifySettings()
@@ -177,6 +180,10 @@ class AgentSettings(BaseSettings):
             or os.environ.get("AWS_REGION")
             or os.environ.get("AWS_DEFAULT_REGION")
         )
+
+    def restore_spool_dir(self) -> Path:
+        """Where a parallel restore spools the decoded archive: ``restore.spool_dir``, else backup_dir/spool."""
+        return self.restore.spool_dir or self.backup.backup_dir / "spool"
 
     @classmethod
     def settings_customise_sources(

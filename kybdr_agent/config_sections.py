@@ -342,6 +342,23 @@ class DaemonSettings(_Section):
     )
 
 
+class RestoreSettings(_Section):
+    """Restores. A parallel restore (``--jobs`` > 1) needs the decoded archive as a seekable file: it is
+    spooled to ``spool_dir`` (created 0700, the file 0600, deleted afterwards), which must have room for the
+    whole dump (the manifest's ``dump_bytes``) plus a margin."""
+
+    spool_dir: Path | None = Field(
+        None, description="where --jobs > 1 spools the decoded archive (default: backup.backup_dir/spool)"
+    )
+
+    @field_validator("spool_dir")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_absolute():
+            raise ValueError("must be an absolute path")
+        return value
+
+
 class DrillSettings(_Section):
     """Restore drills: restore the newest backup of each database into a scratch database and compare."""
 

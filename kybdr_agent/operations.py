@@ -35,7 +35,7 @@ class Operations(Protocol):
     async def list(self, database: str | None) -> dict[str, Any]: ...
     async def show(self, backup_id: str) -> dict[str, Any]: ...
     async def restore(
-        self, backup_id: str, target: str, force: bool, no_owner: bool, with_globals: bool = False
+        self, backup_id: str, target: str, force: bool, no_owner: bool, with_globals: bool = False, jobs: int = 1
     ) -> dict[str, Any]: ...
     async def validate(self, backup_id: str, level: Level) -> dict[str, Any]: ...
     async def cleanup(self, dry_run: bool) -> dict[str, Any]: ...
@@ -130,7 +130,7 @@ class LocalOperations:
         return manifest_document(await self.local.service.find(backup_id))
 
     async def restore(
-        self, backup_id: str, target: str, force: bool, no_owner: bool, with_globals: bool = False
+        self, backup_id: str, target: str, force: bool, no_owner: bool, with_globals: bool = False, jobs: int = 1
     ) -> dict[str, Any]:
         await self._sweep_first()
         service = self.local.service
@@ -143,6 +143,8 @@ class LocalOperations:
             force=force,
             no_owner=no_owner,
             with_globals=with_globals,
+            restore_jobs=jobs,
+            spool_dir=self.settings.restore_spool_dir(),
             notice=self.notice,
         )
         result: dict[str, Any] = (await self._finish([job]))[0]["result"]
@@ -236,13 +238,15 @@ class RemoteOperations:
         return answer
 
     async def restore(
-        self, backup_id: str, target: str, force: bool, no_owner: bool, with_globals: bool = False
+        self, backup_id: str, target: str, force: bool, no_owner: bool, with_globals: bool = False, jobs: int = 1
     ) -> dict[str, Any]:
         body: dict[str, Any] = {"target_database": target, "force": force, "no_owner": no_owner}
         if with_globals:  # only when asked: an agent of an older version refuses fields it does not know
             body["with_globals"] = True
-        jobs = await self._jobs(f"/v1/backup/{backup_id}/restore", body)
-        result: dict[str, Any] = jobs[0]["result"]
+        if jobs != 1:  # likewise
+            body["jobs"] = jobs
+        finished = await self._jobs(f"/v1/backup/{backup_id}/restore", body)
+        result: dict[str, Any] = finished[0]["result"]
         for message in result.get("notices", []):
             _to_stderr(str(message))
         return result

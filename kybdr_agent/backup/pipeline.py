@@ -373,9 +373,18 @@ async def backup_and_record(
     started_at = now()
     backup_id = manifest.new_backup_id(started_at)
     async with hold_lease(store, database, backup_id, now=now):
-        made = await run_backup(
-            database, connection=connection, store=store, options=options, now=now, backup_id=backup_id
-        )
+        try:
+            made = await run_backup(
+                database, connection=connection, store=store, options=options, now=now, backup_id=backup_id
+            )
+        except BaseException:
+            # A completing request whose answer was lost can leave the data object stored although the
+            # upload "failed" (S3 answers the retries NoSuchUpload, moto 500): it is this backup's own key,
+            # under its lease, so remove it now rather than leave it to the next sweep.
+            await _delete_quietly(
+                store, [manifest.data_key_path(database, backup_id), manifest.globals_key_path(database, backup_id)]
+            )
+            raise
         try:
             with stage("manifest", backup_id=made.id, stored_bytes=made.stored_bytes):
                 await _check_stored(store, made)

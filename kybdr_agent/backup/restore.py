@@ -10,6 +10,12 @@ corrupt or truncated object, or a failing pg_restore leaves no target that looks
 Before the scratch database is created, ``globals.prepare_target`` makes sure the server has every role the
 backup names (owners, grantees): it refuses the restore with one message naming the missing ones, or, with
 ``with_globals``, creates them from the roles recorded with the backup. ``no_owner`` needs no roles.
+
+With ``jobs`` > 1 the archive is first spooled to ``spool_dir`` (``spool.py``: pg_restore's workers need a
+seekable file) and ``pg_restore -j N`` runs against it only once the whole stream verified. ``-j`` cannot be
+combined with ``--single-transaction``, so each worker commits as it goes; what keeps a half-finished
+restore from ever looking restored is the scratch database: it becomes the target only after pg_restore
+exited 0, and is dropped otherwise.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final
 
 import anyio
@@ -40,6 +47,7 @@ from kybdr_agent.backup.scratch import (
     quote_ident,
     sweep_scratch,
 )
+from kybdr_agent.backup.spool import check_room, spooled
 from kybdr_agent.backup.target import TargetContents, describe, inspect_target
 from kybdr_agent.errors import DumpError, KybdrError
 from kybdr_agent.postgres.connection import DATABASE_ERRORS, Connection, database_errors, pg_message
@@ -47,6 +55,7 @@ from kybdr_agent.storage.base import BlobStore
 from kybdr_agent.telemetry import get_logger
 
 MAX_IDENTIFIER_BYTES: Final = 63
+MAX_JOBS: Final = 16
 log = get_logger("kybdr_agent.restore")
 
 
@@ -115,6 +124,8 @@ async def restore_backup(
     force: bool = False,
     no_owner: bool = False,
     with_globals: bool = False,
+    jobs: int = 1,
+    spool_dir: Path | None = None,
     notice: Notice = _ignore,
 ) -> RestoreResult:
     """Restore into a scratch database, then put it in place of ``target``.
@@ -122,8 +133,16 @@ async def restore_backup(
     An existing target is replaced only if it is exactly a fresh, untouched database (``target.py``) or
     ``force`` is given, and that is checked again just before the swap. ``notice`` hears, before it
     happens, anything the operator should know — above all that client sessions will be terminated.
+    ``jobs`` > 1 restores with ``pg_restore -j jobs`` from a spool file in ``spool_dir``, whose room is
+    checked before anything is created.
     """
     check_target_name(target)
+    if not 1 <= jobs <= MAX_JOBS:
+        raise KybdrError(f"--jobs must be 1 to {MAX_JOBS}, not {jobs}")
+    if jobs > 1:
+        if spool_dir is None:
+            raise KybdrError("a parallel restore (--jobs > 1) needs restore.spool_dir")
+        check_room(spool_dir, backup.dump_bytes)
     started = time.monotonic()
     notices: list[str] = []
 
@@ -169,9 +188,15 @@ async def restore_backup(
             with database_errors("creating the scratch database for the restore"):
                 await admin.execute(f"create database {quote_ident(scratch)} template template0")
             try:
-                stats_bytes = await _pg_restore_into(
-                    scratch, backup, store, keyring, connection, pg_restore, no_owner, session=admin
-                )
+                if jobs > 1:
+                    assert spool_dir is not None
+                    stats_bytes = await _pg_restore_parallel(
+                        scratch, backup, store, keyring, connection, pg_restore, no_owner, jobs, spool_dir, admin
+                    )
+                else:
+                    stats_bytes = await _pg_restore_into(
+                        scratch, backup, store, keyring, connection, pg_restore, no_owner, session=admin
+                    )
             except BaseException:
                 await drop_scratch(admin, scratch)
                 raise
@@ -279,3 +304,35 @@ async def _pg_restore_into(
         if returncode != 0:
             raise DumpError(failure_message("pg_restore", returncode, stderr))
     return stats.dump_bytes
+
+
+async def _pg_restore_parallel(
+    database: str,
+    backup: Manifest,
+    store: BlobStore,
+    keyring: KeyRing | None,
+    connection: Connection,
+    pg_restore: str,
+    no_owner: bool,
+    jobs: int,
+    spool_dir: Path,
+    session: Any,
+) -> int:
+    """Fill ``database`` with ``pg_restore -j jobs`` from a verified spool file (deleted afterwards).
+
+    No ``--single-transaction`` (pg_restore refuses it with ``-j``): ``database`` is the scratch database,
+    which replaces the target only if this returns, so a failure halfway leaves nothing that looks restored."""
+    argv = [pg_restore, "--exit-on-error", f"--jobs={jobs}", "--no-password", f"--dbname={database}"]
+    if no_owner:
+        argv += ["--no-owner", "--no-acl"]
+    async with spooled(backup, store, keyring, spool_dir) as path:
+        stderr = TailBuffer()
+        async with child_process(
+            [*argv, str(path)], env=connection.child_env(database, session), stdout=asyncio.subprocess.DEVNULL
+        ) as proc:
+            async with task_group() as tg:
+                tg.start_soon(drain_into, proc.stderr, stderr)
+                returncode = await proc.wait()
+            if returncode != 0:
+                raise DumpError(failure_message("pg_restore", returncode, stderr))
+    return backup.dump_bytes

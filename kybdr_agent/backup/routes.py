@@ -69,6 +69,13 @@ class RestoreBody(Body):
         description="first create the roles (and tablespaces) recorded with the backup that the server lacks; "
         "existing ones are left as they are",
     )
+    jobs: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="pg_restore -j N: 1 streams as before; more spools the verified archive to "
+        "restore.spool_dir first (it needs room for the dump)",
+    )
 
 
 class ValidateBody(Body):
@@ -157,6 +164,7 @@ def backup_routes(component: BackupComponent) -> RouteTable:
             force=body.force,
             no_owner=body.no_owner,
             with_globals=body.with_globals,
+            restore_jobs=body.jobs,
         )
         return await answer_jobs(call, [job])
 

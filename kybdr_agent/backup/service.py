@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -208,8 +209,12 @@ class BackupService:
         force: bool = False,
         no_owner: bool = False,
         with_globals: bool = False,
+        jobs: int = 1,
+        spool_dir: Path | None = None,
         notice: Notice | None = None,
     ) -> RestoreResult:
+        """``jobs`` > 1: ``pg_restore -j jobs`` from a spool file in ``spool_dir`` (default: the
+        ``restore.spool_dir`` the caller resolved, else ``backup.backup_dir/spool``)."""
         check_user_target(target)
         found = await catalog.find_backup(self.store, backup_id)
         with stage("restore", backup_id=found.id, database=found.database, target=target):
@@ -223,6 +228,8 @@ class BackupService:
                 force=force,
                 no_owner=no_owner,
                 with_globals=with_globals,
+                jobs=jobs,
+                spool_dir=spool_dir or self.config.spool_dir,
                 notice=notice or (lambda _message: None),
             )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 from kybdr_agent.backup.slots import Slot, planned_slots
 from kybdr_agent.config import AgentSettings, BackupSettings, CompressionSettings, DrillSettings, PolicySettings
@@ -27,6 +28,7 @@ class BackupConfig:
     encryption_available: bool  # a master key is configured (encryption.key_file)
     sweep_older_than: timedelta
     housekeeping_interval: timedelta
+    spool_dir: Path  # restore.spool_dir, resolved (default backup.backup_dir/spool)
 
     @classmethod
     def from_settings(cls, settings: AgentSettings) -> BackupConfig:
@@ -41,6 +43,7 @@ class BackupConfig:
             encryption_available=settings.encryption.key_file is not None,
             sweep_older_than=settings.daemon.sweep_older_than,
             housekeeping_interval=settings.daemon.housekeeping_interval,
+            spool_dir=settings.restore_spool_dir(),
         )
 
     def slots(self) -> list[Slot]:

@@ -10,6 +10,7 @@ is JSON-shaped (``catalog.manifest_document`` for manifests). A failed validatio
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from kybdr_agent.backup.catalog import manifest_document
@@ -49,6 +50,8 @@ def submit_restore(
     force: bool,
     no_owner: bool,
     with_globals: bool = False,
+    restore_jobs: int = 1,
+    spool_dir: Path | None = None,
     notice: Callable[[str], None] | None = None,
 ) -> Job:
     """Restore into ``target``; each notice (what ``--force`` will do) shows as the job's stage as it happens."""
@@ -62,7 +65,14 @@ def submit_restore(
                 notice(message)
 
         result = await service.restore(
-            backup_id, target, force=force, no_owner=no_owner, with_globals=with_globals, notice=on_notice
+            backup_id,
+            target,
+            force=force,
+            no_owner=no_owner,
+            with_globals=with_globals,
+            jobs=restore_jobs,
+            spool_dir=spool_dir,
+            notice=on_notice,
         )
         return dict(result.__dict__)
 
@@ -72,6 +82,7 @@ def submit_restore(
         "force": force,
         "no_owner": no_owner,
         "with_globals": with_globals,
+        "jobs": restore_jobs,
     }
     return jobs.submit("restore", work, params=params, database=target, bounded=True)
 
