@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -87,10 +88,9 @@ def _conninfo_dbname(database: str) -> str:
 
 async def _may_read_passwords(conn: Any, connection: Connection, database: str) -> bool:
     query = "select has_table_privilege('pg_catalog.pg_authid', 'select')"
-    try:
+    with contextlib.suppress(*DATABASE_ERRORS):
+        # The snapshot's session may have died once pg_dump had the snapshot: no reason to fail; ask anew.
         return bool(await conn.fetchval(query))
-    except DATABASE_ERRORS:
-        pass  # the snapshot's session may have died once pg_dump had the snapshot: no reason to fail; ask anew
     async with connection.connect(database) as fresh:
         with database_errors("checking whether the agent may read role passwords"):
             return bool(await fresh.fetchval(query))

@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime
-from typing import Any, Final
+from typing import Any, Final, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -31,6 +31,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
 from kybdr_agent.alerts import replication_lag
+from kybdr_agent.dr.machine_types import Phase
 from kybdr_agent.events import (
     BackupCompleted,
     BackupFailed,
@@ -50,21 +51,8 @@ OTHER_DATABASE: Final = "_other"
 # Backups take seconds to hours; drills and restores alike.
 DURATION_BUCKETS: Final = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 86400)
 PROBE_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
-DR_PHASES: Final = (
-    "starting",
-    "steady",
-    "suspect",
-    "confirming",
-    "fencing",
-    "promoting",
-    "dns_switching",
-    "failback_ready",
-    "switching_back",
-    "isolated",
-    "halted",
-    "peer",
-    "fenced",
-)
+# The DR machine's phases, and the primary-side agent's two ("peer", "fenced": ``DRComponent.phase``).
+DR_PHASES: Final = (*get_args(Phase), "peer", "fenced")
 
 DR_GAUGES: Final = {
     "kybdr_dr_primary_healthy": "1 while the primary passes its probes, 0 while it fails them",
