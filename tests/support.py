@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.request
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -220,3 +221,16 @@ def folder_service(settings: AgentSettings, *, journal: Journal | None = None, c
         journal=journal,
         clock=clock,
     )
+
+
+class SteppedClock:
+    """The agent's clock (``kybdr_agent.clock.Clock``) for a test that moves time by hand, in seconds."""
+
+    def __init__(self, start: datetime) -> None:
+        self.now = start
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)

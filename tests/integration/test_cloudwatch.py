@@ -55,7 +55,7 @@ from kybdr_agent.telemetry.cloudwatch import (
     plan_batches,
 )
 from tests.faultproxy import FaultProxy, fault
-from tests.support import MotoServer, start_moto_server
+from tests.support import MotoServer, SteppedClock, start_moto_server
 
 REPO = Path(__file__).resolve().parents[2]
 TF = REPO / "terraform"
@@ -94,15 +94,9 @@ def endpoint(monkeypatch: pytest.MonkeyPatch, cw_moto: MotoServer) -> Callable[[
     return point
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=30)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
+def recent_minute() -> datetime:
+    """Half an hour ago, on a whole minute: CloudWatch takes datapoints up to two weeks old."""
+    return datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=30)
 
 
 def cloudwatch(moto: MotoServer) -> Any:
@@ -121,7 +115,7 @@ def listed(moto: MotoServer, namespace: str) -> list[dict[str, Any]]:
 
 
 def datapoints(
-    moto: MotoServer, namespace: str, name: str, clock: FakeClock, dimensions: dict[str, str] | None = None
+    moto: MotoServer, namespace: str, name: str, clock: SteppedClock, dimensions: dict[str, str] | None = None
 ) -> list[dict[str, Any]]:
     answer = cloudwatch(moto).get_metric_statistics(
         Namespace=namespace,
@@ -135,7 +129,7 @@ def datapoints(
     return sorted(answer["Datapoints"], key=lambda p: p["Timestamp"])
 
 
-def publisher(namespace: str, clock: FakeClock, **options: Any) -> CloudWatchPublisher:
+def publisher(namespace: str, clock: SteppedClock, **options: Any) -> CloudWatchPublisher:
     return CloudWatchPublisher(namespace=namespace, region=REGION, clock=clock, **options)
 
 
@@ -201,7 +195,7 @@ def terraform_namespace() -> str:
 T_GOOD = timedelta(hours=1)
 
 
-def one_of_everything(clock: FakeClock) -> list[Any]:
+def one_of_everything(clock: SteppedClock) -> list[Any]:
     """A succeeded and a failed backup, a housekeeping tick (one database fresh, one never backed up), a
     drill, a round of DR probes each way, a completed failover — and events that must not count."""
     now = clock()
@@ -233,7 +227,7 @@ async def test_every_metric_terraform_queries_is_published(cw_moto: MotoServer, 
     assert {metric for _, metric, _ in queries} >= {"BackupAgeSeconds", "BackupFailures", "DRPrimaryHealthy"}
     namespace = terraform_namespace()
     assert namespace == "KybdrAgent"
-    clock = FakeClock()
+    clock = SteppedClock(recent_minute())
     cw = publisher(namespace, clock)
     for event in one_of_everything(clock):
         cw.on_event(event)
@@ -277,7 +271,7 @@ async def test_every_metric_terraform_queries_is_published(cw_moto: MotoServer, 
 @pytest.mark.anyio
 async def test_backup_age_is_republished_on_every_flush_from_the_clock(cw_moto: MotoServer, endpoint: Any) -> None:
     namespace = fresh_namespace()
-    clock = FakeClock()
+    clock = SteppedClock(recent_minute())
     cw = publisher(namespace, clock, host="db-1")
     start = clock()
     cw.on_event(
@@ -334,7 +328,7 @@ async def test_a_dead_endpoint_is_logged_and_its_data_sent_once_it_recovers(
     cw_moto: MotoServer, endpoint: Callable[[str], None]
 ) -> None:
     namespace = fresh_namespace()
-    clock = FakeClock()
+    clock = SteppedClock(recent_minute())
     with FaultProxy(cw_moto.endpoint) as proxy:
         endpoint(proxy.endpoint)
         reset = proxy.add(fault("*", "reset_request", every=1))
@@ -375,7 +369,7 @@ async def test_a_refused_request_is_dropped_and_a_server_error_kept(
 ) -> None:
     """A 400 would be refused again forever (it would block every later flush): dropped. A 5xx is kept."""
     namespace = fresh_namespace()
-    clock = FakeClock()
+    clock = SteppedClock(recent_minute())
     with FaultProxy(cw_moto.endpoint) as proxy:
         endpoint(proxy.endpoint)
         cw = publisher(namespace, clock, attempts=2, retry_delay=0.01)
@@ -405,7 +399,7 @@ async def test_a_refused_request_is_dropped_and_a_server_error_kept(
 @pytest.mark.anyio
 async def test_a_closed_port_never_raises_out_of_run_or_aclose(endpoint: Callable[[str], None]) -> None:
     endpoint(f"http://127.0.0.1:{free_port()}")
-    clock = FakeClock()
+    clock = SteppedClock(recent_minute())
     cw = publisher(fresh_namespace(), clock, interval=0.05, attempts=2, retry_delay=0.01)
     with capture_logs() as logs:
         async with anyio.create_task_group() as tg:
@@ -421,7 +415,7 @@ async def test_a_closed_port_never_raises_out_of_run_or_aclose(endpoint: Callabl
 @pytest.mark.anyio
 async def test_the_buffer_holds_its_cap_through_failed_flushes(endpoint: Callable[[str], None]) -> None:
     endpoint(f"http://127.0.0.1:{free_port()}")
-    clock = FakeClock()
+    clock = SteppedClock(recent_minute())
     cw = publisher(fresh_namespace(), clock, max_series=5, attempts=1)
     with capture_logs() as logs:
         for n in range(20):
@@ -445,7 +439,7 @@ async def test_the_buffer_holds_its_cap_through_failed_flushes(endpoint: Callabl
 
 
 def test_on_event_never_raises() -> None:
-    clock = FakeClock()
+    clock = SteppedClock(recent_minute())
     cw = publisher(fresh_namespace(), clock)
     with capture_logs() as logs:
         cw.on_event(BackupCompleted("app", "a", clock(), float("nan"), 1, 1))
@@ -495,7 +489,7 @@ def test_batches_stay_within_putmetricdata_limits() -> None:
 @pytest.mark.anyio
 async def test_many_series_go_out_in_several_calls(cw_moto: MotoServer, endpoint: Any) -> None:
     namespace = fresh_namespace()
-    clock = FakeClock()
+    clock = SteppedClock(recent_minute())
     cw = publisher(namespace, clock, max_databases=2000)
     for n in range(1500):
         cw.on_event(BackupFailed(f"db{n:04d}", "boom", 1.0, clock()))
@@ -508,7 +502,7 @@ async def test_many_series_go_out_in_several_calls(cw_moto: MotoServer, endpoint
 @pytest.mark.anyio
 async def test_cancelling_run_flushes_what_is_buffered(cw_moto: MotoServer, endpoint: Any) -> None:
     namespace = fresh_namespace()
-    clock = FakeClock()
+    clock = SteppedClock(recent_minute())
     cw = publisher(namespace, clock, interval=3600)
     async with anyio.create_task_group() as tg:
         await tg.start(cw.run)
@@ -523,7 +517,7 @@ async def test_cancelling_run_flushes_what_is_buffered(cw_moto: MotoServer, endp
 async def test_database_names_beyond_the_cap_share_one_series(cw_moto: MotoServer, endpoint: Any) -> None:
     """A request may name databases nobody configured; each would be a billed custom metric."""
     namespace = fresh_namespace()
-    clock = FakeClock()
+    clock = SteppedClock(recent_minute())
     cw = publisher(namespace, clock, max_databases=3)
     for n in range(10):
         cw.on_event(BackupFailed(f"db{n}", "boom", 1.0, clock()))

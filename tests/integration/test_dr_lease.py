@@ -25,7 +25,7 @@ from kybdr_agent.storage.local import LocalStore
 from kybdr_agent.storage.retry import RetryPolicy
 from kybdr_agent.storage.s3 import S3Options, S3Store
 from tests.faultproxy import FaultProxy, fault
-from tests.support import MotoServer
+from tests.support import MotoServer, SteppedClock
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 TTL = timedelta(seconds=30)
@@ -34,17 +34,6 @@ TTL = timedelta(seconds=30)
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
 
 
 async def _s3(endpoint: str, bucket: str, *, attempts: int = 3, timeout: float = 10.0) -> S3Store:
@@ -96,7 +85,7 @@ async def test_conditional_writes(store: BlobStore) -> None:
 
 @pytest.mark.anyio
 async def test_two_contenders_only_one_holds(store: BlobStore) -> None:
-    clock = FakeClock()
+    clock = SteppedClock(T0)
     a = DrLease(store, holder="agent-a", ttl=TTL, clock=clock)
     b = DrLease(store, holder="agent-b", ttl=TTL, clock=clock)
     assert await a.acquire_or_renew()
@@ -119,7 +108,7 @@ async def test_two_contenders_only_one_holds(store: BlobStore) -> None:
 
 @pytest.mark.anyio
 async def test_expired_lease_is_stolen_and_the_old_holder_loses_it(store: BlobStore) -> None:
-    clock = FakeClock()
+    clock = SteppedClock(T0)
     a = DrLease(store, holder="agent-a", ttl=TTL, clock=clock)
     b = DrLease(store, holder="agent-b", ttl=TTL, clock=clock)
     assert await a.acquire_or_renew()
@@ -139,7 +128,7 @@ async def test_expired_lease_is_stolen_and_the_old_holder_loses_it(store: BlobSt
 async def test_a_stale_read_never_overwrites(store: BlobStore) -> None:
     """The steal is a compare-and-swap on the version read: if the lease changed in between (its holder
     renewed, or a third agent took it), the steal fails."""
-    clock = FakeClock()
+    clock = SteppedClock(T0)
     a = DrLease(store, holder="agent-a", ttl=TTL, clock=clock)
     assert await a.acquire_or_renew()
     found = await store.get_with_etag("dr/lease", max_size=1 << 16)
@@ -156,7 +145,7 @@ async def test_a_stale_read_never_overwrites(store: BlobStore) -> None:
 
 @pytest.mark.anyio
 async def test_release_lets_the_next_agent_in_at_once(store: BlobStore) -> None:
-    clock = FakeClock()
+    clock = SteppedClock(T0)
     a = DrLease(store, holder="agent-a", ttl=TTL, clock=clock)
     b = DrLease(store, holder="agent-b", ttl=TTL, clock=clock)
     assert await a.acquire_or_renew()
@@ -176,7 +165,7 @@ async def test_release_lets_the_next_agent_in_at_once(store: BlobStore) -> None:
 @pytest.mark.anyio
 async def test_an_unreadable_lease_is_taken_over_conditionally(store: BlobStore) -> None:
     await store.put_bytes("dr/lease", b"{not a lease")
-    clock = FakeClock()
+    clock = SteppedClock(T0)
     a = DrLease(store, holder="agent-a", ttl=TTL, clock=clock)
     assert await a.holder() is None
     assert await a.acquire_or_renew()
@@ -189,7 +178,7 @@ async def test_an_unreadable_lease_is_taken_over_conditionally(store: BlobStore)
 async def test_a_holder_cut_off_from_the_store_holds_until_its_expiry_only(
     moto_server: MotoServer, bucket: str
 ) -> None:
-    clock = FakeClock()
+    clock = SteppedClock(T0)
     good = await _s3(moto_server.endpoint, bucket)
     dead = await _s3(f"http://127.0.0.1:{free_port()}", bucket, attempts=1, timeout=2)
     try:
@@ -217,7 +206,7 @@ async def test_a_lost_answer_to_a_conditional_put_is_recognised(moto_server: Mot
         rule = proxy.add(fault("PutObject", "reset_response", every=1, limit=1, where=bucket))
         store = await _s3(proxy.endpoint, bucket)
         try:
-            clock = FakeClock()
+            clock = SteppedClock(T0)
             a = DrLease(store, holder="agent-a", ttl=TTL, clock=clock)
             assert await a.acquire_or_renew()  # created through put_if_absent, answer lost once
             assert rule.hits == 1
@@ -238,7 +227,7 @@ async def test_a_lost_answer_to_a_conditional_put_is_recognised(moto_server: Mot
 def test_simultaneous_contenders_on_a_folder_repository(tmp_path: Path) -> None:
     """Eight agents in eight threads, each with its own event loop, start together: exactly one holds."""
     store = LocalStore(tmp_path / "repo")
-    clock = FakeClock()
+    clock = SteppedClock(T0)
     barrier = threading.Barrier(8)
     results: dict[str, bool] = {}
 

@@ -41,7 +41,7 @@ from kybdr_agent.events import (
     ValidationVerdict,
 )
 from kybdr_agent.notify import Notifier, NotifyConfig, SnsChannel, WebhookChannel, build_channels, redact_url
-from tests.support import MotoServer
+from tests.support import MotoServer, SteppedClock
 
 T0 = datetime(2030, 1, 2, 3, 0, tzinfo=UTC)
 DAY = 86400.0
@@ -53,17 +53,6 @@ TOKEN = "tok-" + secrets.token_hex(16)
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
 
 
 def config(**overrides: Any) -> NotifyConfig:
@@ -142,7 +131,7 @@ async def test_sns_gets_one_firing_and_one_resolved_message_naming_the_database(
     queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
     sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=queue_arn)
 
-    notifier = Notifier(config(sns_topic_arn=topic), clock=FakeClock())
+    notifier = Notifier(config(sns_topic_arn=topic), clock=SteppedClock(T0))
     assert [type(o.channel) for o in notifier.outboxes] == [SnsChannel]
     hub = EventHub()
     hub.subscribe("notify", notifier.on_event)
@@ -182,7 +171,7 @@ async def test_an_sns_topic_that_does_not_exist_is_retried_then_dropped(
     moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL_SNS", moto_server.endpoint)
-    notifier = Notifier(config(sns_topic_arn="arn:aws:sns:us-east-1:123456789012:missing"), clock=FakeClock())
+    notifier = Notifier(config(sns_topic_arn="arn:aws:sns:us-east-1:123456789012:missing"), clock=SteppedClock(T0))
     async with anyio.create_task_group() as tg:
         await tg.start(notifier.run)
         notifier.on_event(BackupFailed("mydb", "boom", 1.0, T0))
@@ -199,7 +188,7 @@ async def test_an_sns_topic_that_does_not_exist_is_retried_then_dropped(
 @pytest.mark.anyio
 async def test_a_webhook_that_fails_first_gets_the_message_on_a_retry_with_the_token_never_logged() -> None:
     async with serve(Receiver(statuses=[500])) as receiver:
-        notifier = Notifier(config(webhook_url=receiver.url, webhook_token=TOKEN), clock=FakeClock())
+        notifier = Notifier(config(webhook_url=receiver.url, webhook_token=TOKEN), clock=SteppedClock(T0))
         (channel,) = notifier.outboxes
         assert TOKEN not in repr(channel.channel)
         assert TOKEN not in repr(notifier.config)
@@ -242,7 +231,9 @@ def distinct(bodies: list[dict[str, Any]]) -> list[tuple[str, str]]:
 @pytest.mark.anyio
 async def test_a_channel_that_does_not_answer_does_not_hold_up_the_other() -> None:
     async with serve(Receiver(hang=True)) as hanging, serve(Receiver()) as good:
-        notifier = Notifier(config(), clock=FakeClock(), channels=[webhook(hanging, "hanging"), webhook(good, "good")])
+        notifier = Notifier(
+            config(), clock=SteppedClock(T0), channels=[webhook(hanging, "hanging"), webhook(good, "good")]
+        )
         async with anyio.create_task_group() as tg:
             await tg.start(notifier.run)
             notifier.on_event(BackupFailed("mydb", "boom", 1.0, T0))
@@ -261,7 +252,7 @@ async def test_a_hanging_webhook_is_cut_at_the_timeout_and_run_goes_on() -> None
     async with serve(Receiver(hang=True)) as hanging, serve(Receiver()) as good:
         notifier = Notifier(
             config(max_attempts=2, timeout=TIMEOUT),
-            clock=FakeClock(),
+            clock=SteppedClock(T0),
             channels=[webhook(hanging, "hanging"), webhook(good, "good")],
         )
         async with anyio.create_task_group() as tg:
@@ -283,7 +274,7 @@ async def test_a_hanging_webhook_is_cut_at_the_timeout_and_run_goes_on() -> None
 
 @pytest.mark.anyio
 async def test_the_stale_alert_fires_once_and_resolves_on_housekeeping_ticks() -> None:
-    clock = FakeClock()
+    clock = SteppedClock(T0)
     last_backup = clock()
 
     def tick() -> FreshnessChecked:
@@ -334,7 +325,7 @@ def queued(notifier: Notifier) -> list[dict[str, Any]]:
 
 
 def offline(**overrides: Any) -> Notifier:
-    return Notifier(config(webhook_url="http://127.0.0.1:9/hook", **overrides), clock=FakeClock())
+    return Notifier(config(webhook_url="http://127.0.0.1:9/hook", **overrides), clock=SteppedClock(T0))
 
 
 def test_validation_repository_and_ignored_events() -> None:
