@@ -72,6 +72,26 @@ def _restore_jobs(text: str) -> int:
     return value
 
 
+_REGION_HELP: Final = (
+    "read this region's repository: primary or dr (default: the primary, or the DR region's copy when the "
+    "primary cannot be read, which is then said)"
+)
+
+
+def _add_region(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--region", choices=("primary", "dr"), default=None, help=_REGION_HELP)
+
+
+def _backfill_limit(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= 1000:
+        raise argparse.ArgumentTypeError("must be 1 to 1000")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kybdr-agent", description="Backup and disaster recovery for PostgreSQL hosts.")
     parser.add_argument("--version", action="version", version=f"kybdr-agent {__version__}")
@@ -90,10 +110,12 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="list completed backups")
     p.add_argument("--database", help="only this database's backups")
     p.add_argument("--json", action="store_true", help="print an array of manifests")
+    _add_region(p)
 
     p = sub.add_parser("show", help="show one backup's manifest")
     p.add_argument("backup_id", metavar="ID")
     p.add_argument("--json", action="store_true")
+    _add_region(p)
 
     p = sub.add_parser("restore", help="restore a backup into a new database")
     p.add_argument("backup_id", metavar="ID")
@@ -114,10 +136,16 @@ def _parser() -> argparse.ArgumentParser:
         help="pg_restore -j N (1-16; default 1 streams): spools the verified archive to restore.spool_dir first",
     )
     p.add_argument("--json", action="store_true")
+    _add_region(p)
 
     p = sub.add_parser("validate", help="check a backup's integrity")
     p.add_argument("backup_id", metavar="ID")
     p.add_argument("--level", choices=("quick", "full"), default="quick")
+    p.add_argument("--json", action="store_true")
+    _add_region(p)
+
+    p = sub.add_parser("backfill", help="copy to the DR region's bucket the backups it lacks, newest first")
+    p.add_argument("--limit", type=_backfill_limit, default=20, metavar="N", help="copy at most N (default 20)")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("cleanup", help="delete backups the retention policies no longer keep")
@@ -403,7 +431,7 @@ def _operations(settings: AgentSettings, args: argparse.Namespace) -> Operations
     return LocalOperations(settings)
 
 
-_USES_SECRETS: Final = frozenset({"backup", "restore", "validate", "test"})
+_USES_SECRETS: Final = frozenset({"backup", "restore", "validate", "test", "backfill"})
 
 
 async def _backup(ops: Operations, args: argparse.Namespace) -> int:
@@ -412,27 +440,33 @@ async def _backup(ops: Operations, args: argparse.Namespace) -> int:
 
 
 async def _list(ops: Operations, args: argparse.Namespace) -> int:
-    cli_output.print_backup_list(await ops.list(args.database), args)
+    cli_output.print_backup_list(await ops.list(args.database, args.region), args)
     return EXIT_OK
 
 
 async def _show(ops: Operations, args: argparse.Namespace) -> int:
-    cli_output.print_manifest(await ops.show(args.backup_id), args)
+    cli_output.print_manifest(await ops.show(args.backup_id, args.region), args)
     return EXIT_OK
 
 
 async def _restore(ops: Operations, args: argparse.Namespace) -> int:
     result = await ops.restore(
-        args.backup_id, args.target_database, args.force, args.no_owner, args.with_globals, args.jobs
+        args.backup_id, args.target_database, args.force, args.no_owner, args.with_globals, args.jobs, args.region
     )
     cli_output.print_restore(result, args)
     return EXIT_OK
 
 
 async def _validate(ops: Operations, args: argparse.Namespace) -> int:
-    result = await ops.validate(args.backup_id, args.level)
+    result = await ops.validate(args.backup_id, args.level, args.region)
     cli_output.print_validation(result, args)
     return EXIT_OK if result["ok"] else EXIT_FAILED
+
+
+async def _backfill(ops: Operations, args: argparse.Namespace) -> int:
+    result = await ops.backfill(args.limit)
+    cli_output.print_backfill(result, args)
+    return EXIT_FAILED if result["failed"] else EXIT_OK
 
 
 async def _cleanup(ops: Operations, args: argparse.Namespace) -> int:
@@ -463,6 +497,7 @@ COMMANDS: Final[dict[str, Callable[[Operations, argparse.Namespace], Awaitable[i
     "show": _show,
     "restore": _restore,
     "validate": _validate,
+    "backfill": _backfill,
     "cleanup": _cleanup,
     "stats": _stats,
     "test": _test,

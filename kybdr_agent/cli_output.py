@@ -140,11 +140,25 @@ def print_backups(made: list[dict[str, Any]], args: argparse.Namespace) -> None:
 
 
 @_flushed
+def _notices(document: dict[str, Any]) -> None:
+    """What the reader must know about where an answer came from (a region that could not be read)."""
+    for message in document.get("notices", []):
+        stderr_line(f"kybdr-agent: {message}", WARNING)
+
+
 def print_backup_list(found: dict[str, Any], args: argparse.Namespace) -> None:
     for item in found["unreadable"]:
         stderr_line(
             f"kybdr-agent: warning: {item['key']} is not a valid manifest ({item['problem']}); not listed", WARNING
         )
+    _notices(found)
+    for region, state in found.get("regions", {}).items():
+        if not state.get("reachable", True):
+            stderr_line(
+                f"kybdr-agent: warning: the {region} region's repository could not be read ({state.get('error')}); "
+                "where backups live is shown from what could be read",
+                WARNING,
+            )
     backups = found["backups"]
     if args.json:
         print_json(backups)
@@ -161,14 +175,16 @@ def print_backup_list(found: dict[str, Any], args: argparse.Namespace) -> None:
             human_bytes(m["stored_bytes"]),
             m["compression"],
             m["encryption"]["cipher"],
+            ",".join(m.get("locations", [])) or "-",
         ]
         for m in backups
     ]
-    print(table(rows, ["ID", "DATABASE", "STATUS", "FINISHED", "STORED", "COMPRESSION", "CIPHER"]))
+    print(table(rows, ["ID", "DATABASE", "STATUS", "FINISHED", "STORED", "COMPRESSION", "CIPHER", "WHERE"]))
 
 
 @_flushed
 def print_manifest(m: dict[str, Any], args: argparse.Namespace) -> None:
+    _notices(m)
     if args.json:
         print_json(m)
         return
@@ -189,6 +205,7 @@ def print_manifest(m: dict[str, Any], args: argparse.Namespace) -> None:
         ["key id", m["encryption"]["key_id"] or "-"],
         ["sha256", m["sha256"]],
         ["object", m["object_key"]],
+        ["stored in", ", ".join(m.get("locations", [])) or "-"],
         ["globals", _globals_line(m.get("globals"))],
         ["parts", str(m["part_count"] or "-")],
         ["tables counted", str(len(m["row_counts"]))],
@@ -213,8 +230,9 @@ def print_restore(result: dict[str, Any], args: argparse.Namespace) -> None:
         replaced = " (replaced the existing database)" if result["replaced_existing"] else ""
         if result.get("terminated_sessions"):
             replaced += f", terminating {result['terminated_sessions']} client session(s) connected to it"
+        source = " from the DR region's copy" if result.get("region") == "dr" else ""
         print(
-            f"restored {result['backup_id']} into {result['target_database']}{replaced} "
+            f"restored {result['backup_id']}{source} into {result['target_database']}{replaced} "
             f"in {result['seconds']:.1f} s ({human_bytes(result['dump_bytes'])} of dump)"
         )
         applied = result.get("globals")
@@ -227,13 +245,15 @@ def print_restore(result: dict[str, Any], args: argparse.Namespace) -> None:
 
 @_flushed
 def print_validation(result: dict[str, Any], args: argparse.Namespace) -> None:
+    _notices(result)
     if args.json:
         print_json(result)
     else:
         for check in result["checks"]:
             print(f"ok    {check}")
+        where = ", the DR region's copy" if result.get("region") == "dr" else ""
         if result["ok"]:
-            print(f"backup {args.backup_id} is valid ({args.level}, {result['seconds']:.1f} s)")
+            print(f"backup {args.backup_id} is valid ({args.level}{where}, {result['seconds']:.1f} s)")
         else:
             print(f"FAIL  {result['error']}")
     if not result["ok"]:
@@ -255,6 +275,28 @@ def print_cleanup(result: dict[str, Any], args: argparse.Namespace) -> None:
         f"{verb} {len(gone)} backup(s), kept {len(result['kept'])}, "
         f"{human_bytes(result['freed_bytes'])} {'to free' if args.dry_run else 'freed'}"
     )
+    dr = result.get("dr")
+    if dr is not None:
+        if dr.get("error"):
+            stderr_line(f"kybdr-agent: warning: {dr['error']}", WARNING)
+        else:
+            dr_gone = dr["would_delete"] if args.dry_run else dr["deleted"]
+            print(
+                f"DR region: {verb} {len(dr_gone)} backup(s), kept {len(dr['kept'])}, "
+                f"{human_bytes(dr['freed_bytes'])} {'to free' if args.dry_run else 'freed'}"
+            )
+
+
+@_flushed
+def print_backfill(result: dict[str, Any], args: argparse.Namespace) -> None:
+    if args.json:
+        print_json(result)
+        return
+    for backup_id in result["copied"]:
+        print(f"copied  {backup_id}")
+    for backup_id, error in result["failed"].items():
+        stderr_line(f"kybdr-agent: backfill failed at {backup_id}: {error}")
+    print(f"copied {len(result['copied'])} backup(s) to the DR region; {result['still_missing']} still missing there")
 
 
 @_flushed

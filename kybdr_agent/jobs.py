@@ -61,6 +61,7 @@ KIND_LIMITS: Final[dict[str, KindLimit]] = {
     "restore": KindLimit(running=1, queued=2, retry_after=60),
     "cleanup": KindLimit(running=1, queued=0, retry_after=30),
     "test": KindLimit(running=1, queued=0, retry_after=60),
+    "backfill": KindLimit(running=1, queued=0, retry_after=60),
 }
 OTHER_KIND_LIMIT: Final = KindLimit(running=1, queued=2, retry_after=30)
 MAX_QUEUED_TOTAL: Final = 16  # jobs waiting for a slot, all kinds together

@@ -18,7 +18,7 @@ import anyio
 from kybdr_agent import app
 from kybdr_agent.app import LocalAgent
 from kybdr_agent.backup import verbs
-from kybdr_agent.backup.catalog import manifest_document
+from kybdr_agent.backup.regions import Region
 from kybdr_agent.backup.service import BackupOverrides
 from kybdr_agent.backup.verify import Level
 from kybdr_agent.config import AgentSettings
@@ -32,12 +32,20 @@ class Operations(Protocol):
     async def __aenter__(self) -> Operations: ...
     async def __aexit__(self, *exc: object) -> None: ...
     async def backup(self, databases: list[str] | None, description: str | None) -> list[dict[str, Any]]: ...
-    async def list(self, database: str | None) -> dict[str, Any]: ...
-    async def show(self, backup_id: str) -> dict[str, Any]: ...
+    async def list(self, database: str | None, region: Region | None = None) -> dict[str, Any]: ...
+    async def show(self, backup_id: str, region: Region | None = None) -> dict[str, Any]: ...
     async def restore(
-        self, backup_id: str, target: str, force: bool, no_owner: bool, with_globals: bool = False, jobs: int = 1
+        self,
+        backup_id: str,
+        target: str,
+        force: bool,
+        no_owner: bool,
+        with_globals: bool = False,
+        jobs: int = 1,
+        region: Region | None = None,
     ) -> dict[str, Any]: ...
-    async def validate(self, backup_id: str, level: Level) -> dict[str, Any]: ...
+    async def validate(self, backup_id: str, level: Level, region: Region | None = None) -> dict[str, Any]: ...
+    async def backfill(self, limit: int) -> dict[str, Any]: ...
     async def cleanup(self, dry_run: bool) -> dict[str, Any]: ...
     async def stats(self) -> dict[str, Any]: ...
     async def test(self, database: str | None) -> dict[str, Any]: ...
@@ -117,24 +125,27 @@ class LocalOperations:
             results += [job["result"] for job in await self._finish(jobs)]
         return results
 
-    async def list(self, database: str | None) -> dict[str, Any]:
+    async def list(self, database: str | None, region: Region | None = None) -> dict[str, Any]:
         await self._sweep_first()
-        found = await self.local.service.catalog(database)
-        return {
-            "backups": [manifest_document(m) for m in found.backups],
-            "unreadable": [{"key": key, "problem": problem} for key, problem in found.unreadable],
-        }
+        return await self.local.service.list_backups(database, region)
 
-    async def show(self, backup_id: str) -> dict[str, Any]:
+    async def show(self, backup_id: str, region: Region | None = None) -> dict[str, Any]:
         await self._sweep_first()
-        return manifest_document(await self.local.service.find(backup_id))
+        return await self.local.service.show(backup_id, region)
 
     async def restore(
-        self, backup_id: str, target: str, force: bool, no_owner: bool, with_globals: bool = False, jobs: int = 1
+        self,
+        backup_id: str,
+        target: str,
+        force: bool,
+        no_owner: bool,
+        with_globals: bool = False,
+        jobs: int = 1,
+        region: Region | None = None,
     ) -> dict[str, Any]:
         await self._sweep_first()
         service = self.local.service
-        await service.find(backup_id)
+        await service.find(backup_id, region)
         job = verbs.submit_restore(
             self.local.jobs,
             service,
@@ -146,15 +157,16 @@ class LocalOperations:
             restore_jobs=jobs,
             spool_dir=self.settings.restore_spool_dir(),
             notice=self.notice,
+            region=region,
         )
         result: dict[str, Any] = (await self._finish([job]))[0]["result"]
         return result
 
-    async def validate(self, backup_id: str, level: Level) -> dict[str, Any]:
+    async def validate(self, backup_id: str, level: Level, region: Region | None = None) -> dict[str, Any]:
         await self._sweep_first()
         service = self.local.service
-        await service.find(backup_id)
-        job = verbs.submit_validate(self.local.jobs, service, backup_id, level)
+        await service.find(backup_id, region)
+        job = verbs.submit_validate(self.local.jobs, service, backup_id, level, region)
         result: dict[str, Any] = (await self._finish([job], keep_failed_result=True))[0]["result"]
         return result
 
@@ -162,6 +174,12 @@ class LocalOperations:
         await self._sweep_first()
         job = verbs.submit_cleanup(self.local.jobs, self.local.service, dry_run=dry_run)
         result: dict[str, Any] = (await self._finish([job]))[0]["result"]
+        return result
+
+    async def backfill(self, limit: int) -> dict[str, Any]:
+        await self._sweep_first()
+        job = verbs.submit_backfill(self.local.jobs, self.local.service, limit=limit)
+        result: dict[str, Any] = (await self._finish([job], keep_failed_result=True))[0]["result"]
         return result
 
     async def stats(self) -> dict[str, Any]:
@@ -228,19 +246,31 @@ class RemoteOperations:
             results += [job["result"] for job in await self._jobs("/v1/backup", body)]
         return results
 
-    async def list(self, database: str | None) -> dict[str, Any]:
-        params = {"database": database} if database else None
-        answer: dict[str, Any] = await self.client.request("GET", "/v1/backup", params=params)
+    async def list(self, database: str | None, region: Region | None = None) -> dict[str, Any]:
+        params = {"database": database} if database else {}
+        if region is not None:
+            params["region"] = region
+        answer: dict[str, Any] = await self.client.request("GET", "/v1/backup", params=params or None)
         return answer
 
-    async def show(self, backup_id: str) -> dict[str, Any]:
-        answer: dict[str, Any] = await self.client.request("GET", f"/v1/backup/{backup_id}")
+    async def show(self, backup_id: str, region: Region | None = None) -> dict[str, Any]:
+        params: dict[str, str] | None = {"region": region} if region is not None else None
+        answer: dict[str, Any] = await self.client.request("GET", f"/v1/backup/{backup_id}", params=params)
         return answer
 
     async def restore(
-        self, backup_id: str, target: str, force: bool, no_owner: bool, with_globals: bool = False, jobs: int = 1
+        self,
+        backup_id: str,
+        target: str,
+        force: bool,
+        no_owner: bool,
+        with_globals: bool = False,
+        jobs: int = 1,
+        region: Region | None = None,
     ) -> dict[str, Any]:
         body: dict[str, Any] = {"target_database": target, "force": force, "no_owner": no_owner}
+        if region is not None:
+            body["region"] = region
         if with_globals:  # only when asked: an agent of an older version refuses fields it does not know
             body["with_globals"] = True
         if jobs != 1:  # likewise
@@ -251,10 +281,11 @@ class RemoteOperations:
             _to_stderr(str(message))
         return result
 
-    async def validate(self, backup_id: str, level: Level) -> dict[str, Any]:
-        answer = await self.client.request(
-            "POST", f"/v1/backup/{backup_id}/validate", {"level": level}, params={"wait": "true"}
-        )
+    async def validate(self, backup_id: str, level: Level, region: Region | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"level": level}
+        if region is not None:
+            body["region"] = region
+        answer = await self.client.request("POST", f"/v1/backup/{backup_id}/validate", body, params={"wait": "true"})
         job = answer["jobs"][0]
         if job["status"] == "succeeded" or isinstance(job.get("result"), dict):
             result: dict[str, Any] = job["result"]
@@ -264,6 +295,14 @@ class RemoteOperations:
     async def cleanup(self, dry_run: bool) -> dict[str, Any]:
         result: dict[str, Any] = (await self._jobs("/v1/backup/cleanup", {"dry_run": dry_run}))[0]["result"]
         return result
+
+    async def backfill(self, limit: int) -> dict[str, Any]:
+        answer = await self.client.request("POST", "/v1/backup/backfill", {"limit": limit}, params={"wait": "true"})
+        job = answer["jobs"][0]
+        if job["status"] == "succeeded" or isinstance(job.get("result"), dict):
+            result: dict[str, Any] = job["result"]  # a failed pass keeps what it copied and what failed
+            return result
+        raise KybdrError(f"backfill job {job['id']} {job['status']}: {job['error']}")
 
     async def stats(self) -> dict[str, Any]:
         answer: dict[str, Any] = await self.client.request("GET", "/v1/backup/stats")

@@ -26,6 +26,12 @@ def backup_schemas() -> dict[str, Any]:
     defs = manifest.pop("$defs", {})
     manifest["properties"]["part_count"] = {"type": "integer", "description": "multipart parts of the object"}
     manifest["required"] = [*manifest.get("required", []), "part_count"]
+    manifest["properties"]["locations"] = {
+        "type": "array",
+        "items": {"type": "string", "enum": ["primary", "dr"]},
+        "description": "the regions whose repository holds this backup (listing and show only)",
+    }
+    manifest["properties"]["notices"] = {"type": "array", "items": {"type": "string"}}
     return {
         **defs,
         "Backup": manifest,
@@ -41,8 +47,22 @@ def backup_schemas() -> dict[str, Any]:
                         "required": ["key", "problem"],
                     },
                 },
+                "regions": {
+                    "type": "object",
+                    "description": "each configured region's repository, and whether it could be read",
+                    "additionalProperties": {
+                        "type": "object",
+                        "properties": {
+                            "location": {"type": "string"},
+                            "reachable": {"type": "boolean"},
+                            "error": {"type": "string"},
+                        },
+                        "required": ["location", "reachable"],
+                    },
+                },
+                "notices": {"type": "array", "items": {"type": "string"}},
             },
-            "required": ["backups", "unreadable"],
+            "required": ["backups", "unreadable", "regions", "notices"],
         },
         "Stats": {
             "type": "object",

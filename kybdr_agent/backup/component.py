@@ -17,6 +17,7 @@ from typing import Any, Final
 import anyio
 from anyio.abc import TaskStatus
 
+from kybdr_agent.backup import verbs
 from kybdr_agent.backup.scheduler import Scheduler
 from kybdr_agent.backup.service import BackupService
 from kybdr_agent.backup.stats import DaemonStats
@@ -86,7 +87,25 @@ class BackupComponent:
             log.warning("housekeeping.sweep_failed", error=str(exc))
         except Exception:  # keep the agent (and its running backups) alive; the next round retries
             log.exception("housekeeping.sweep_crashed")
+        await self.backfill_once()
         await self.observe_once()
+
+    async def backfill_once(self) -> None:
+        """Copy to the DR bucket what an outage left uncopied (``BackupService.backfill``), a bounded batch
+        per tick; only when cross-region copies are configured."""
+        service = self.service
+        if service.replica is None or not service.config.backup.cross_region:
+            return
+        try:
+            done = await service.backfill(skip_databases=verbs.busy_databases(self.jobs))
+            self.housekeeping = {**self.housekeeping, "backfill": done}
+            if done["copied"] or done["failed"]:
+                log.info("housekeeping.backfill", **done)
+        except KybdrError as exc:
+            self.housekeeping = {**self.housekeeping, "backfill_error": str(exc)}
+            log.warning("housekeeping.backfill_failed", error=str(exc))
+        except Exception:
+            log.exception("housekeeping.backfill_crashed")
 
     async def observe_once(self) -> None:
         """Freshness of every covered database and the repository's free space, published for metrics,

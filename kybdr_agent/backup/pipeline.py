@@ -79,6 +79,9 @@ class BackupOptions:
     count_max_table_bytes: int = facts.DEFAULT_MAX_TABLE_BYTES
     count_max_total_bytes: int = facts.DEFAULT_MAX_TOTAL_BYTES
     progress: BackupProgress | None = None
+    # The manifest's replication record at creation: ``{"cross_region": {"status": "not requested"}}`` for
+    # a backup whose request turned the configured copy off, so a backfill pass leaves it alone.
+    replication: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
 
 
 @dataclass
@@ -230,6 +233,7 @@ async def run_backup(
         labels=list(options.labels),
         description=options.description,
         globals=globals_object,
+        replication={name: dict(fields) for name, fields in options.replication},
     )
 
 

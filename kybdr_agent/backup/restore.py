@@ -69,6 +69,7 @@ class RestoreResult:
     terminated_sessions: int = 0
     notices: list[str] = field(default_factory=list)
     globals: dict[str, Any] | None = None  # what --with-globals created and found (globals.prepare_target)
+    region: str = "primary"  # the repository it was read from (backup.regions)
 
 
 Notice = Callable[[str], None]

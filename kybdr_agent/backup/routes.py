@@ -15,12 +15,21 @@ from pydantic import AfterValidator, Field
 
 from kybdr_agent.backup import verbs
 from kybdr_agent.backup.api_schemas import backup_schemas
-from kybdr_agent.backup.catalog import manifest_document
 from kybdr_agent.backup.manifest import BACKUP_ID_PATTERN
-from kybdr_agent.backup.service import BackupOverrides
+from kybdr_agent.backup.regions import REGIONS, Region
+from kybdr_agent.backup.service import BACKFILL_LIMIT, BackupOverrides
 from kybdr_agent.control.http import Call, RouteSpec, authorise
 from kybdr_agent.control.problems import Problem, json_response
-from kybdr_agent.control.requests import DATABASE, NO_CONTROL_CHARS, TEXT_CHARS, TIMEOUT, WAIT, Body, PathParam
+from kybdr_agent.control.requests import (
+    DATABASE,
+    NO_CONTROL_CHARS,
+    TEXT_CHARS,
+    TIMEOUT,
+    WAIT,
+    Body,
+    PathParam,
+    QueryParam,
+)
 from kybdr_agent.control.routes import Route, RouteTable, answer_jobs
 
 if TYPE_CHECKING:
@@ -38,6 +47,26 @@ DatabaseName = Annotated[
     str, Field(min_length=1, max_length=63, pattern=NO_CONTROL_CHARS), AfterValidator(_at_most_63_bytes)
 ]
 JOB_QUERY: Final = (WAIT, TIMEOUT)
+
+
+def _parse_region(value: str) -> Region:
+    for region in REGIONS:
+        if value == region:
+            return region
+    raise ValueError(f"must be one of {', '.join(REGIONS)}")
+
+
+REGION: Final = QueryParam(
+    "region",
+    {"type": "string", "enum": list(REGIONS)},
+    "read only this region's repository (default: the primary, or the DR region's copy when the primary "
+    "cannot be read)",
+    _parse_region,
+)
+REGION_FIELD_DESCRIPTION: Final = (
+    "the repository to read: primary or dr (default: the primary, falling back to the DR region's copy when "
+    "the primary cannot be read; the result says which)"
+)
 BACKUP_ID: Final = PathParam(
     name="backup_id",
     pattern=BACKUP_ID_PATTERN,
@@ -76,10 +105,16 @@ class RestoreBody(Body):
         description="pg_restore -j N: 1 streams as before; more spools the verified archive to "
         "restore.spool_dir first (it needs room for the dump)",
     )
+    region: Region | None = Field(None, description=REGION_FIELD_DESCRIPTION)
 
 
 class ValidateBody(Body):
     level: Literal["quick", "full"] = "quick"
+    region: Region | None = Field(None, description=REGION_FIELD_DESCRIPTION)
+
+
+class BackfillBody(Body):
+    limit: int = Field(BACKFILL_LIMIT, ge=1, le=1000, description="backups to copy at most, newest first")
 
 
 class CleanupBody(Body):
@@ -139,23 +174,29 @@ def backup_routes(component: BackupComponent) -> RouteTable:
         )
         return await answer_jobs(call, jobs)
 
+    def region_of(service_region: Region | None) -> Region | None:
+        if service_region == "dr" and component.service.replica is None:
+            raise Problem(
+                422,
+                "region-unavailable",
+                "this agent has no DR region's bucket",
+                "set backup.cross_region and backup.cross_region_bucket, or omit region",
+            )
+        return service_region
+
     async def list_backups(call: Call) -> web.Response:
-        found = await component.service.catalog(call.query.get("database"))
-        return json_response(
-            {
-                "backups": [manifest_document(m) for m in found.backups],
-                "unreadable": [{"key": key, "problem": problem} for key, problem in found.unreadable],
-            }
-        )
+        region = region_of(call.query.get("region"))
+        return json_response(await component.service.list_backups(call.query.get("database"), region))
 
     async def get_backup(call: Call) -> web.Response:
-        return json_response(manifest_document(await component.service.find(call.path["backup_id"])))
+        region = region_of(call.query.get("region"))
+        return json_response(await component.service.show(call.path["backup_id"], region))
 
     async def post_restore(call: Call) -> web.Response:
         body = call.body_as(RestoreBody)
         backup_id = call.path["backup_id"]
         service = component.service
-        await service.find(backup_id)  # 404 now, not as a failed job later
+        await service.find(backup_id, region_of(body.region))  # 404 now, not as a failed job later
         job = verbs.submit_restore(
             call.ctx.jobs,
             service,
@@ -165,6 +206,7 @@ def backup_routes(component: BackupComponent) -> RouteTable:
             no_owner=body.no_owner,
             with_globals=body.with_globals,
             restore_jobs=body.jobs,
+            region=body.region,
         )
         return await answer_jobs(call, [job])
 
@@ -172,8 +214,21 @@ def backup_routes(component: BackupComponent) -> RouteTable:
         body = call.body_as(ValidateBody)
         backup_id = call.path["backup_id"]
         service = component.service
-        await service.find(backup_id)
-        return await answer_jobs(call, [verbs.submit_validate(call.ctx.jobs, service, backup_id, body.level)])
+        await service.find(backup_id, region_of(body.region))
+        job = verbs.submit_validate(call.ctx.jobs, service, backup_id, body.level, body.region)
+        return await answer_jobs(call, [job])
+
+    async def post_backfill(call: Call) -> web.Response:
+        body = call.body_as(BackfillBody)
+        service = component.service
+        if service.replica is None or not service.config.backup.cross_region:
+            raise Problem(
+                422,
+                "cross-region-unavailable",
+                "cross-region copies are not enabled on this agent",
+                "set backup.cross_region and backup.cross_region_bucket",
+            )
+        return await answer_jobs(call, [verbs.submit_backfill(call.ctx.jobs, service, limit=body.limit)])
 
     async def post_cleanup(call: Call) -> web.Response:
         body = call.body_as(CleanupBody)
@@ -212,7 +267,7 @@ def backup_routes(component: BackupComponent) -> RouteTable:
                 role="viewer",
                 summary="List all backups",
                 name="list_backups",
-                query=(DATABASE,),
+                query=(DATABASE, REGION),
                 response="BackupList",
                 repository=True,
             ),
@@ -230,6 +285,20 @@ def backup_routes(component: BackupComponent) -> RouteTable:
                 query=JOB_QUERY,
             ),
             post_cleanup,
+        ),
+        Route(
+            RouteSpec(
+                method="POST",
+                path="/v1/backup/backfill",
+                role="operator",
+                summary="Copy to the DR region's bucket the backups it lacks (newest first)",
+                body=BackfillBody,
+                job=True,
+                name="backfill_backups",
+                query=JOB_QUERY,
+                repository=True,
+            ),
+            post_backfill,
         ),
         Route(
             RouteSpec(
@@ -263,6 +332,7 @@ def backup_routes(component: BackupComponent) -> RouteTable:
                 role="viewer",
                 summary="Get backup details",
                 name="get_backup",
+                query=(REGION,),
                 path_params=(BACKUP_ID,),
                 response="Backup",
                 repository=True,

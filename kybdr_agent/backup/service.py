@@ -9,22 +9,33 @@ A configuration reload builds a new service; jobs already running finish with th
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 from zoneinfo import ZoneInfo
 
 import anyio
 
 from kybdr_agent.backup import catalog
+from kybdr_agent.backup.catalog import manifest_document
 from kybdr_agent.backup.drill import drill_one
 from kybdr_agent.backup.freshness import BackupSeen, DatabaseFreshness, ScheduleWindow, assess
 from kybdr_agent.backup.keys import KeyRing
 from kybdr_agent.backup.lease import hold_lease, pid_alive, this_process
 from kybdr_agent.backup.manifest import Manifest, database_key, manifest_key_path
 from kybdr_agent.backup.pipeline import BackupOptions, BackupProgress, backup_and_record
+from kybdr_agent.backup.regions import (
+    NOT_REQUESTED,
+    Located,
+    Region,
+    RegionStores,
+    backfill_candidates,
+    locations,
+    manifest_ids,
+)
 from kybdr_agent.backup.restore import Notice, RestoreResult, check_user_target, restore_backup
 from kybdr_agent.backup.retention_plan import RetentionPlan, retention_plan
 from kybdr_agent.backup.scratch import ScratchSweep, sweep_scratch
@@ -33,7 +44,7 @@ from kybdr_agent.backup.streamfmt import Compression
 from kybdr_agent.backup.sweep import sweep_repository
 from kybdr_agent.backup.verify import Level, ValidationResult, validate_backup
 from kybdr_agent.clock import Clock, utc_now
-from kybdr_agent.errors import ConfigError, KybdrError
+from kybdr_agent.errors import ConfigError, KybdrError, StoreError
 from kybdr_agent.events import (
     BackupCompleted,
     BackupFailed,
@@ -49,7 +60,11 @@ from kybdr_agent.events import (
 from kybdr_agent.journal import Journal
 from kybdr_agent.postgres.connection import Connection, database_errors
 from kybdr_agent.storage.base import BlobStore, ReplicaStore
+from kybdr_agent.telemetry import get_logger
 from kybdr_agent.telemetry.tracing import stage
+
+log = get_logger("kybdr_agent.backup")
+BACKFILL_LIMIT: Final = 20  # backups copied per pass: a pass after a long outage still ends
 
 
 @dataclass(frozen=True)
@@ -97,6 +112,8 @@ class BackupService:
         self.drill_connection = drill_connection or connection
         self.keyring = keyring
         self.replica = replica
+        self.regions = RegionStores(store, replica)
+        self._backfilling = anyio.Lock()
         self.journal = journal
         self.events = events or EventHub()
         self._now = clock
@@ -133,6 +150,8 @@ class BackupService:
         cross_region = wanted if overrides.cross_region is None else overrides.cross_region
         if cross_region and (not wanted or self.replica is None):
             raise ConfigError("a cross-region copy was requested but backup.cross_region is not enabled")
+        if wanted and not cross_region:  # asked not to be copied: a backfill pass must respect that
+            options = dataclasses.replace(options, replication=(("cross_region", (("status", NOT_REQUESTED),)),))
         started = time.monotonic()
         try:
             made = await backup_and_record(
@@ -166,23 +185,30 @@ class BackupService:
         started = time.monotonic()
         key = manifest_key_path(made.database, made.id)
         try:
-            with stage("copy", backup_id=made.id, stored_bytes=made.stored_bytes):
-                for object_key, size in _objects(made):
-                    await replica.copy_from(self.store, object_key, size)
-                    await _check_size(replica, object_key, size)
-            record = {
-                **replica.location(),
-                "copied_at": self._now().isoformat(),
-                "seconds": f"{time.monotonic() - started:.3f}",
-            }
-            replicated = made.model_copy(update={"replication": {**made.replication, "cross_region": record}})
-            await replica.put_bytes(key, replicated.to_json())
+            # Under a lease in the DR bucket too, so a sweep there tells a copy in progress from a dead one.
+            async with hold_lease(replica, made.database, made.id, now=self._now):
+                with stage("copy", backup_id=made.id, stored_bytes=made.stored_bytes):
+                    for object_key, size in _objects(made):
+                        await replica.copy_from(self.store, object_key, size)
+                        await _check_size(replica, object_key, size)
+                record = {
+                    **replica.location(),
+                    "copied_at": self._now().isoformat(),
+                    "seconds": f"{time.monotonic() - started:.3f}",
+                }
+                replicated = made.model_copy(update={"replication": {**made.replication, "cross_region": record}})
+                await replica.put_bytes(key, replicated.to_json())
         except BaseException as exc:
             if isinstance(exc, Exception):
                 self.events.publish(ReplicaCopyFailed(made.database, made.id, str(exc), self._now()))
             with anyio.move_on_after(60, shield=True):
                 for object_key, _size in _objects(made):
-                    await replica.delete(object_key)
+                    # Best effort: the DR region may be the thing that failed. The copy's lease there lets
+                    # a later sweep of the DR bucket remove what stays; the error that matters is the copy's.
+                    try:
+                        await replica.delete(object_key)
+                    except KybdrError as cleanup_error:
+                        log.warning("copy.cleanup_failed", key=object_key, error=str(cleanup_error))
             if isinstance(exc, KybdrError):
                 raise KybdrError(
                     f"backup {made.id} is stored in the primary repository, but its cross-region copy failed: {exc}"
@@ -196,8 +222,79 @@ class BackupService:
     async def catalog(self, database: str | None = None) -> catalog.Catalog:
         return await catalog.read_catalog(self.store, database)
 
-    async def find(self, backup_id: str) -> Manifest:
-        return await catalog.find_backup(self.store, backup_id)
+    async def find(self, backup_id: str, region: Region | None = None) -> Manifest:
+        return (await self.locate(backup_id, region)).manifest
+
+    async def locate(self, backup_id: str, region: Region | None = None) -> Located:
+        """The backup in ``region``; with none, the primary's, else the DR region's copy (``regions.py``)."""
+        return await self.regions.locate(backup_id, region)
+
+    async def show(self, backup_id: str, region: Region | None = None) -> dict[str, Any]:
+        """One backup's manifest document, with the regions that hold it and how it was found."""
+        found = await self.locate(backup_id, region)
+        held: dict[Region, set[str]] = {found.region: {found.manifest.id}}
+        for other in self.regions.configured():
+            if other == found.region:
+                continue
+            try:
+                info = await self.regions.store(other).stat(manifest_key_path(found.manifest.database, backup_id))
+            except StoreError:
+                continue  # unknown: not listed as a location
+            if info is not None:
+                held[other] = {backup_id}
+        document = {**manifest_document(found.manifest), "locations": locations(backup_id, held)}
+        if found.note:
+            document["notices"] = [found.note]
+        return document
+
+    async def list_backups(self, database: str | None = None, region: Region | None = None) -> dict[str, Any]:
+        """The backups (of ``database``) with where each lives, read from ``region`` or, with none, from both.
+
+        Without a region the primary's catalog is the list, and backups only the DR bucket still holds are
+        added; if the primary cannot be read the DR region's catalog is the list, and a notice says so. Every
+        configured region is reported as reachable or not, so a partial answer never looks whole."""
+        configured = self.regions.configured()
+        sources: tuple[Region, ...] = (region,) if region is not None else configured
+        self.regions.store(sources[0])  # a clear error for --region dr without a DR bucket
+        status: dict[str, dict[str, Any]] = {}
+        held: dict[Region, set[str]] = {}
+        listed: tuple[Region, catalog.Catalog] | None = None
+        for name in configured:
+            store = self.regions.store(name)
+            try:
+                if listed is None and name in sources:
+                    listed = (name, await catalog.read_catalog(store, database))
+                held[name] = await manifest_ids(store)
+                status[name] = {"location": store.describe(), "reachable": True}
+            except StoreError as exc:
+                if listed is not None and listed[0] == name:
+                    listed = None
+                status[name] = {"location": store.describe(), "reachable": False, "error": str(exc)}
+        if listed is None:
+            raise StoreError("; ".join(str(status[name]["error"]) for name in sources))
+        source, found = listed
+        notices: list[str] = []
+        if region is None and source != "primary":
+            notices.append(
+                f"the primary repository could not be read ({status['primary']['error']}); listing the DR "
+                "region's copies"
+            )
+        backups = list(found.backups)
+        unreadable = list(found.unreadable)
+        others = [name for name in configured if region is None and name != source and name in held]
+        for other in others:  # backups only another region still holds
+            extra = held[other] - {m.id for m in backups}
+            if extra:
+                more = await catalog.read_catalog(self.regions.store(other), database)
+                backups += [m for m in more.backups if m.id in extra]
+                unreadable += more.unreadable
+        backups.sort(key=lambda m: (m.finished_at, m.id))
+        return {
+            "backups": [{**manifest_document(m), "locations": locations(m.id, held)} for m in backups],
+            "unreadable": [{"key": key, "problem": problem} for key, problem in unreadable],
+            "regions": status,
+            "notices": notices,
+        }
 
     # --- restore and validation ---------------------------------------------------------------
 
@@ -212,15 +309,21 @@ class BackupService:
         jobs: int = 1,
         spool_dir: Path | None = None,
         notice: Notice | None = None,
+        region: Region | None = None,
     ) -> RestoreResult:
         """``jobs`` > 1: ``pg_restore -j jobs`` from a spool file in ``spool_dir`` (default: the
-        ``restore.spool_dir`` the caller resolved, else ``backup.backup_dir/spool``)."""
+        ``restore.spool_dir`` the caller resolved, else ``backup.backup_dir/spool``). ``region`` None reads
+        the primary repository, or the DR region's copy when the primary cannot be read (said in a notice)."""
         check_user_target(target)
-        found = await catalog.find_backup(self.store, backup_id)
-        with stage("restore", backup_id=found.id, database=found.database, target=target):
-            return await restore_backup(
+        located = await self.locate(backup_id, region)
+        found = located.manifest
+        tell = notice or (lambda _message: None)
+        if located.note:
+            tell(located.note)
+        with stage("restore", backup_id=found.id, database=found.database, target=target, region=located.region):
+            result = await restore_backup(
                 found,
-                store=self.store,
+                store=located.store,
                 keyring=self.keyring,
                 connection=self.connection,
                 maintenance_database=self.config.maintenance_database,
@@ -230,16 +333,20 @@ class BackupService:
                 with_globals=with_globals,
                 jobs=jobs,
                 spool_dir=spool_dir or self.config.spool_dir,
-                notice=notice or (lambda _message: None),
+                notice=tell,
             )
+        notices = [located.note, *result.notices] if located.note else result.notices
+        return dataclasses.replace(result, region=located.region, notices=notices)
 
-    async def validate(self, backup_id: str, level: Level) -> ValidationResult:
-        found = await catalog.find_backup(self.store, backup_id)
-        with stage("validate", backup_id=found.id, database=found.database, level=level) as span:
+    async def validate(self, backup_id: str, level: Level, region: Region | None = None) -> ValidationResult:
+        located = await self.locate(backup_id, region)
+        found = located.manifest
+        with stage("validate", backup_id=found.id, database=found.database, level=level, region=located.region) as span:
             result = await validate_backup(
-                found, store=self.store, keyring=self.keyring, connection=self.connection, level=level
+                found, store=located.store, keyring=self.keyring, connection=self.connection, level=level
             )
             span.set_attribute("kybdr.ok", result.ok)
+        result = dataclasses.replace(result, region=located.region, notices=[located.note] if located.note else [])
         self.events.publish(ValidationVerdict(found.id, found.database, level, result.ok, result.corrupt, result.error))
         return result
 
@@ -299,8 +406,24 @@ class BackupService:
         return retention_plan(self.config, backups, self._now(), self._invalid_ids() if invalid is None else invalid)
 
     async def cleanup(self, *, dry_run: bool) -> dict[str, Any]:
-        found = await catalog.read_catalog(self.store)
+        """Apply the retention policies to the primary repository and, when copies are made, to the DR bucket.
+
+        Each region's plan is made from what that region holds, with the same policies: the DR bucket keeps
+        its own newest copies even when an outage left some backups uncopied. The primary must be readable;
+        a DR bucket that cannot be read is reported (``dr.error``) and cleaned on the next run."""
         invalid = await anyio.to_thread.run_sync(self._invalid_ids)  # the journal is read off the loop
+        result = await self._cleanup_region(self.store, invalid, dry_run=dry_run)
+        if self.replica is not None:
+            try:
+                dr: dict[str, Any] = await self._cleanup_region(self.replica, invalid, dry_run=dry_run)
+                dr["error"] = None
+            except KybdrError as exc:
+                dr = {"error": f"the DR region's bucket was not cleaned: {exc}", "deleted": [], "would_delete": []}
+            result["dr"] = dr
+        return result
+
+    async def _cleanup_region(self, store: BlobStore, invalid: set[str], *, dry_run: bool) -> dict[str, Any]:
+        found = await catalog.read_catalog(store)
         plan = self.retention_plan(found.backups, invalid)
         by_id = {m.id: m for m in found.backups}
         deleted: list[str] = []
@@ -309,12 +432,13 @@ class BackupService:
                 m = by_id[backup_id]
                 # Manifest first: a half-deleted backup must never be listed as good. Under a lease, so
                 # that if this process dies between the two, the next sweep removes the data at once.
-                async with hold_lease(self.store, m.database, m.id, now=self._now):
-                    await self.store.delete(manifest_key_path(m.database, m.id))
+                async with hold_lease(store, m.database, m.id, now=self._now):
+                    await store.delete(manifest_key_path(m.database, m.id))
                     for object_key, _size in _objects(m):
-                        await self.store.delete(object_key)
+                        await store.delete(object_key)
                 deleted.append(backup_id)
-                self.events.publish(RetentionDeleted(m.database, m.id, m.stored_bytes))
+                if store is self.store:
+                    self.events.publish(RetentionDeleted(m.database, m.id, m.stored_bytes))
         return {
             "dry_run": dry_run,
             "kept": sorted(plan.keep),
@@ -323,6 +447,36 @@ class BackupService:
             "reasons": {backup_id: plan.reasons.get(backup_id, "") for backup_id in sorted(plan.keep | plan.delete)},
             "freed_bytes": sum(by_id[i].stored_bytes for i in plan.delete),
         }
+
+    # --- cross-region backfill ----------------------------------------------------------------
+
+    async def backfill(
+        self, *, limit: int = BACKFILL_LIMIT, skip_databases: frozenset[str] = frozenset()
+    ) -> dict[str, Any]:
+        """Copy to the DR bucket the backups an outage left uncopied (``regions.backfill_candidates``).
+
+        Newest first, at most ``limit`` per pass, and the pass stops at the first failure: the DR region is
+        most likely still down, and the next pass (housekeeping's next tick) tries again. ``skip_databases``
+        have a backup running, which copies itself."""
+        if self.replica is None or not self.config.backup.cross_region:
+            raise ConfigError("a backfill needs cross-region copies: set backup.cross_region and cross_region_bucket")
+        async with self._backfilling:  # housekeeping's pass and a requested one never copy the same backup
+            primary = await catalog.read_catalog(self.store)
+            in_dr = await manifest_ids(self.replica)
+            backups = [m for m in primary.backups if m.database not in skip_databases]
+            return await self._backfill(self.replica, backfill_candidates(backups, in_dr, len(backups)), limit)
+
+    async def _backfill(self, replica: ReplicaStore, missing: list[Manifest], limit: int) -> dict[str, Any]:
+        copied: list[str] = []
+        failed: dict[str, str] = {}
+        for m in missing[:limit]:
+            try:
+                await self._copy_to_dr(replica, m)
+            except KybdrError as exc:
+                failed[m.id] = str(exc)
+                break
+            copied.append(m.id)
+        return {"copied": copied, "failed": failed, "still_missing": len(missing) - len(copied)}
 
     # --- housekeeping -------------------------------------------------------------------------
 
@@ -346,6 +500,21 @@ class BackupService:
             skip=lambda prefix: (prefix + "/").startswith(busy_prefixes),
         )
         swept: dict[str, Any] = report.as_dict()
+        if self.replica is not None:
+            # Copies write to the DR bucket under a lease too (``_copy_to_dr``), so its leftovers are judged
+            # the same way. A DR region that cannot be reached is reported, not fatal to the primary's sweep.
+            try:
+                dr_report = await sweep_repository(
+                    self.replica,
+                    now=self._now(),
+                    grace=older_than,
+                    here=this_process(),
+                    pid_alive=pid_alive,
+                    skip=lambda prefix: (prefix + "/").startswith(busy_prefixes),
+                )
+                swept["dr"] = dr_report.as_dict()
+            except KybdrError as exc:
+                swept["dr"] = {"error": str(exc)}
         if databases:
             swept.update(await self.sweep_scratch())
         return swept

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kybdr_agent.backup.catalog import manifest_document
+from kybdr_agent.backup.regions import Region
 from kybdr_agent.backup.service import BackupOverrides, BackupService
 from kybdr_agent.backup.verify import Level
 from kybdr_agent.jobs import Job, JobFailed, JobManager, Submission
@@ -53,6 +54,7 @@ def submit_restore(
     restore_jobs: int = 1,
     spool_dir: Path | None = None,
     notice: Callable[[str], None] | None = None,
+    region: Region | None = None,
 ) -> Job:
     """Restore into ``target``; each notice (what ``--force`` will do) shows as the job's stage as it happens."""
 
@@ -73,6 +75,7 @@ def submit_restore(
             jobs=restore_jobs,
             spool_dir=spool_dir,
             notice=on_notice,
+            region=region,
         )
         return dict(result.__dict__)
 
@@ -84,18 +87,24 @@ def submit_restore(
         "with_globals": with_globals,
         "jobs": restore_jobs,
     }
+    if region is not None:
+        params["region"] = region
     return jobs.submit("restore", work, params=params, database=target, bounded=True)
 
 
-def submit_validate(jobs: JobManager, service: BackupService, backup_id: str, level: Level) -> Job:
+def submit_validate(
+    jobs: JobManager, service: BackupService, backup_id: str, level: Level, region: Region | None = None
+) -> Job:
     async def work(job: Job) -> Any:
-        result = await service.validate(backup_id, level)
+        result = await service.validate(backup_id, level, region)
         if not result.ok:
             raise JobFailed(result.error or "validation failed", dict(result.__dict__))
         return dict(result.__dict__)
 
     params = {"backup_id": backup_id, "level": level}
-    return jobs.submit("validate", work, params=params, key=(backup_id, level), bounded=True)
+    if region is not None:
+        params["region"] = region
+    return jobs.submit("validate", work, params=params, key=(backup_id, level, region), bounded=True)
 
 
 def submit_cleanup(jobs: JobManager, service: BackupService, *, dry_run: bool) -> Job:
@@ -103,6 +112,23 @@ def submit_cleanup(jobs: JobManager, service: BackupService, *, dry_run: bool) -
         return await service.cleanup(dry_run=dry_run)
 
     return jobs.submit("cleanup", work, params={"dry_run": dry_run}, bounded=True)
+
+
+def busy_databases(jobs: JobManager) -> frozenset[str]:
+    """Databases with a backup running: its own copy to DR is under way, a backfill leaves them alone."""
+    return frozenset(job.database for job in jobs.running() if job.kind == "backup" and job.database)
+
+
+def submit_backfill(jobs: JobManager, service: BackupService, *, limit: int) -> Job:
+    """Copy to the DR bucket what an outage left uncopied (the pass housekeeping also runs)."""
+
+    async def work(job: Job) -> Any:
+        result = await service.backfill(limit=limit, skip_databases=busy_databases(jobs))
+        if result["failed"]:
+            raise JobFailed("; ".join(result["failed"].values()), result)
+        return result
+
+    return jobs.submit("backfill", work, params={"limit": limit}, key=("backfill",), bounded=True)
 
 
 def submit_drill(

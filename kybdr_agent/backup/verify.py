@@ -40,6 +40,8 @@ class ValidationResult:
     toc_entries: int | None = None
     error: str | None = None
     corrupt: bool = False  # True only when the backup itself failed a check (not a missing key or tool)
+    region: str = "primary"  # the repository it was read from (backup.regions)
+    notices: list[str] = field(default_factory=list)  # e.g. that the primary could not be read
 
 
 async def validate_backup(
