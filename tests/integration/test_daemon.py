@@ -442,6 +442,20 @@ def test_seed_body_with_cross_region_copies_to_the_dr_bucket(
         assert primary == copy
         primary_manifest = json.loads(s3.get_object(Bucket=bucket, Key=manifest_key)["Body"].read())
         assert primary_manifest["replication"]["cross_region"]["bucket"] == dr_bucket
+
+        # Read from the DR region by name; a backup asked not to be copied is left alone by the backfill.
+        listed = agent.request("GET", "/v1/backup?region=dr").body
+        assert [(m["id"], m["locations"]) for m in listed["backups"]] == [(made["id"], ["primary", "dr"])]
+        assert listed["regions"]["dr"]["reachable"] is True
+        job = _one_job(agent.request("POST", f"/v1/backup/{made['id']}/validate?wait=true", {"region": "dr"}))
+        assert job["result"]["region"] == "dr"
+        assert job["result"]["ok"] is True
+        local_only = _one_job(agent.request("POST", "/v1/backup?wait=true", SEED_BODY))["result"]
+        assert local_only["replication"] == {"cross_region": {"status": "not requested"}}
+        backfilled = _one_job(agent.request("POST", "/v1/backup/backfill?wait=true", {}))["result"]
+        assert backfilled == {"copied": [], "failed": {}, "still_missing": 0}
+        shown = agent.request("GET", f"/v1/backup/{local_only['id']}").body
+        assert shown["locations"] == ["primary"]
     finally:
         assert agent.stop() == 0
 
@@ -451,6 +465,11 @@ def test_cross_region_request_without_configuration_is_refused(daemon: Daemon) -
     assert resp.status == 422
     assert resp.body["type"].endswith("/cross-region-unavailable")
     assert daemon.request("GET", "/v1/jobs").body["jobs"] == []
+    resp = daemon.request("GET", "/v1/backup?region=dr")
+    assert resp.status == 422
+    assert resp.body["type"].endswith("/region-unavailable")
+    assert daemon.request("GET", "/v1/backup?region=west").status == 400
+    assert daemon.request("POST", "/v1/backup/backfill", {}).status == 422
 
 
 def test_missed_slots_after_downtime_run_once(pg: Cluster, tmp_path: Path, key_file: Path, app_db: str) -> None:
