@@ -19,8 +19,8 @@ from zoneinfo import ZoneInfo
 
 import anyio
 
-from kybdr_agent.backup import catalog
-from kybdr_agent.backup.catalog import manifest_document
+from kybdr_agent.backup import catalog, region_listing
+from kybdr_agent.backup.copies import copy_to_dr, stored_objects
 from kybdr_agent.backup.drill import drill_one
 from kybdr_agent.backup.freshness import BackupSeen, DatabaseFreshness, ScheduleWindow, assess
 from kybdr_agent.backup.keys import KeyRing
@@ -33,7 +33,6 @@ from kybdr_agent.backup.regions import (
     Region,
     RegionStores,
     backfill_candidates,
-    locations,
     manifest_ids,
 )
 from kybdr_agent.backup.restore import Notice, RestoreResult, check_user_target, restore_backup
@@ -44,7 +43,7 @@ from kybdr_agent.backup.streamfmt import Compression
 from kybdr_agent.backup.sweep import sweep_repository
 from kybdr_agent.backup.verify import Level, ValidationResult, validate_backup
 from kybdr_agent.clock import Clock, utc_now
-from kybdr_agent.errors import ConfigError, KybdrError, StoreError
+from kybdr_agent.errors import ConfigError, KybdrError
 from kybdr_agent.events import (
     BackupCompleted,
     BackupFailed,
@@ -60,10 +59,8 @@ from kybdr_agent.events import (
 from kybdr_agent.journal import Journal
 from kybdr_agent.postgres.connection import Connection, database_errors
 from kybdr_agent.storage.base import BlobStore, ReplicaStore
-from kybdr_agent.telemetry import get_logger
 from kybdr_agent.telemetry.tracing import stage
 
-log = get_logger("kybdr_agent.backup")
 BACKFILL_LIMIT: Final = 20  # backups copied per pass: a pass after a long outage still ends
 
 
@@ -76,20 +73,6 @@ class BackupOverrides:
     cross_region: bool | None = None
     description: str | None = None
     labels: tuple[str, ...] = ()
-
-
-async def _check_size(store: BlobStore, key: str, size: int) -> None:
-    info = await store.stat(key)
-    if info is None or info.size != size:
-        raise KybdrError(f"the copy of {key} has {info.size if info else 'no'} bytes, expected {size}")
-
-
-def _objects(m: Manifest) -> list[tuple[str, int]]:
-    """A backup's objects besides its manifest, with their sizes: the data, and the globals if it has them."""
-    found = [(m.object_key, m.stored_bytes)]
-    if m.globals is not None:
-        found.append((m.globals.object_key, m.globals.stored_bytes))
-    return found
 
 
 class BackupService:
@@ -177,45 +160,11 @@ class BackupService:
         return made
 
     async def _copy_to_dr(self, replica: ReplicaStore, made: Manifest) -> Manifest:
-        """Copy data, then the manifest (with the replication record) to the DR bucket, then record it here.
-
-        The backup itself is complete before this starts; if the copy fails the error says so, the DR
-        bucket keeps no data without a manifest, and the primary manifest stays as it was.
-        """
-        started = time.monotonic()
-        key = manifest_key_path(made.database, made.id)
         try:
-            # Under a lease in the DR bucket too, so a sweep there tells a copy in progress from a dead one.
-            async with hold_lease(replica, made.database, made.id, now=self._now):
-                with stage("copy", backup_id=made.id, stored_bytes=made.stored_bytes):
-                    for object_key, size in _objects(made):
-                        await replica.copy_from(self.store, object_key, size)
-                        await _check_size(replica, object_key, size)
-                record = {
-                    **replica.location(),
-                    "copied_at": self._now().isoformat(),
-                    "seconds": f"{time.monotonic() - started:.3f}",
-                }
-                replicated = made.model_copy(update={"replication": {**made.replication, "cross_region": record}})
-                await replica.put_bytes(key, replicated.to_json())
-        except BaseException as exc:
-            if isinstance(exc, Exception):
-                self.events.publish(ReplicaCopyFailed(made.database, made.id, str(exc), self._now()))
-            with anyio.move_on_after(60, shield=True):
-                for object_key, _size in _objects(made):
-                    # Best effort: the DR region may be the thing that failed. The copy's lease there lets
-                    # a later sweep of the DR bucket remove what stays; the error that matters is the copy's.
-                    try:
-                        await replica.delete(object_key)
-                    except KybdrError as cleanup_error:
-                        log.warning("copy.cleanup_failed", key=object_key, error=str(cleanup_error))
-            if isinstance(exc, KybdrError):
-                raise KybdrError(
-                    f"backup {made.id} is stored in the primary repository, but its cross-region copy failed: {exc}"
-                ) from exc
+            return await copy_to_dr(self.store, replica, made, now=self._now)
+        except Exception as exc:
+            self.events.publish(ReplicaCopyFailed(made.database, made.id, str(exc), self._now()))
             raise
-        await self.store.put_bytes(key, replicated.to_json())
-        return replicated
 
     # --- reading the repository ---------------------------------------------------------------
 
@@ -231,70 +180,11 @@ class BackupService:
 
     async def show(self, backup_id: str, region: Region | None = None) -> dict[str, Any]:
         """One backup's manifest document, with the regions that hold it and how it was found."""
-        found = await self.locate(backup_id, region)
-        held: dict[Region, set[str]] = {found.region: {found.manifest.id}}
-        for other in self.regions.configured():
-            if other == found.region:
-                continue
-            try:
-                info = await self.regions.store(other).stat(manifest_key_path(found.manifest.database, backup_id))
-            except StoreError:
-                continue  # unknown: not listed as a location
-            if info is not None:
-                held[other] = {backup_id}
-        document = {**manifest_document(found.manifest), "locations": locations(backup_id, held)}
-        if found.note:
-            document["notices"] = [found.note]
-        return document
+        return await region_listing.show_backup(self.regions, backup_id, region)
 
     async def list_backups(self, database: str | None = None, region: Region | None = None) -> dict[str, Any]:
-        """The backups (of ``database``) with where each lives, read from ``region`` or, with none, from both.
-
-        Without a region the primary's catalog is the list, and backups only the DR bucket still holds are
-        added; if the primary cannot be read the DR region's catalog is the list, and a notice says so. Every
-        configured region is reported as reachable or not, so a partial answer never looks whole."""
-        configured = self.regions.configured()
-        sources: tuple[Region, ...] = (region,) if region is not None else configured
-        self.regions.store(sources[0])  # a clear error for --region dr without a DR bucket
-        status: dict[str, dict[str, Any]] = {}
-        held: dict[Region, set[str]] = {}
-        listed: tuple[Region, catalog.Catalog] | None = None
-        for name in configured:
-            store = self.regions.store(name)
-            try:
-                if listed is None and name in sources:
-                    listed = (name, await catalog.read_catalog(store, database))
-                held[name] = await manifest_ids(store)
-                status[name] = {"location": store.describe(), "reachable": True}
-            except StoreError as exc:
-                if listed is not None and listed[0] == name:
-                    listed = None
-                status[name] = {"location": store.describe(), "reachable": False, "error": str(exc)}
-        if listed is None:
-            raise StoreError("; ".join(str(status[name]["error"]) for name in sources))
-        source, found = listed
-        notices: list[str] = []
-        if region is None and source != "primary":
-            notices.append(
-                f"the primary repository could not be read ({status['primary']['error']}); listing the DR "
-                "region's copies"
-            )
-        backups = list(found.backups)
-        unreadable = list(found.unreadable)
-        others = [name for name in configured if region is None and name != source and name in held]
-        for other in others:  # backups only another region still holds
-            extra = held[other] - {m.id for m in backups}
-            if extra:
-                more = await catalog.read_catalog(self.regions.store(other), database)
-                backups += [m for m in more.backups if m.id in extra]
-                unreadable += more.unreadable
-        backups.sort(key=lambda m: (m.finished_at, m.id))
-        return {
-            "backups": [{**manifest_document(m), "locations": locations(m.id, held)} for m in backups],
-            "unreadable": [{"key": key, "problem": problem} for key, problem in unreadable],
-            "regions": status,
-            "notices": notices,
-        }
+        """The backups (of ``database``) with where each lives (``region_listing.list_backups``)."""
+        return await region_listing.list_backups(self.regions, database, region)
 
     # --- restore and validation ---------------------------------------------------------------
 
@@ -434,7 +324,7 @@ class BackupService:
                 # that if this process dies between the two, the next sweep removes the data at once.
                 async with hold_lease(store, m.database, m.id, now=self._now):
                     await store.delete(manifest_key_path(m.database, m.id))
-                    for object_key, _size in _objects(m):
+                    for object_key, _size in stored_objects(m):
                         await store.delete(object_key)
                 deleted.append(backup_id)
                 if store is self.store:
