@@ -31,6 +31,7 @@ from kybdr_agent import __version__, app, cli_output, secret_files
 from kybdr_agent.asyncutil import leaf_exceptions, primary_error
 from kybdr_agent.backup.keys import generate_master_key_file
 from kybdr_agent.backup.manifest import InvalidBackupId, check_backup_id
+from kybdr_agent.backup.selection import Selection, SelectionError, selective_request
 from kybdr_agent.config import DEFAULT_CONFIG_PATH, AgentSettings, load_settings
 from kybdr_agent.control.client import ControlClient, agent_listening, check_socket_location
 from kybdr_agent.errors import ConfigError, KybdrError
@@ -135,6 +136,26 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="pg_restore -j N (1-16; default 1 streams): spools the verified archive to restore.spool_dir first",
     )
+    p.add_argument(
+        "--table",
+        action="append",
+        default=[],
+        metavar="T",
+        help="restore only this table (schema.table, or a name unique in the backup), whole: indexes, constraints, "
+        "sequences, grants (repeatable)",
+    )
+    p.add_argument("--schema", action="append", default=[], metavar="S", help="restore only this schema (repeatable)")
+    p.add_argument(
+        "--into-existing",
+        action="store_true",
+        help="add the one --table to the existing --target-database under --rename-to; never overwrites anything",
+    )
+    p.add_argument("--rename-to", metavar="NAME", help="with --into-existing: the added table's name")
+    p.add_argument("--json", action="store_true")
+    _add_region(p)
+
+    p = sub.add_parser("contents", help="what a backup holds: schemas, tables with sizes and rows, other objects")
+    p.add_argument("backup_id", metavar="ID")
     p.add_argument("--json", action="store_true")
     _add_region(p)
 
@@ -324,8 +345,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from kybdr_agent import cli_check
 
         return _run(lambda: cli_check.run(args))
-    if args.command in ("show", "restore", "validate"):
+    if args.command in ("show", "restore", "validate", "contents"):
         check_backup_id(args.backup_id)
+    if args.command == "restore":
+        args.selection = _selection(args)
     settings = load_settings(args.config)
     if args.command == "config":
         return _config_check(settings, args)
@@ -431,7 +454,7 @@ def _operations(settings: AgentSettings, args: argparse.Namespace) -> Operations
     return LocalOperations(settings)
 
 
-_USES_SECRETS: Final = frozenset({"backup", "restore", "validate", "test", "backfill"})
+_USES_SECRETS: Final = frozenset({"backup", "restore", "validate", "test", "backfill", "contents"})
 
 
 async def _backup(ops: Operations, args: argparse.Namespace) -> int:
@@ -449,11 +472,41 @@ async def _show(ops: Operations, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _selection(args: argparse.Namespace) -> Selection | None:
+    """``--table``/``--schema``/``--into-existing``/``--rename-to`` checked together before anything runs:
+    a combination that cannot be done is a usage error (exit 2), like argparse's own."""
+    try:
+        return selective_request(
+            args.table,
+            args.schema,
+            into_existing=args.into_existing,
+            rename_to=args.rename_to,
+            force=args.force,
+            jobs=args.jobs,
+        )
+    except SelectionError as exc:
+        stderr_line(f"kybdr-agent: restore: {exc}", ERROR)
+        sys.exit(EXIT_USAGE)
+
+
 async def _restore(ops: Operations, args: argparse.Namespace) -> int:
     result = await ops.restore(
-        args.backup_id, args.target_database, args.force, args.no_owner, args.with_globals, args.jobs, args.region
+        args.backup_id,
+        args.target_database,
+        args.force,
+        args.no_owner,
+        args.with_globals,
+        args.jobs,
+        args.region,
+        args.selection,
+        args.rename_to if args.into_existing else None,
     )
     cli_output.print_restore(result, args)
+    return EXIT_OK
+
+
+async def _contents(ops: Operations, args: argparse.Namespace) -> int:
+    cli_output.print_contents(await ops.contents(args.backup_id, args.region), args)
     return EXIT_OK
 
 
@@ -497,6 +550,7 @@ COMMANDS: Final[dict[str, Callable[[Operations, argparse.Namespace], Awaitable[i
     "show": _show,
     "restore": _restore,
     "validate": _validate,
+    "contents": _contents,
     "backfill": _backfill,
     "cleanup": _cleanup,
     "stats": _stats,

@@ -235,6 +235,10 @@ def print_restore(result: dict[str, Any], args: argparse.Namespace) -> None:
             f"restored {result['backup_id']}{source} into {result['target_database']}{replaced} "
             f"in {result['seconds']:.1f} s ({human_bytes(result['dump_bytes'])} of dump)"
         )
+        if result.get("renamed"):
+            print("added: " + ", ".join(f"{old} as {new}" for old, new in result["renamed"].items()))
+        elif result.get("tables"):
+            print(f"tables: {', '.join(result['tables'])}")
         applied = result.get("globals")
         if applied:
             print(
@@ -285,6 +289,17 @@ def print_cleanup(result: dict[str, Any], args: argparse.Namespace) -> None:
                 f"DR region: {verb} {len(dr_gone)} backup(s), kept {len(dr['kept'])}, "
                 f"{human_bytes(dr['freed_bytes'])} {'to free' if args.dry_run else 'freed'}"
             )
+
+
+@_flushed
+def print_contents(document: dict[str, Any], args: argparse.Namespace) -> None:
+    if args.json:
+        print_json(document)
+        return
+    from kybdr_agent.backup.contents_doc import render_text
+
+    for line in render_text(document):
+        print(line)
 
 
 @_flushed

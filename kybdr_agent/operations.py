@@ -19,6 +19,7 @@ from kybdr_agent import app
 from kybdr_agent.app import LocalAgent
 from kybdr_agent.backup import verbs
 from kybdr_agent.backup.regions import Region
+from kybdr_agent.backup.selection import Selection
 from kybdr_agent.backup.service import BackupOverrides
 from kybdr_agent.backup.verify import Level
 from kybdr_agent.config import AgentSettings
@@ -43,7 +44,10 @@ class Operations(Protocol):
         with_globals: bool = False,
         jobs: int = 1,
         region: Region | None = None,
+        selection: Selection | None = None,
+        rename_to: str | None = None,
     ) -> dict[str, Any]: ...
+    async def contents(self, backup_id: str, region: Region | None = None) -> dict[str, Any]: ...
     async def validate(self, backup_id: str, level: Level, region: Region | None = None) -> dict[str, Any]: ...
     async def backfill(self, limit: int) -> dict[str, Any]: ...
     async def cleanup(self, dry_run: bool) -> dict[str, Any]: ...
@@ -142,7 +146,10 @@ class LocalOperations:
         with_globals: bool = False,
         jobs: int = 1,
         region: Region | None = None,
+        selection: Selection | None = None,
+        rename_to: str | None = None,
     ) -> dict[str, Any]:
+        """``rename_to`` set: the one table of ``selection`` is added to the existing ``target`` under it."""
         await self._sweep_first()
         service = self.local.service
         await service.find(backup_id, region)
@@ -158,9 +165,16 @@ class LocalOperations:
             spool_dir=self.settings.restore_spool_dir(),
             notice=self.notice,
             region=region,
+            selection=selection,
+            into_existing=rename_to is not None,
+            rename_to=rename_to,
         )
         result: dict[str, Any] = (await self._finish([job]))[0]["result"]
         return result
+
+    async def contents(self, backup_id: str, region: Region | None = None) -> dict[str, Any]:
+        await self._sweep_first()
+        return (await self.local.service.contents(backup_id, region)).as_dict()
 
     async def validate(self, backup_id: str, level: Level, region: Region | None = None) -> dict[str, Any]:
         await self._sweep_first()
@@ -267,8 +281,14 @@ class RemoteOperations:
         with_globals: bool = False,
         jobs: int = 1,
         region: Region | None = None,
+        selection: Selection | None = None,
+        rename_to: str | None = None,
     ) -> dict[str, Any]:
         body: dict[str, Any] = {"target_database": target, "force": force, "no_owner": no_owner}
+        if selection is not None:
+            body.update(tables=list(selection.tables), schemas=list(selection.schemas))
+        if rename_to is not None:
+            body.update(into_existing=True, rename_to=rename_to)
         if region is not None:
             body["region"] = region
         if with_globals:  # only when asked: an agent of an older version refuses fields it does not know
@@ -280,6 +300,11 @@ class RemoteOperations:
         for message in result.get("notices", []):
             _to_stderr(str(message))
         return result
+
+    async def contents(self, backup_id: str, region: Region | None = None) -> dict[str, Any]:
+        params: dict[str, str] | None = {"region": region} if region is not None else None
+        answer: dict[str, Any] = await self.client.request("GET", f"/v1/backup/{backup_id}/contents", params=params)
+        return answer
 
     async def validate(self, backup_id: str, level: Level, region: Region | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"level": level}

@@ -21,6 +21,66 @@ _PERCENTILES: Final = {
 }
 
 
+_COUNTS: Final = {"type": "object", "additionalProperties": {"type": "integer"}}
+_NULLABLE_STRING: Final = {"type": ["string", "null"]}
+_CONTENTS: Final = {
+    "type": "object",
+    "properties": {
+        "backup_id": {"type": "string"},
+        "database": {"type": "string"},
+        "archive": {
+            "type": "object",
+            "properties": {
+                k: {"type": "string"} for k in ("format", "version", "pg_dump_version", "server_version", "compression")
+            },
+        },
+        "size_unit": {"type": "string", "enum": ["bytes", "compressed bytes"]},
+        "schemas": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string"},
+                    "owner": _NULLABLE_STRING,
+                    "tables": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "properties": {
+                                "name": {"type": "string"},
+                                "owner": _NULLABLE_STRING,
+                                "data_bytes": {"type": "integer"},
+                                "rows": {"type": ["integer", "null"]},
+                            },
+                            "required": ["name", "owner", "data_bytes", "rows"],
+                        },
+                    },
+                    "objects": _COUNTS,
+                    "data_bytes": {"type": "integer"},
+                },
+                "required": ["name", "owner", "tables", "objects", "data_bytes"],
+            },
+        },
+        "other_objects": _COUNTS,
+        "large_objects": {
+            "type": "object",
+            "properties": {"count": {"type": "integer"}, "data_bytes": {"type": "integer"}},
+        },
+        "totals": {"type": "object"},
+    },
+    "required": [
+        "backup_id",
+        "database",
+        "archive",
+        "size_unit",
+        "schemas",
+        "other_objects",
+        "large_objects",
+        "totals",
+    ],
+}
+
+
 def backup_schemas() -> dict[str, Any]:
     manifest = Manifest.model_json_schema(mode="serialization", ref_template=SCHEMAS + "{model}")
     defs = manifest.pop("$defs", {})
@@ -64,6 +124,7 @@ def backup_schemas() -> dict[str, Any]:
             },
             "required": ["backups", "unreadable", "regions", "notices"],
         },
+        "Contents": _CONTENTS,
         "Stats": {
             "type": "object",
             "properties": {

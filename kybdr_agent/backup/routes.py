@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated, Final, Literal
 
+import anyio
 from aiohttp import web
 from pydantic import AfterValidator, Field
 
@@ -17,6 +18,7 @@ from kybdr_agent.backup import verbs
 from kybdr_agent.backup.api_schemas import backup_schemas
 from kybdr_agent.backup.manifest import BACKUP_ID_PATTERN
 from kybdr_agent.backup.regions import REGIONS, Region
+from kybdr_agent.backup.selection import SelectionError, selective_request
 from kybdr_agent.backup.service import BACKFILL_LIMIT, BackupOverrides
 from kybdr_agent.control.http import Call, RouteSpec, authorise
 from kybdr_agent.control.problems import Problem, json_response
@@ -31,6 +33,7 @@ from kybdr_agent.control.requests import (
     QueryParam,
 )
 from kybdr_agent.control.routes import Route, RouteTable, answer_jobs
+from kybdr_agent.jobs import Busy
 
 if TYPE_CHECKING:
     from kybdr_agent.backup.component import BackupComponent
@@ -47,6 +50,8 @@ DatabaseName = Annotated[
     str, Field(min_length=1, max_length=63, pattern=NO_CONTROL_CHARS), AfterValidator(_at_most_63_bytes)
 ]
 JOB_QUERY: Final = (WAIT, TIMEOUT)
+SelectName = Annotated[str, Field(min_length=1, max_length=300, pattern=NO_CONTROL_CHARS)]
+CONTENTS_AT_ONCE: Final = 2  # contents decrypts and parses a whole backup: a CPU-bound read, bounded
 
 
 def _parse_region(value: str) -> Region:
@@ -106,6 +111,18 @@ class RestoreBody(Body):
         "restore.spool_dir first (it needs room for the dump)",
     )
     region: Region | None = Field(None, description=REGION_FIELD_DESCRIPTION)
+    tables: list[SelectName] = Field(
+        [],
+        max_length=100,
+        description="restore only these tables (schema.table, or a table name unique in the backup), whole: "
+        "indexes, constraints, sequences, grants",
+    )
+    schemas: list[SelectName] = Field([], max_length=100, description="restore only these schemas")
+    into_existing: bool = Field(
+        False,
+        description="add the one table of tables to the existing target_database as rename_to; never overwrites",
+    )
+    rename_to: SelectName | None = Field(None, description="with into_existing: the new table's name")
 
 
 class ValidateBody(Body):
@@ -196,6 +213,17 @@ def backup_routes(component: BackupComponent) -> RouteTable:
         body = call.body_as(RestoreBody)
         backup_id = call.path["backup_id"]
         service = component.service
+        try:
+            selection = selective_request(
+                body.tables,
+                body.schemas,
+                into_existing=body.into_existing,
+                rename_to=body.rename_to,
+                force=body.force,
+                jobs=body.jobs,
+            )
+        except SelectionError as exc:
+            raise Problem(422, "bad-selection", "this selective restore cannot be done as asked", str(exc)) from None
         await service.find(backup_id, region_of(body.region))  # 404 now, not as a failed job later
         job = verbs.submit_restore(
             call.ctx.jobs,
@@ -207,6 +235,9 @@ def backup_routes(component: BackupComponent) -> RouteTable:
             with_globals=body.with_globals,
             restore_jobs=body.jobs,
             region=body.region,
+            selection=selection,
+            into_existing=body.into_existing,
+            rename_to=body.rename_to,
         )
         return await answer_jobs(call, [job])
 
@@ -217,6 +248,16 @@ def backup_routes(component: BackupComponent) -> RouteTable:
         await service.find(backup_id, region_of(body.region))
         job = verbs.submit_validate(call.ctx.jobs, service, backup_id, body.level, body.region)
         return await answer_jobs(call, [job])
+
+    contents_limit = anyio.CapacityLimiter(CONTENTS_AT_ONCE)
+
+    async def get_contents(call: Call) -> web.Response:
+        region = region_of(call.query.get("region"))
+        if contents_limit.available_tokens < 1:
+            raise Busy(f"{CONTENTS_AT_ONCE} contents requests are being answered; try again shortly", retry_after=5)
+        async with contents_limit:
+            found = await component.service.contents(call.path["backup_id"], region)
+        return json_response(found.as_dict())
 
     async def post_backfill(call: Call) -> web.Response:
         body = call.body_as(BackfillBody)
@@ -353,6 +394,21 @@ def backup_routes(component: BackupComponent) -> RouteTable:
                 repository=True,
             ),
             post_restore,
+        ),
+        Route(
+            RouteSpec(
+                method="GET",
+                path="/v1/backup/{backup_id}/contents",
+                role="viewer",
+                summary="What a backup holds: schemas, tables with their data size and rows, other objects "
+                "(read from its archive, verified to the end)",
+                name="backup_contents",
+                query=(REGION,),
+                path_params=(BACKUP_ID,),
+                response="Contents",
+                repository=True,
+            ),
+            get_contents,
         ),
         Route(
             RouteSpec(

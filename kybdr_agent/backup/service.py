@@ -20,6 +20,8 @@ from zoneinfo import ZoneInfo
 import anyio
 
 from kybdr_agent.backup import catalog, region_listing
+from kybdr_agent.backup.contents import backup_contents
+from kybdr_agent.backup.contents_doc import Contents
 from kybdr_agent.backup.copies import copy_to_dr, stored_objects
 from kybdr_agent.backup.drill import drill_one
 from kybdr_agent.backup.freshness import BackupSeen, DatabaseFreshness, ScheduleWindow, assess
@@ -38,6 +40,9 @@ from kybdr_agent.backup.regions import (
 from kybdr_agent.backup.restore import Notice, RestoreResult, check_user_target, restore_backup
 from kybdr_agent.backup.retention_plan import RetentionPlan, retention_plan
 from kybdr_agent.backup.scratch import ScratchSweep, sweep_scratch
+from kybdr_agent.backup.selection import Selection
+from kybdr_agent.backup.selective import restore_selection
+from kybdr_agent.backup.selective_existing import restore_into_existing
 from kybdr_agent.backup.settings import BackupConfig
 from kybdr_agent.backup.streamfmt import Compression
 from kybdr_agent.backup.sweep import sweep_repository
@@ -200,10 +205,16 @@ class BackupService:
         spool_dir: Path | None = None,
         notice: Notice | None = None,
         region: Region | None = None,
+        selection: Selection | None = None,
+        into_existing: bool = False,
+        rename_to: str | None = None,
     ) -> RestoreResult:
         """``jobs`` > 1: ``pg_restore -j jobs`` from a spool file in ``spool_dir`` (default: the
         ``restore.spool_dir`` the caller resolved, else ``backup.backup_dir/spool``). ``region`` None reads
-        the primary repository, or the DR region's copy when the primary cannot be read (said in a notice)."""
+        the primary repository, or the DR region's copy when the primary cannot be read (said in a notice).
+        ``selection`` (from ``selection.selective_request``, which checked the switches go together): only those
+        tables or schemas, into a new database — or, ``into_existing``, the one table added to the existing
+        database ``target`` as ``rename_to``."""
         check_user_target(target)
         located = await self.locate(backup_id, region)
         found = located.manifest
@@ -211,22 +222,59 @@ class BackupService:
         if located.note:
             tell(located.note)
         with stage("restore", backup_id=found.id, database=found.database, target=target, region=located.region):
-            result = await restore_backup(
-                found,
-                store=located.store,
-                keyring=self.keyring,
-                connection=self.connection,
-                maintenance_database=self.config.maintenance_database,
-                target=target,
-                force=force,
-                no_owner=no_owner,
-                with_globals=with_globals,
-                jobs=jobs,
-                spool_dir=spool_dir or self.config.spool_dir,
-                notice=tell,
-            )
+            if selection is not None and into_existing:
+                assert rename_to is not None  # selective_request requires it
+                result: RestoreResult = await restore_into_existing(
+                    found,
+                    selection,
+                    store=located.store,
+                    keyring=self.keyring,
+                    connection=self.connection,
+                    maintenance_database=self.config.maintenance_database,
+                    target=target,
+                    rename_to=rename_to,
+                    no_owner=no_owner,
+                    with_globals=with_globals,
+                    notice=tell,
+                )
+            elif selection is not None:
+                result = await restore_selection(
+                    found,
+                    selection,
+                    store=located.store,
+                    keyring=self.keyring,
+                    connection=self.connection,
+                    maintenance_database=self.config.maintenance_database,
+                    target=target,
+                    no_owner=no_owner,
+                    with_globals=with_globals,
+                    notice=tell,
+                )
+            else:
+                result = await restore_backup(
+                    found,
+                    store=located.store,
+                    keyring=self.keyring,
+                    connection=self.connection,
+                    maintenance_database=self.config.maintenance_database,
+                    target=target,
+                    force=force,
+                    no_owner=no_owner,
+                    with_globals=with_globals,
+                    jobs=jobs,
+                    spool_dir=spool_dir or self.config.spool_dir,
+                    notice=tell,
+                )
         notices = [located.note, *result.notices] if located.note else result.notices
         return dataclasses.replace(result, region=located.region, notices=notices)
+
+    async def contents(self, backup_id: str, region: Region | None = None) -> Contents:
+        """What the backup holds (schemas, tables with sizes and rows, other objects), read from its archive
+        streamed and verified to the end; ``.as_dict()`` is the API document."""
+        located = await self.locate(backup_id, region)
+        found = located.manifest
+        with stage("contents", backup_id=found.id, database=found.database, region=located.region):
+            return await backup_contents(found, located.store, self.keyring)
 
     async def validate(self, backup_id: str, level: Level, region: Region | None = None) -> ValidationResult:
         located = await self.locate(backup_id, region)

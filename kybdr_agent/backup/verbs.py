@@ -15,6 +15,7 @@ from typing import Any
 
 from kybdr_agent.backup.catalog import manifest_document
 from kybdr_agent.backup.regions import Region
+from kybdr_agent.backup.selection import Selection
 from kybdr_agent.backup.service import BackupOverrides, BackupService
 from kybdr_agent.backup.verify import Level
 from kybdr_agent.jobs import Job, JobFailed, JobManager, Submission
@@ -55,6 +56,9 @@ def submit_restore(
     spool_dir: Path | None = None,
     notice: Callable[[str], None] | None = None,
     region: Region | None = None,
+    selection: Selection | None = None,
+    into_existing: bool = False,
+    rename_to: str | None = None,
 ) -> Job:
     """Restore into ``target``; each notice (what ``--force`` will do) shows as the job's stage as it happens."""
 
@@ -76,6 +80,9 @@ def submit_restore(
             spool_dir=spool_dir,
             notice=on_notice,
             region=region,
+            selection=selection,
+            into_existing=into_existing,
+            rename_to=rename_to,
         )
         return dict(result.__dict__)
 
@@ -89,6 +96,10 @@ def submit_restore(
     }
     if region is not None:
         params["region"] = region
+    if selection is not None:
+        params.update(tables=list(selection.tables), schemas=list(selection.schemas))
+        if into_existing:
+            params.update(into_existing=True, rename_to=rename_to)
     return jobs.submit("restore", work, params=params, database=target, bounded=True)
 
 

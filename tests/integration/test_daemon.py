@@ -119,6 +119,25 @@ def test_every_backup_endpoint(daemon: Daemon, pg: Cluster, app_db: str) -> None
     assert _one_job(restored)["status"] == "succeeded", restored.body
     assert database_fingerprint(pg, target) == database_fingerprint(pg, app_db)
 
+    # What the backup holds, and one schema of it restored on its own (the full matrix:
+    # tests/integration/test_selective_restore.py; here the API's names).
+    contents = daemon.request("GET", f"/v1/backup/{backup['id']}/contents").body
+    assert {s["name"]: sorted(t["name"] for t in s["tables"]) for s in contents["schemas"]} == {
+        "public": ["accounts", "events"],
+        "audit": ["log"],
+    }
+    audit_only = unique_db("api_audit")
+    selective = daemon.request(
+        "POST", f"/v1/backup/{backup['id']}/restore?wait=true", {"target_database": audit_only, "schemas": ["audit"]}
+    )
+    assert _one_job(selective)["result"]["tables"] == ["audit.log"]
+    assert pg.psql(audit_only, "select count(*) from audit.log").strip() == "100"
+    refused = daemon.request(
+        "POST", f"/v1/backup/{backup['id']}/restore", {"target_database": audit_only, "into_existing": True}
+    )
+    assert refused.status == 422
+    assert refused.body["type"].endswith("/bad-selection")
+
     tested = daemon.request("POST", "/v1/backup/test?wait=true", {})
     drill = _one_job(tested)
     assert drill["status"] == "succeeded", drill
@@ -146,6 +165,8 @@ def test_every_backup_endpoint(daemon: Daemon, pg: Cluster, app_db: str) -> None
         "/v1/backup/{backup_id}",
         "/v1/backup/{backup_id}/restore",
         "/v1/backup/{backup_id}/validate",
+        "/v1/backup/{backup_id}/contents",
+        "/v1/backup/backfill",
         "/v1/backup/cleanup",
         "/v1/backup/stats",
         "/v1/backup/test",
@@ -156,6 +177,7 @@ def test_every_backup_endpoint(daemon: Daemon, pg: Cluster, app_db: str) -> None
         assert path in spec["paths"], path
     assert set(spec["paths"]["/v1/backup"]) == {"get", "post"}
     pg.psql("postgres", f'drop database "{target}"')
+    pg.psql("postgres", f'drop database "{audit_only}"')
 
 
 def test_cleanup_deletes_manifest_first_and_keeps_newest(daemon: Daemon, tmp_path: Path) -> None:
