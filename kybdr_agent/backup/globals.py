@@ -48,6 +48,7 @@ from kybdr_agent.backup.pgdump import child_process, drain_into, failure_message
 from kybdr_agent.backup.streamfmt import HEADER_SIZE, NONCE_PREFIX_SIZE, StreamHeader, StreamSealer
 from kybdr_agent.errors import DumpError, IntegrityError, KybdrError
 from kybdr_agent.postgres.connection import DATABASE_ERRORS, Connection, database_errors, pg_message, tool_version
+from kybdr_agent.postgres.conninfo import dbname_only
 from kybdr_agent.storage.base import BlobStore, UploadResult
 from kybdr_agent.telemetry import get_logger
 
@@ -78,12 +79,6 @@ def globals_header(data: StreamHeader) -> StreamHeader:
         prefix = os.urandom(NONCE_PREFIX_SIZE)
         if prefix != data.nonce_prefix:
             return dataclasses.replace(data, nonce_prefix=prefix)
-
-
-def _conninfo_dbname(database: str) -> str:
-    """``pg_dumpall -l`` expands its value as a connection string: quote the name so it is only a name."""
-    escaped = database.replace("\\", "\\\\").replace("'", "\\'")
-    return f"dbname='{escaped}'"
 
 
 async def _may_read_passwords(conn: Any, connection: Connection, database: str) -> bool:
@@ -117,7 +112,7 @@ async def dump_globals(
         "--globals-only",
         "--no-password",
         "--encoding=UTF8",
-        f"--database={_conninfo_dbname(database)}",
+        f"--database={dbname_only(database)}",
         *([] if passwords else ["--no-role-passwords"]),
     ]
     result = UploadResult()

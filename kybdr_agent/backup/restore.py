@@ -195,7 +195,7 @@ async def restore_backup(
                         scratch, backup, store, keyring, connection, pg_restore, no_owner, jobs, spool_dir, admin
                     )
                 else:
-                    stats_bytes = await _pg_restore_into(
+                    stats_bytes = await pg_restore_stream(
                         scratch, backup, store, keyring, connection, pg_restore, no_owner, session=admin
                     )
             except BaseException:
@@ -254,7 +254,7 @@ async def _swap_in(
     return terminated
 
 
-async def _pg_restore_into(
+async def pg_restore_stream(
     database: str,
     backup: Manifest,
     store: BlobStore,
@@ -264,9 +264,19 @@ async def _pg_restore_into(
     no_owner: bool,
     *,
     session: Any = None,
+    use_list: Path | None = None,
 ) -> int:
-    """Fill ``database`` with pg_restore, on the server ``session`` reached (the one that created it)."""
+    """Fill ``database`` with pg_restore fed the verified stream, in one transaction, on the server ``session``
+    reached (the one that created it); the dump's bytes, once the whole stream verified and pg_restore exited 0.
+
+    A whole restore reads the archive to its last byte, so pg_restore going away before the end of the input
+    is a failure, whatever its exit status. With ``use_list`` (a selective restore, ``--use-list``) it stops
+    reading once it has the last entry asked for, commits and exits 0 — often long before the stream's end:
+    then the rest is still read and verified (to nowhere), and ``database`` (a scratch database, which the
+    caller drops on any error) becomes anything only if the whole stream verifies."""
     argv = [pg_restore, "--exit-on-error", "--single-transaction", "--no-password", f"--dbname={database}"]
+    if use_list is not None:
+        argv.append(f"--use-list={use_list}")
     if no_owner:
         argv += ["--no-owner", "--no-acl"]
     stderr = TailBuffer()
@@ -278,26 +288,34 @@ async def _pg_restore_into(
     ) as proc:
         assert proc.stdin is not None
         stdin = proc.stdin
+        done_reading = False
 
         async def feed(data: bytes) -> None:
+            nonlocal done_reading
+            if done_reading:
+                return
             stdin.write(data)
             try:
                 await stdin.drain()
             except (BrokenPipeError, ConnectionResetError):
-                raise DumpError(failure_message("pg_restore", await proc.wait(), stderr)) from None
+                returncode = await proc.wait()
+                if returncode != 0 or use_list is None:
+                    raise DumpError(failure_message("pg_restore", returncode, stderr)) from None
+                done_reading = True
 
         async with task_group() as tg:
             tg.start_soon(drain_into, proc.stderr, stderr)
             try:
                 stats = await stream_backup(lambda: store.read(backup.object_key), backup, keyring, feed)
             except BaseException:
-                # Never let pg_restore see end-of-input for a stream that did not verify: kill it
-                # mid-transaction so nothing it did is committed.
+                # Kill pg_restore mid-transaction so that nothing it did is committed. (It may already have
+                # committed: it does once it has read the archive's last block, before the stream's final
+                # checks. Only the scratch database saw that, and the caller drops it.)
                 if proc.returncode is None:
                     with contextlib.suppress(ProcessLookupError):
                         proc.kill()
                 raise
-            # Everything verified: end of input lets pg_restore commit.
+            # Everything verified: end of input lets pg_restore finish, if it has not yet.
             stdin.close()
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 await stdin.wait_closed()

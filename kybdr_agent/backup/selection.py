@@ -137,8 +137,10 @@ def qualified(schema: str | None, name: str) -> str:
 
 def renamed(old: str, new: str, name: str, taken: Iterable[str]) -> str:
     """The name of one of ``old``'s indexes or sequences once the table is ``new``: ``old_pkey`` →
-    ``new_pkey`` (else ``new_<name>``), cut to 63 bytes and numbered until it is not in ``taken``."""
-    base = new + name[len(old) :] if name.startswith(old) else f"{new}_{name}"
+    ``new_pkey`` (else ``new_<name>``; the name itself if the table keeps its own), cut to 63 bytes and
+    numbered until it is not in ``taken``."""
+    prefix = "" if new == old else f"{new}_"
+    base = new + name[len(old) :] if name.startswith(old) else prefix + name
     used = set(taken)
     for n in range(1, 1000):
         suffix = "" if n == 1 else f"_{n}"

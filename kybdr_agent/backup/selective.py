@@ -20,14 +20,12 @@ restore: missing ones refuse it with globals' message, ``with_globals`` creates 
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,14 +33,11 @@ from typing import Any
 
 import anyio
 
-from kybdr_agent.asyncutil import TailBuffer, task_group
 from kybdr_agent.backup.contents import read_toc
-from kybdr_agent.backup.decode import stream_backup
 from kybdr_agent.backup.globals import missing_message, prepare_target, target_state
 from kybdr_agent.backup.keys import KeyRing
 from kybdr_agent.backup.manifest import Manifest
-from kybdr_agent.backup.pgdump import child_process, drain_into, failure_message
-from kybdr_agent.backup.restore import RestoreResult, check_user_target
+from kybdr_agent.backup.restore import Notice, RestoreResult, check_user_target, pg_restore_stream
 from kybdr_agent.backup.scratch import RESTORE_PREFIX, drop_scratch, held, quote_ident, sweep_scratch
 from kybdr_agent.backup.selection import Selection, qualified
 from kybdr_agent.backup.selective_plan import SelectionPlan, plan_selection, selection_needs
@@ -52,7 +47,6 @@ from kybdr_agent.storage.base import BlobStore
 from kybdr_agent.telemetry import get_logger
 
 log = get_logger("kybdr_agent.selective")
-Notice = Callable[[str], None]
 
 
 def _ignore(_message: str) -> None:
@@ -67,15 +61,17 @@ class SelectiveResult(RestoreResult):
 
 @dataclass
 class SelectiveRun:
-    """What every selective restore shares: the backup, where it reads it, how it reaches the server."""
+    """What every selective restore shares: the backup, where it reads it, how it reaches the server, what
+    the operator asked of owners and roles, and whom it tells."""
 
     backup: Manifest
     store: BlobStore
     keyring: KeyRing | None
     connection: Connection
-    no_owner: bool
-    with_globals: bool
-    notice: Notice
+    maintenance_database: str
+    no_owner: bool = False
+    with_globals: bool = False
+    notice: Notice = _ignore
     notices: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
 
@@ -91,6 +87,16 @@ class SelectiveRun:
         for message in plan.notices if into_existing is None else plan.notices_into_existing(into_existing):
             self.say(message)
         return plan
+
+    @asynccontextmanager
+    async def admin(self) -> AsyncIterator[Any]:
+        """A session on the maintenance database, once the scratch databases earlier restores left are swept."""
+        async with self.connection.connect(self.maintenance_database) as admin:
+            with database_errors("sweeping scratch databases left by earlier restores"):
+                swept = await sweep_scratch(admin)
+            for name, error in swept.failed.items():
+                self.say(f"could not drop the leftover scratch database {name}: {error}")
+            yield admin
 
     async def check_roles(self, admin: Any, plan: SelectionPlan, pg_restore: str) -> dict[str, Any] | None:
         """The roles the selection needs: refused if missing, created with ``with_globals``, none with
@@ -114,6 +120,25 @@ class SelectiveRun:
                 raise KybdrError(missing_message(self.backup, roles, spaces))
         return None
 
+    @asynccontextmanager
+    async def scratch(self, admin: Any) -> AsyncIterator[str]:
+        """A new scratch database, held for the block (no sweep takes it) and dropped if the block fails; one
+        that succeeds renames it or drops it (``drop``) itself."""
+        name = f"{RESTORE_PREFIX}{secrets.token_hex(6)}"
+        async with held(admin, name):
+            try:
+                with database_errors("creating the scratch database for the restore"):
+                    await admin.execute(f"create database {quote_ident(name)} template template0")
+                yield name
+            except BaseException:
+                await self.drop(admin, name)  # by its scratch name: never what it was renamed to
+                raise
+
+    async def drop(self, admin: Any, name: str) -> None:
+        error = await drop_scratch(admin, name)  # bounded and shielded
+        if error is not None:
+            self.say(f"could not drop the scratch database {name}: {error}")
+
     def result(self, target: str, dump_bytes: int, tables: tuple[str, ...], **more: Any) -> SelectiveResult:
         return SelectiveResult(
             backup_id=self.backup.id,
@@ -127,58 +152,29 @@ class SelectiveRun:
         )
 
 
-async def sweep(run: SelectiveRun, admin: Any) -> None:
-    with database_errors("sweeping scratch databases left by earlier restores"):
-        swept = await sweep_scratch(admin)
-    for name, error in swept.failed.items():
-        run.say(f"could not drop the leftover scratch database {name}: {error}")
-
-
 async def database_exists(admin: Any, database: str) -> bool:
     with database_errors(f"checking database {database!r}"):
         return bool(await admin.fetchval("select true from pg_database where datname = $1", database))
 
 
-async def restore_selection(
-    backup: Manifest,
-    selection: Selection,
-    *,
-    store: BlobStore,
-    keyring: KeyRing | None,
-    connection: Connection,
-    maintenance_database: str,
-    target: str,
-    no_owner: bool = False,
-    with_globals: bool = False,
-    notice: Notice = _ignore,
-) -> SelectiveResult:
-    """Restore ``selection`` of ``backup`` into the new database ``target`` (which must not exist)."""
+async def restore_selection(run: SelectiveRun, selection: Selection, target: str) -> SelectiveResult:
+    """Restore ``selection`` of ``run.backup`` into the new database ``target`` (which must not exist)."""
     check_user_target(target)
-    run = SelectiveRun(backup, store, keyring, connection, no_owner, with_globals, notice)
     plan = await run.plan(selection)
-    scratch = f"{RESTORE_PREFIX}{secrets.token_hex(6)}"
-    async with connection.connect(maintenance_database) as admin:
-        await sweep(run, admin)
+    async with run.admin() as admin:
         if await database_exists(admin, target):
             raise KybdrError(
                 f"database {target!r} exists; a selective restore (--table, --schema) creates a new database: "
                 "choose another --target-database, or add one table to it with --into-existing --rename-to"
             )
-        pg_restore = connection.binary("pg_restore", admin.get_server_version().major)
+        pg_restore = run.connection.binary("pg_restore", admin.get_server_version().major)
         applied = await run.check_roles(admin, plan, pg_restore)
-        async with held(admin, scratch):
-            with database_errors("creating the scratch database for the restore"):
-                await admin.execute(f"create database {quote_ident(scratch)} template template0")
-            try:
-                dump_bytes = await restore_list(run, plan, scratch, pg_restore, admin)
-            except BaseException:
-                await drop_scratch(admin, scratch)
-                raise
+        async with run.scratch(admin) as scratch:
+            dump_bytes = await restore_list(run, plan, scratch, pg_restore, admin)
             with anyio.CancelScope(shield=True):
                 try:
                     await admin.execute(f"alter database {quote_ident(scratch)} rename to {quote_ident(target)}")
                 except DATABASE_ERRORS as exc:
-                    await drop_scratch(admin, scratch)
                     raise DumpError(f"could not name the restored database {target!r}: {pg_message(exc)}") from None
     return run.result(target, dump_bytes, tuple(qualified(s, t) for s, t in plan.tables), globals=applied)
 
@@ -199,62 +195,19 @@ async def _list_file(plan: SelectionPlan) -> AsyncIterator[Path]:
 
 async def restore_list(run: SelectiveRun, plan: SelectionPlan, database: str, pg_restore: str, session: Any) -> int:
     """Fill ``database`` (a scratch database) with the entries of ``plan``: pg_restore --use-list in one
-    transaction, fed the stream; returns only once the whole stream verified and pg_restore exited 0. A stream
-    that fails before pg_restore is done kills it mid-transaction; one that fails after it committed fails
-    this all the same, and the caller drops the database."""
+    transaction, fed the stream; returns only once the whole stream verified and pg_restore exited 0, which
+    is often long before the stream's end (``restore.pg_restore_stream``). A stream that fails before
+    pg_restore is done kills it mid-transaction; one that fails after it committed fails this all the same,
+    and the caller drops the database."""
     async with _list_file(plan) as listing:
-        argv = [
+        return await pg_restore_stream(
+            database,
+            run.backup,
+            run.store,
+            run.keyring,
+            run.connection,
             pg_restore,
-            "--exit-on-error",
-            "--single-transaction",
-            "--no-password",
-            f"--use-list={listing}",
-            f"--dbname={database}",
-        ]
-        if run.no_owner:
-            argv += ["--no-owner", "--no-acl"]
-        stderr = TailBuffer()
-        async with child_process(
-            argv,
-            env=run.connection.child_env(database, session),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.DEVNULL,
-        ) as proc:
-            assert proc.stdin is not None
-            stdin = proc.stdin
-            finished = False
-
-            async def feed(data: bytes) -> None:
-                # pg_restore stops reading once it has the last entry it was asked for, commits and exits —
-                # often long before the stream's end. The rest is still read and verified (to nowhere): the
-                # scratch database it filled becomes anything only if the whole stream verifies.
-                nonlocal finished
-                if finished:
-                    return
-                stdin.write(data)
-                try:
-                    await stdin.drain()
-                except (BrokenPipeError, ConnectionResetError):
-                    returncode = await proc.wait()
-                    if returncode != 0:
-                        raise DumpError(failure_message("pg_restore", returncode, stderr)) from None
-                    finished = True
-
-            async with task_group() as tg:
-                tg.start_soon(drain_into, proc.stderr, stderr)
-                try:
-                    stats = await stream_backup(
-                        lambda: run.store.read(run.backup.object_key), run.backup, run.keyring, feed
-                    )
-                except BaseException:
-                    if proc.returncode is None:
-                        with contextlib.suppress(ProcessLookupError):
-                            proc.kill()
-                    raise
-                stdin.close()
-                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                    await stdin.wait_closed()
-                returncode = await proc.wait()
-            if returncode != 0:
-                raise DumpError(failure_message("pg_restore", returncode, stderr))
-    return stats.dump_bytes
+            run.no_owner,
+            session=session,
+            use_list=listing,
+        )

@@ -13,57 +13,36 @@ would be restoring into the live database and renaming afterwards. The names are
 message; the transaction is what makes it safe. The scratch database is dropped whatever happens.
 
 The new table lands in the schema the backup's table was in (which must exist); its owner and grants are
-the source's, the roles checked first as for any restore (or ``--no-owner``, ``--with-globals``).
+the source's, the roles checked first as for any restore (or ``--no-owner``, ``--with-globals``). A table
+dropped by mistake comes back under its own name (``--rename-to`` the same name): its parts then keep theirs
+where the live database leaves them free.
+
+The live database is named to pg_restore as a quoted ``dbname='…'``: pg_restore reads a ``--dbname`` holding
+``=`` (or a URI) as a whole connection string, so a database name like ``dbname=prod`` would otherwise send
+the table into another database than the one checked.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import secrets
 from typing import Any, Final
 
-import anyio
-
 from kybdr_agent.asyncutil import TailBuffer, task_group
-from kybdr_agent.backup.keys import KeyRing
-from kybdr_agent.backup.manifest import Manifest
 from kybdr_agent.backup.pgdump import child_process, drain_into, failure_message
 from kybdr_agent.backup.restore import check_user_target
-from kybdr_agent.backup.scratch import RESTORE_PREFIX, drop_scratch, held, quote_ident
+from kybdr_agent.backup.scratch import quote_ident
 from kybdr_agent.backup.selection import Selection, SelectionError, parse_name, qualified, renamed
-from kybdr_agent.backup.selective import (
-    Notice,
-    SelectiveResult,
-    SelectiveRun,
-    database_exists,
-    restore_list,
-    sweep,
-)
+from kybdr_agent.backup.selective import SelectiveResult, SelectiveRun, database_exists, restore_list
 from kybdr_agent.errors import DumpError, KybdrError
-from kybdr_agent.postgres.connection import Connection, database_errors
-from kybdr_agent.storage.base import BlobStore
+from kybdr_agent.postgres.connection import database_errors
+from kybdr_agent.postgres.conninfo import dbname_only
 
 COPY_CHUNK: Final = 1 << 20
 
 
-def _ignore(_message: str) -> None:
-    return None
-
-
 async def restore_into_existing(
-    backup: Manifest,
-    selection: Selection,
-    *,
-    store: BlobStore,
-    keyring: KeyRing | None,
-    connection: Connection,
-    maintenance_database: str,
-    target: str,
-    rename_to: str,
-    no_owner: bool = False,
-    with_globals: bool = False,
-    notice: Notice = _ignore,
+    run: SelectiveRun, selection: Selection, target: str, rename_to: str
 ) -> SelectiveResult:
     """Add the one table of ``selection`` to the existing database ``target`` as ``rename_to`` (in the table's
     own schema), with its indexes, constraints, owned sequences, triggers, grants and comments; refused, with
@@ -72,7 +51,6 @@ async def restore_into_existing(
     if selection.schemas or len(selection.table_names()) != 1:
         raise SelectionError("--into-existing adds exactly one table: one --table, no --schema")
     (new,) = parse_name(rename_to, most=1)
-    run = SelectiveRun(backup, store, keyring, connection, no_owner, with_globals, notice)
     plan = await run.plan(selection, into_existing=target)
     if len(plan.tables) != 1:
         raise SelectionError(
@@ -80,29 +58,20 @@ async def restore_into_existing(
             "one plain table; restore it into a new database instead"
         )
     schema, old = plan.tables[0]
-    scratch = f"{RESTORE_PREFIX}{secrets.token_hex(6)}"
-    async with connection.connect(maintenance_database) as admin:
-        await sweep(run, admin)
+    async with run.admin() as admin:
         if not await database_exists(admin, target):
             raise KybdrError(f"database {target!r} does not exist; --into-existing adds a table to an existing one")
-        async with connection.connect(target) as live:
+        async with run.connection.connect(target) as live:
             await _check_free(live, target, schema, new)
         major = admin.get_server_version().major
-        pg_restore, pg_dump = connection.binary("pg_restore", major), connection.binary("pg_dump", major)
+        pg_restore, pg_dump = run.connection.binary("pg_restore", major), run.connection.binary("pg_dump", major)
         applied = await run.check_roles(admin, plan, pg_restore)
-        async with held(admin, scratch):
-            with database_errors("creating the scratch database for the restore"):
-                await admin.execute(f"create database {quote_ident(scratch)} template template0")
-            try:
-                dump_bytes = await restore_list(run, plan, scratch, pg_restore, admin)
-                async with connection.connect(scratch) as copy, connection.connect(target) as live:
-                    names = await _rename(copy, live, schema, old, new)
-                await _copy_table(run, scratch, target, qualified(schema, new), pg_dump, pg_restore, admin)
-            finally:
-                with anyio.CancelScope(shield=True):
-                    error = await drop_scratch(admin, scratch)
-                if error is not None:
-                    run.say(f"could not drop the scratch database {scratch}: {error}")
+        async with run.scratch(admin) as scratch:
+            dump_bytes = await restore_list(run, plan, scratch, pg_restore, admin)
+            async with run.connection.connect(scratch) as copy, run.connection.connect(target) as live:
+                names = await _rename(copy, live, schema, old, new)
+            await _copy_table(run, scratch, target, qualified(schema, new), pg_dump, pg_restore, admin)
+            await run.drop(admin, scratch)
     run.say(f"added {qualified(schema, new)} to {target!r} (the backup's {qualified(schema, old)})")
     return run.result(target, dump_bytes, (qualified(schema, new),), renamed=names, globals=applied)
 
@@ -145,8 +114,9 @@ _NAMES: Final = (
 
 
 async def _rename(copy: Any, live: Any, schema: str, old: str, new: str) -> dict[str, str]:
-    """Rename the restored table in the scratch database, and its indexes and owned sequences so that none
-    collides with a name in the live database (``old_pkey`` → ``new_pkey``); old → new qualified names."""
+    """Rename the restored table in the scratch database to ``new``, and its indexes and owned sequences so that
+    none collides with a name in the live database (``old_pkey`` → ``new_pkey``; under its own name a part
+    keeps its name where it is free); old → new qualified names."""
     with database_errors("renaming the restored table in the scratch database"):
         oid = await copy.fetchval(
             "select c.oid from pg_class c join pg_namespace n on n.oid = c.relnamespace "
@@ -157,18 +127,24 @@ async def _rename(copy: Any, live: Any, schema: str, old: str, new: str) -> dict
         parts = [("INDEX", r["nspname"], r["relname"]) for r in await copy.fetch(_INDEXES, oid)]
         parts += [("SEQUENCE", r["nspname"], r["relname"]) for r in await copy.fetch(_SEQUENCES, oid)]
         spaces = sorted({schema, *(s for _, s, _ in parts)})
-        taken = {
-            (r["nspname"], r["relname"])
-            for rows in (await copy.fetch(_NAMES, spaces), await live.fetch(_NAMES, spaces))
-            for r in rows
-        }
+        in_live = {(r["nspname"], r["relname"]) for r in await live.fetch(_NAMES, spaces)}
+        taken = in_live | {(r["nspname"], r["relname"]) for r in await copy.fetch(_NAMES, spaces)}
         names = {qualified(schema, old): qualified(schema, new)}
-        statements = [f"alter table {quote_ident(schema)}.{quote_ident(old)} rename to {quote_ident(new)}"]
+        # Under its own name (a dropped table brought back) the table is not renamed: ALTER … RENAME to the
+        # same name fails ("already exists").
+        statements = (
+            [] if new == old else [f"alter table {quote_ident(schema)}.{quote_ident(old)} rename to {quote_ident(new)}"]
+        )
         for kind, space, name in parts:
+            if (space, name) not in in_live:
+                taken.discard((space, name))  # its own name in the scratch database is no obstacle
             fresh = renamed(old, new, name, {n for s, n in taken if s == space})
             taken.add((space, fresh))
-            names[qualified(space, name)] = qualified(space, fresh)
-            statements.append(f"alter {kind} {quote_ident(space)}.{quote_ident(name)} rename to {quote_ident(fresh)}")
+            if fresh != name:
+                names[qualified(space, name)] = qualified(space, fresh)
+                statements.append(
+                    f"alter {kind} {quote_ident(space)}.{quote_ident(name)} rename to {quote_ident(fresh)}"
+                )
         async with copy.transaction():
             for sql in statements:
                 await copy.execute(sql)
@@ -183,7 +159,14 @@ async def _copy_table(
     commit, before the dump is known to be whole (else pg_restore is killed mid-transaction)."""
     owner = ["--no-owner", "--no-acl"] if run.no_owner else []
     dump_argv = [pg_dump, "--format=custom", "--compress=0", "--no-password", "--strict-names", f"--table={table}"]
-    load_argv = [pg_restore, "--exit-on-error", "--single-transaction", "--no-password", f"--dbname={target}", *owner]
+    load_argv = [
+        pg_restore,
+        "--exit-on-error",
+        "--single-transaction",
+        "--no-password",
+        f"--dbname={dbname_only(target)}",
+        *owner,
+    ]
     dump_err, load_err = TailBuffer(), TailBuffer()
     async with (
         child_process(

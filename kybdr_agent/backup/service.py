@@ -40,8 +40,8 @@ from kybdr_agent.backup.regions import (
 from kybdr_agent.backup.restore import Notice, RestoreResult, check_user_target, restore_backup
 from kybdr_agent.backup.retention_plan import RetentionPlan, retention_plan
 from kybdr_agent.backup.scratch import ScratchSweep, sweep_scratch
-from kybdr_agent.backup.selection import Selection
-from kybdr_agent.backup.selective import restore_selection
+from kybdr_agent.backup.selection import Selection, selective_request
+from kybdr_agent.backup.selective import SelectiveRun, restore_selection
 from kybdr_agent.backup.selective_existing import restore_into_existing
 from kybdr_agent.backup.settings import BackupConfig
 from kybdr_agent.backup.streamfmt import Compression
@@ -216,41 +216,23 @@ class BackupService:
         tables or schemas, into a new database — or, ``into_existing``, the one table added to the existing
         database ``target`` as ``rename_to``."""
         check_user_target(target)
+        # Checked here too, for any caller: into_existing without a table must never become a whole restore.
+        selection = selective_request(
+            selection.tables if selection else (),
+            selection.schemas if selection else (),
+            into_existing=into_existing,
+            rename_to=rename_to,
+            force=force,
+            jobs=jobs,
+        )
         located = await self.locate(backup_id, region)
         found = located.manifest
         tell = notice or (lambda _message: None)
         if located.note:
             tell(located.note)
         with stage("restore", backup_id=found.id, database=found.database, target=target, region=located.region):
-            if selection is not None and into_existing:
-                assert rename_to is not None  # selective_request requires it
-                result: RestoreResult = await restore_into_existing(
-                    found,
-                    selection,
-                    store=located.store,
-                    keyring=self.keyring,
-                    connection=self.connection,
-                    maintenance_database=self.config.maintenance_database,
-                    target=target,
-                    rename_to=rename_to,
-                    no_owner=no_owner,
-                    with_globals=with_globals,
-                    notice=tell,
-                )
-            elif selection is not None:
-                result = await restore_selection(
-                    found,
-                    selection,
-                    store=located.store,
-                    keyring=self.keyring,
-                    connection=self.connection,
-                    maintenance_database=self.config.maintenance_database,
-                    target=target,
-                    no_owner=no_owner,
-                    with_globals=with_globals,
-                    notice=tell,
-                )
-            else:
+            result: RestoreResult
+            if selection is None:
                 result = await restore_backup(
                     found,
                     store=located.store,
@@ -265,6 +247,21 @@ class BackupService:
                     spool_dir=spool_dir or self.config.spool_dir,
                     notice=tell,
                 )
+            else:
+                run = SelectiveRun(
+                    found,
+                    located.store,
+                    self.keyring,
+                    self.connection,
+                    self.config.maintenance_database,
+                    no_owner=no_owner,
+                    with_globals=with_globals,
+                    notice=tell,
+                )
+                if rename_to is not None:  # into_existing: selective_request made sure
+                    result = await restore_into_existing(run, selection, target, rename_to)
+                else:
+                    result = await restore_selection(run, selection, target)
         notices = [located.note, *result.notices] if located.note else result.notices
         return dataclasses.replace(result, region=located.region, notices=notices)
 

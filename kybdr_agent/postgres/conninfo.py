@@ -288,3 +288,11 @@ def mask_dsn(dsn: str) -> str:
         return dsn
     shown = {k: "********" if k in SECRET_PARAMS else v for k, v in params.items()}
     return " ".join(f"{k}={_quote_value(v)}" for k, v in shown.items())
+
+
+def dbname_only(database: str) -> str:
+    """``database`` as a connection string that names only it, for a child's ``--dbname``/``-l``: libpq
+    expands a ``dbname`` holding ``=`` or a URI as a whole connection string, so a database called
+    ``dbname=prod`` would otherwise reach ``prod``."""
+    escaped = database.replace("\\", "\\\\").replace("'", "\\'")
+    return f"dbname='{escaped}'"

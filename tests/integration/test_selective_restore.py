@@ -8,6 +8,7 @@ under a new name to a live database.
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import shutil
@@ -22,7 +23,7 @@ from kybdr_agent.backup.contents import backup_contents
 from kybdr_agent.backup.keys import KeyRing
 from kybdr_agent.backup.manifest import Manifest
 from kybdr_agent.backup.selection import Selection, SelectionError
-from kybdr_agent.backup.selective import SelectiveResult, restore_selection
+from kybdr_agent.backup.selective import SelectiveResult, SelectiveRun, restore_selection
 from kybdr_agent.backup.selective_existing import restore_into_existing
 from kybdr_agent.backup.service import BackupService
 from kybdr_agent.config import load_settings
@@ -116,18 +117,20 @@ def source(pg: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Source:
     return Source(db, manifest, service, tmp / "repo", config)
 
 
-async def _restore(source: Source, target: str, selection: Selection, no_owner: bool = False) -> SelectiveResult:
+def _run(source: Source, no_owner: bool = False) -> SelectiveRun:
     service = source.service
-    return await restore_selection(
+    return SelectiveRun(
         source.manifest,
-        selection,
+        service.store,
+        service.keyring,
+        service.connection,
+        service.config.maintenance_database,
         no_owner=no_owner,
-        store=service.store,
-        keyring=service.keyring,
-        connection=service.connection,
-        maintenance_database=service.config.maintenance_database,
-        target=target,
     )
+
+
+async def _restore(source: Source, target: str, selection: Selection, no_owner: bool = False) -> SelectiveResult:
+    return await restore_selection(_run(source, no_owner), selection, target)
 
 
 def test_contents_lists_the_tables_with_their_exact_sizes(pg: Cluster, source: Source) -> None:
@@ -205,6 +208,10 @@ def test_an_unknown_table_is_refused_before_anything_is_created(pg: Cluster, sou
     # The roles checked are the selection's own: customers restored above needs none missing; zz_filler does.
     with pytest.raises(KybdrError, match=rf"1 role\(s\) this server does not have: {GONE}.*nothing was changed"):
         anyio.run(_restore, source, target, Selection(tables=("zz_filler",)))
+    # The service checks the switches for any caller: --into-existing without a table is no whole restore.
+    restore = functools.partial(source.service.restore, into_existing=True, rename_to="x")
+    with pytest.raises(SelectionError, match="go with one --table"):
+        anyio.run(restore, source.manifest.id, target)
     assert _databases(pg) == before
     result = anyio.run(_restore, source, target, Selection(tables=("zz_filler",)), True)  # --no-owner
     assert result.tables == ("public.zz_filler",)
@@ -222,37 +229,31 @@ def test_contents_of_a_corrupt_backup_is_an_error(source: Source, tmp_path: Path
 
 
 def test_into_existing_adds_the_table_under_a_new_name_and_never_overwrites(pg: Cluster, source: Source) -> None:
-    live = unique_db("sel_live")
-    pg.psql("postgres", f'create database "{live}"')
+    # A name pg_restore would read as a connection string, were it not quoted: the table must land in this
+    # database, not in the decoy it names.
+    decoy = unique_db("sel_decoy")
+    live = f"dbname={decoy}"
+    here = f"dbname='{live}'"  # how psql and pg_dump reach it in this test
+    pg.psql("postgres", f'create database "{live}"; create database "{decoy}"')
     # The live database has its own customers: the restored table's index and sequence names would collide.
     pg.psql(
-        live,
+        here,
         "create table customers (id serial primary key, name text unique); "
         "insert into customers (name) values ('live')",
     )
-    service = source.service
 
     async def add(name: str) -> SelectiveResult:
-        return await restore_into_existing(
-            source.manifest,
-            Selection(tables=("public.customers",)),
-            store=service.store,
-            keyring=service.keyring,
-            connection=service.connection,
-            maintenance_database=service.config.maintenance_database,
-            target=live,
-            rename_to=name,
-        )
+        return await restore_into_existing(_run(source), Selection(tables=("public.customers",)), live, name)
 
-    before = _dump(pg, live, "--table=public.customers")
+    before = _dump(pg, here, "--table=public.customers")
     databases = _databases(pg)
     result = anyio.run(add, "customers_restored")
     assert result.renamed["public.customers_pkey"] == "public.customers_restored_pkey"
-    assert _dump(pg, live, "--table=public.customers") == before  # the live table is untouched
-    restored = pg.psql(live, "select count(*), min(name), max(id) from customers_restored")
+    assert _dump(pg, here, "--table=public.customers") == before  # the live table is untouched
+    restored = pg.psql(here, "select count(*), min(name), max(id) from customers_restored")
     assert restored == pg.psql(source.db, "select count(*), min(name), max(id) from customers")
     indexes = pg.psql(
-        live, "select indexrelid::regclass from pg_index where indrelid = 'customers_restored'::regclass order by 1"
+        here, "select indexrelid::regclass from pg_index where indrelid = 'customers_restored'::regclass order by 1"
     )
     assert sorted(indexes.split()) == [
         "customers_restored_created_idx",
@@ -260,19 +261,20 @@ def test_into_existing_adds_the_table_under_a_new_name_and_never_overwrites(pg: 
         "customers_restored_pkey",
     ]
     assert (
-        pg.psql(live, "select pg_get_serial_sequence('customers_restored', 'id')").strip()
+        pg.psql(here, "select pg_get_serial_sequence('customers_restored', 'id')").strip()
         == "public.customers_restored_id_seq"
     )
-    assert pg.psql(live, "insert into customers_restored (name) values ('x') returning id").strip() == "301"
-    assert READER in pg.psql(live, "select relacl from pg_class where relname = 'customers_restored'")
+    assert pg.psql(here, "insert into customers_restored (name) values ('x') returning id").strip() == "301"
+    assert READER in pg.psql(here, "select relacl from pg_class where relname = 'customers_restored'")
 
-    whole = _dump(pg, live)
+    whole = _dump(pg, here)
     with pytest.raises(SelectionError, match=r"already has public\.customers_restored .*nothing was changed"):
         anyio.run(add, "customers_restored")
     with pytest.raises(SelectionError, match="longer than"):
         anyio.run(add, "x" * 64)
-    assert _dump(pg, live) == whole
+    assert _dump(pg, here) == whole
     assert _databases(pg) == databases  # no scratch database left behind
+    assert pg.psql(decoy, "select count(*) from pg_class where relname like 'customers%'").strip() == "0"
 
 
 def test_the_cli_names(pg: Cluster, source: Source) -> None:
@@ -292,6 +294,13 @@ def test_the_cli_names(pg: Cluster, source: Source) -> None:
     )
     assert refused.returncode == 2
     assert "--rename-to" in refused.stderr
+    # Dropped by mistake, brought back under its own name: its index and sequence names come back as they were.
+    facts = (
+        "select indexrelid::regclass from pg_index where indrelid = 'customers'::regclass order by 1;"
+        "select pg_get_serial_sequence('customers', 'id')"
+    )
+    names = pg.psql(one, facts)
+    pg.psql(one, "drop table customers")
     added = run_cli(
         source.config,
         "restore",
@@ -300,11 +309,12 @@ def test_the_cli_names(pg: Cluster, source: Source) -> None:
         "--table",
         "customers",
         "--rename-to",
-        "customers_again",
+        "customers",
         "--target-database",
         one,
     )
     assert added.returncode == 0, added.stderr
-    assert "public.customers as public.customers_again" in added.stdout
-    assert pg.psql(one, "select count(*) from customers_again").strip() == "300"
+    assert "public.customers as public.customers" in added.stdout
+    assert pg.psql(one, "select count(*) from customers").strip() == "300"
+    assert pg.psql(one, facts) == names
     pg.psql("postgres", f'drop database "{one}"')

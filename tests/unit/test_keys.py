@@ -9,7 +9,6 @@ import hmac
 import os
 import stat
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -34,6 +33,7 @@ from kybdr_agent.config import AgentSettings, load_settings
 from kybdr_agent.errors import ConfigError
 from kybdr_agent.secret_files import load_keyring
 from kybdr_agent.storage.local import LocalStore
+from tests.manifests import sample_manifest
 
 BACKUP_ID = "20261124T215226Z-3f9a1c2b"
 OTHER_ID = "20261124T215226Z-3f9a1c2c"
@@ -491,28 +491,7 @@ def test_an_alias_takes_the_repositorys_region(tmp_path: Path, monkeypatch: pyte
 
 
 def _manifest(backup_id: str, encryption: Encryption, database: str = "app") -> Manifest:
-    at = datetime(2026, 11, 24, 21, 52, 26, tzinfo=UTC)
-    return Manifest(
-        id=backup_id,
-        database=database,
-        agent_version="0.1.0",
-        server_version="15.8",
-        pg_dump_version="15.8",
-        started_at=at,
-        finished_at=at,
-        duration_seconds=1.0,
-        dump_bytes=10,
-        compressed_bytes=10,
-        stored_bytes=10,
-        sha256="a" * 64,
-        compression="zstd",
-        frame_size=1 << 20,
-        frames=1,
-        stream_header="00" * 39,
-        encryption=encryption,
-        storage="file",
-        object_key=f"backups/{database}/{backup_id}/data",
-    )
+    return sample_manifest(backup_id, database=database, encryption=encryption)
 
 
 async def _put(store: LocalStore, m: Manifest) -> None:

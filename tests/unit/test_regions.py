@@ -7,37 +7,17 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kybdr_agent.backup.manifest import Encryption, Manifest
+from kybdr_agent.backup.manifest import Manifest
 from kybdr_agent.backup.regions import NOT_REQUESTED, backfill_candidates, locations
+from tests.manifests import sample_manifest
 
 BASE = datetime(2026, 11, 24, tzinfo=UTC)
 
 
 def _backup(minute: int, *, status: str | None = None) -> Manifest:
     at = BASE + timedelta(minutes=minute)
-    backup_id = at.strftime("%Y%m%dT%H%M%SZ") + "-3f9a1c2b"
-    return Manifest(
-        id=backup_id,
-        database="app",
-        agent_version="0.1.0",
-        server_version="15.8",
-        pg_dump_version="15.8",
-        started_at=at,
-        finished_at=at,
-        duration_seconds=1.0,
-        dump_bytes=10,
-        compressed_bytes=10,
-        stored_bytes=10,
-        sha256="a" * 64,
-        compression="zstd",
-        frame_size=1 << 20,
-        frames=1,
-        stream_header="00" * 39,
-        encryption=Encryption(cipher="none"),
-        storage="s3",
-        object_key=f"backups/app/{backup_id}/data",
-        replication={} if status is None else {"cross_region": {"status": status}},
-    )
+    replication = {} if status is None else {"cross_region": {"status": status}}
+    return sample_manifest(at.strftime("%Y%m%dT%H%M%SZ") + "-3f9a1c2b", at=at, storage="s3", replication=replication)
 
 
 def test_locations_list_the_regions_holding_the_manifest_primary_first() -> None:

@@ -248,6 +248,9 @@ def test_renamed_parts() -> None:
     again = renamed("t", "é" * 32, "t_id_seq", {long})
     assert again == "é" * 30 + "_2"
     assert len(again.encode()) <= 63
+    # A table brought back under its own name: its parts keep theirs unless taken.
+    assert renamed("customers", "customers", "by_name", ()) == "by_name"
+    assert renamed("customers", "customers", "customers_pkey", {"customers_pkey"}) == "customers_pkey_2"
 
 
 def test_a_request_whose_switches_do_not_go_together_is_refused() -> None:
