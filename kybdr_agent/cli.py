@@ -134,7 +134,7 @@ def _parser() -> argparse.ArgumentParser:
         type=_restore_jobs,
         default=1,
         metavar="N",
-        help="pg_restore -j N (1-16; default 1 streams): spools the verified archive to restore.spool_dir first",
+        help="build indexes and constraints with pg_restore -j N (1-16) once the data has streamed in",
     )
     p.add_argument(
         "--table",

@@ -343,12 +343,13 @@ class DaemonSettings(_Section):
 
 
 class RestoreSettings(_Section):
-    """Restores. A parallel restore (``--jobs`` > 1) needs the decoded archive as a seekable file: it is
-    spooled to ``spool_dir`` (created 0700, the file 0600, deleted afterwards), which must have room for the
-    whole dump (the manifest's ``dump_bytes``) plus a margin."""
+    """Restores. A parallel restore (``--jobs`` > 1) streams the data and builds indexes and constraints with
+    N workers, which read the archive's table of contents from a file: it is spooled to ``spool_dir``
+    (created 0700, the file 0600, deleted afterwards; kilobytes, checked for 80 MiB of room)."""
 
     spool_dir: Path | None = Field(
-        None, description="where --jobs > 1 spools the decoded archive (default: backup.backup_dir/spool)"
+        None,
+        description="where --jobs > 1 spools the archive's table of contents (default: backup.backup_dir/spool)",
     )
 
     @field_validator("spool_dir")

@@ -216,6 +216,11 @@ class ArchiveParser:
                 self.feed(rest)
                 return
 
+    @property
+    def toc_size(self) -> int | None:
+        """How many bytes the header and table of contents take (once ``toc`` is set): the archive's head."""
+        return self._consumed if self.toc is not None else None
+
     def _check_limit(self, size: int) -> None:
         if size > self._limit:
             raise ArchiveError(
@@ -351,6 +356,35 @@ class ArchiveParser:
         except BlockError as exc:
             raise (ArchiveTruncated if exc.truncated else ArchiveError)(str(exc)) from None
         return dataclasses.replace(self.toc, data=dict(data))
+
+
+class TocCapture:
+    """The archive's head — its header and table of contents, byte for byte — kept from a stream fed to it.
+
+    That head alone is an archive ``pg_restore --section=post-data`` can restore from: post-data entries
+    (indexes, constraints, triggers, …) carry no data, so pg_restore never seeks into the data blocks a
+    piped archive has no offsets for. Fed until ``complete``; later chunks are ignored without a copy."""
+
+    def __init__(self, toc_limit: int = TOC_LIMIT) -> None:
+        self._parser = ArchiveParser(toc_limit)
+        self._head = bytearray()
+        self.complete = False
+
+    def feed(self, data: bytes) -> None:
+        if self.complete:
+            return
+        self._head += data
+        self._parser.feed(data)
+        size = self._parser.toc_size
+        if size is not None:
+            del self._head[size:]
+            self.complete = True
+
+    @property
+    def head(self) -> bytes:
+        if not self.complete:
+            raise ArchiveTruncated("the archive ended inside its table of contents")
+        return bytes(self._head)
 
 
 def describe(entry: TocEntry) -> str:

@@ -11,11 +11,13 @@ Before the scratch database is created, ``globals.prepare_target`` makes sure th
 backup names (owners, grantees): it refuses the restore with one message naming the missing ones, or, with
 ``with_globals``, creates them from the roles recorded with the backup. ``no_owner`` needs no roles.
 
-With ``jobs`` > 1 the archive is first spooled to ``spool_dir`` (``spool.py``: pg_restore's workers need a
-seekable file) and ``pg_restore -j N`` runs against it only once the whole stream verified. ``-j`` cannot be
-combined with ``--single-transaction``, so each worker commits as it goes; what keeps a half-finished
-restore from ever looking restored is the scratch database: it becomes the target only after pg_restore
-exited 0, and is dropped otherwise.
+With ``jobs`` > 1 the pre-data and data sections stream through one pg_restore as above (one transaction),
+and once the whole stream verified the post-data section — indexes, constraints, triggers, the bulk of a
+restore's CPU — is built by ``pg_restore -j N --section=post-data`` from the archive's head alone
+(``spool.py``: header and TOC, kilobytes; post-data entries carry no data). ``-j`` cannot be combined with
+``--single-transaction``, so each worker commits as it goes; what keeps a half-finished restore from ever
+looking restored is the scratch database: it becomes the target only after both exited 0, and is dropped
+otherwise.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -32,6 +34,7 @@ from typing import Any, Final
 import anyio
 
 from kybdr_agent.asyncutil import TailBuffer, task_group
+from kybdr_agent.backup.archive_toc import ArchiveError, TocCapture
 from kybdr_agent.backup.decode import stream_backup
 from kybdr_agent.backup.globals import prepare_target
 from kybdr_agent.backup.keys import KeyRing
@@ -47,7 +50,7 @@ from kybdr_agent.backup.scratch import (
     quote_ident,
     sweep_scratch,
 )
-from kybdr_agent.backup.spool import check_room, spooled
+from kybdr_agent.backup.spool import check_room, spooled_head
 from kybdr_agent.backup.target import TargetContents, describe, inspect_target
 from kybdr_agent.errors import DumpError, KybdrError
 from kybdr_agent.postgres.connection import DATABASE_ERRORS, Connection, database_errors, pg_message
@@ -134,8 +137,8 @@ async def restore_backup(
     An existing target is replaced only if it is exactly a fresh, untouched database (``target.py``) or
     ``force`` is given, and that is checked again just before the swap. ``notice`` hears, before it
     happens, anything the operator should know — above all that client sessions will be terminated.
-    ``jobs`` > 1 restores with ``pg_restore -j jobs`` from a spool file in ``spool_dir``, whose room is
-    checked before anything is created.
+    ``jobs`` > 1 builds the post-data section with ``pg_restore -j jobs`` from the archive's head, spooled
+    in ``spool_dir``, whose room is checked before anything is created.
     """
     check_target_name(target)
     if not 1 <= jobs <= MAX_JOBS:
@@ -143,7 +146,7 @@ async def restore_backup(
     if jobs > 1:
         if spool_dir is None:
             raise KybdrError("a parallel restore (--jobs > 1) needs restore.spool_dir")
-        check_room(spool_dir, backup.dump_bytes)
+        check_room(spool_dir)
     started = time.monotonic()
     notices: list[str] = []
 
@@ -265,6 +268,8 @@ async def pg_restore_stream(
     *,
     session: Any = None,
     use_list: Path | None = None,
+    sections: tuple[str, ...] = (),
+    tap: Callable[[bytes], Awaitable[None]] | None = None,
 ) -> int:
     """Fill ``database`` with pg_restore fed the verified stream, in one transaction, on the server ``session``
     reached (the one that created it); the dump's bytes, once the whole stream verified and pg_restore exited 0.
@@ -273,10 +278,14 @@ async def pg_restore_stream(
     is a failure, whatever its exit status. With ``use_list`` (a selective restore, ``--use-list``) it stops
     reading once it has the last entry asked for, commits and exits 0 — often long before the stream's end:
     then the rest is still read and verified (to nowhere), and ``database`` (a scratch database, which the
-    caller drops on any error) becomes anything only if the whole stream verifies."""
+    caller drops on any error) becomes anything only if the whole stream verifies. ``sections`` limits it
+    the same way (the last data block may come before the archive's end); ``tap`` sees every verified chunk
+    first."""
     argv = [pg_restore, "--exit-on-error", "--single-transaction", "--no-password", f"--dbname={database}"]
     if use_list is not None:
         argv.append(f"--use-list={use_list}")
+    argv += [f"--section={section}" for section in sections]
+    may_stop_early = use_list is not None or bool(sections)
     if no_owner:
         argv += ["--no-owner", "--no-acl"]
     stderr = TailBuffer()
@@ -292,6 +301,8 @@ async def pg_restore_stream(
 
         async def feed(data: bytes) -> None:
             nonlocal done_reading
+            if tap is not None:
+                await tap(data)
             if done_reading:
                 return
             stdin.write(data)
@@ -299,7 +310,7 @@ async def pg_restore_stream(
                 await stdin.drain()
             except (BrokenPipeError, ConnectionResetError):
                 returncode = await proc.wait()
-                if returncode != 0 or use_list is None:
+                if returncode != 0 or not may_stop_early:
                     raise DumpError(failure_message("pg_restore", returncode, stderr)) from None
                 done_reading = True
 
@@ -337,14 +348,42 @@ async def _pg_restore_parallel(
     spool_dir: Path,
     session: Any,
 ) -> int:
-    """Fill ``database`` with ``pg_restore -j jobs`` from a verified spool file (deleted afterwards).
+    """Pre-data and data streamed in one transaction, then the post-data section with ``pg_restore -j jobs``
+    from the archive's head (spooled, deleted afterwards); the dump's bytes.
 
-    No ``--single-transaction`` (pg_restore refuses it with ``-j``): ``database`` is the scratch database,
-    which replaces the target only if this returns, so a failure halfway leaves nothing that looks restored."""
-    argv = [pg_restore, "--exit-on-error", f"--jobs={jobs}", "--no-password", f"--dbname={database}"]
+    The post-data step starts only after the whole stream verified. No ``--single-transaction`` there
+    (pg_restore refuses it with ``-j``): ``database`` is the scratch database, which replaces the target
+    only if this returns, so a failure halfway leaves nothing that looks restored."""
+    capture = TocCapture()
+
+    async def keep_head(data: bytes) -> None:
+        if not capture.complete:  # parsed off the loop: a large schema's TOC is megabytes
+            try:
+                await anyio.to_thread.run_sync(capture.feed, data)
+            except ArchiveError as exc:
+                raise DumpError(f"backup {backup.id}'s archive cannot be restored in parallel: {exc}") from None
+
+    dump_bytes = await pg_restore_stream(
+        database,
+        backup,
+        store,
+        keyring,
+        connection,
+        pg_restore,
+        no_owner,
+        session=session,
+        sections=("pre-data", "data"),
+        tap=keep_head,
+    )
+    argv = [pg_restore, "--exit-on-error", f"--jobs={jobs}", "--section=post-data", "--no-password"]
+    argv.append(f"--dbname={database}")
     if no_owner:
         argv += ["--no-owner", "--no-acl"]
-    async with spooled(backup, store, keyring, spool_dir) as path:
+    try:
+        head = capture.head
+    except ArchiveError as exc:
+        raise DumpError(f"backup {backup.id}'s archive cannot be restored in parallel: {exc}") from None
+    with spooled_head(spool_dir, backup.id, head) as path:
         stderr = TailBuffer()
         async with child_process(
             [*argv, str(path)], env=connection.child_env(database, session), stdout=asyncio.subprocess.DEVNULL
@@ -354,4 +393,4 @@ async def _pg_restore_parallel(
                 returncode = await proc.wait()
             if returncode != 0:
                 raise DumpError(failure_message("pg_restore", returncode, stderr))
-    return backup.dump_bytes
+    return dump_bytes

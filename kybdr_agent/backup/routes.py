@@ -107,8 +107,8 @@ class RestoreBody(Body):
         1,
         ge=1,
         le=16,
-        description="pg_restore -j N: 1 streams as before; more spools the verified archive to "
-        "restore.spool_dir first (it needs room for the dump)",
+        description="pg_restore -j N for the post-data section (indexes, constraints, triggers) once the data "
+        "has streamed in; its table of contents is spooled to restore.spool_dir",
     )
     region: Region | None = Field(None, description=REGION_FIELD_DESCRIPTION)
     tables: list[SelectName] = Field(

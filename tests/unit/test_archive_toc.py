@@ -28,6 +28,7 @@ from kybdr_agent.backup.archive_toc import (
     ArchiveError,
     ArchiveParser,
     ArchiveTruncated,
+    TocCapture,
     UnsupportedArchive,
     parse,
 )
@@ -295,3 +296,24 @@ def test_every_byte_boundary_of_a_small_archive() -> None:
     for end in range(len(data)):
         with pytest.raises(ArchiveTruncated):
             parse([data[:end]])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(points=st.lists(st.integers(min_value=0), max_size=30))
+def test_the_captured_head_is_the_archive_up_to_its_data_however_it_is_cut(dumps: Dumps, points: list[int]) -> None:
+    """What a parallel restore spools for its post-data step: the header and TOC, byte for byte, nothing more."""
+    data = dumps.piped
+    capture = TocCapture()
+    for chunk in _cut(data, points):
+        capture.feed(chunk)
+    head = capture.head
+    assert data.startswith(head)
+    parser = ArchiveParser()
+    parser.feed(head)
+    assert parser.toc is not None
+    assert parser.toc_size == len(head)
+    assert parser.toc.entries == parse([data]).entries
+    short = TocCapture()
+    short.feed(head[:-1])
+    with pytest.raises(ArchiveTruncated):
+        _ = short.head
