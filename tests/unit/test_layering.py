@@ -46,6 +46,15 @@ EXPLICITLY_PURE: Final = (
     "kybdr_agent/dr/machine.py",
     "kybdr_agent/dr/machine_types.py",
     "kybdr_agent/dr/observations.py",
+    "kybdr_agent/wal/names.py",
+    "kybdr_agent/wal/timeline.py",
+    "kybdr_agent/wal/targets.py",
+    "kybdr_agent/wal/window.py",
+    "kybdr_agent/wal/fetch_plan.py",
+    "kybdr_agent/wal/retention.py",
+    "kybdr_agent/wal/recovery.py",
+    "kybdr_agent/wal/records.py",
+    "kybdr_agent/wal/pageheader.py",
 )
 # Libraries that do I/O (or run an event loop); a pure module imports none of them.
 IO_LIBRARIES: Final = frozenset(
@@ -54,7 +63,13 @@ IO_LIBRARIES: Final = frozenset(
 # The one project module every pure module may import besides other pure ones.
 PURE_ALLOWED: Final = frozenset({"kybdr_agent.errors"})
 
-COMPONENTS: Final = ("kybdr_agent.backup", "kybdr_agent.storage", "kybdr_agent.postgres", "kybdr_agent.dr")
+COMPONENTS: Final = (
+    "kybdr_agent.backup",
+    "kybdr_agent.storage",
+    "kybdr_agent.postgres",
+    "kybdr_agent.dr",
+    "kybdr_agent.wal",
+)
 # The composition root, the CLI and everything that drives the agent from outside.
 ROOT_MODULES: Final = (
     "kybdr_agent.app",
