@@ -1,6 +1,6 @@
 """What the fault suite needs besides tests/support.py: repositories it can inspect for leftovers, a proxy
-that holds chosen S3 requests (and drops them if the agent dies meanwhile), /proc inspection of the agent's
-pg_dump/pg_restore children, and small filesystems that fill up.
+that holds chosen S3 requests (and drops them if the agent dies meanwhile), a lock that stops pg_dump mid-dump,
+/proc inspection of the agent's pg_dump/pg_restore children, and small filesystems that fill up.
 
 Nothing here stands in for the agent's own I/O: the agent runs as a real process against real PostgreSQL,
 a real folder or a real moto server over HTTP. These helpers only inject faults from outside (a held
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from kybdr_agent.postgres.cluster import Cluster
+from kybdr_agent.postgres.cluster import PG_BIN, Cluster
 from tests.daemon_support import Daemon
 from tests.faultproxy import FaultProxy
 from tests.faults.report import FaultTally
@@ -254,10 +254,55 @@ def shared_database(pg: Cluster, kind: Literal["small", "big", "tiny"]) -> str:
         name = unique_db(f"fault_{kind}")
         if kind == "big":
             create_incompressible_database(pg, name, megabytes=BIG_MB)
+            # One large object: pg_dump reads it after every table, where ``large_objects_locked`` stops it.
+            pg.psql(name, "select lo_from_bytea(0, 'read after the tables')")
         else:
             create_mixed_database(pg, name, rows=2000 if kind == "small" else 200)
         _SHARED[key] = name
     return _SHARED[key]
+
+
+@contextlib.contextmanager
+def large_objects_locked(pg: Cluster, database: str) -> Iterator[None]:
+    """Hold ``database``'s ``pg_largeobject`` in ACCESS EXCLUSIVE mode until the block ends.
+
+    A pg_dump of the database started meanwhile streams all its table data, then waits at its first large
+    object (it dumps them after the tables): alive and mid-dump however fast the agent takes its output in
+    and however late the test looks. A held upload alone does not ensure that, since the agent's bounded
+    buffers (two batches queued, parts in flight, the part being filled) take in more than the "big" dump.
+    Leave the block only after killing the agent: pg_dump then writes into a pipe nobody reads, and exits."""
+    holder = subprocess.Popen(
+        [str(PG_BIN / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", database],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **pg.env()},
+    )
+    assert holder.stdin is not None
+    holder.stdin.write(b"begin; lock table pg_catalog.pg_largeobject in access exclusive mode;\n")
+    holder.stdin.flush()
+    held = (
+        "select count(*) from pg_locks where granted and mode = 'AccessExclusiveLock' "
+        "and relation = 'pg_catalog.pg_largeobject'::regclass "
+        "and database = (select oid from pg_database where datname = current_database())"
+    )
+
+    def locked() -> bool:
+        assert holder.poll() is None, "the session locking the large objects ended"
+        return pg.psql(database, held).strip() == "1"
+
+    try:
+        wait_for(locked, 30, f"the lock on {database}'s large objects")
+        yield
+    finally:
+        with contextlib.suppress(BrokenPipeError):
+            holder.stdin.write(b"commit;\n")
+            holder.stdin.close()
+        try:
+            holder.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            holder.kill()
+            holder.wait()
 
 
 # --- configuration ------------------------------------------------------------------------------------
@@ -273,8 +318,10 @@ def write_config(
     policies: str = "",
     backup_extra: str = "",
     daemon_extra: str = "",
+    extra: str = "",
 ) -> tuple[Path, Path]:
-    """An agent configuration in ``path``'s folder with its own state folder and control socket."""
+    """An agent configuration in ``path``'s folder with its own state folder and control socket (``extra``:
+    further sections, appended)."""
     state = path.parent / f"{path.stem}-state"
     state.mkdir(parents=True, exist_ok=True)
     socket_path = path.parent / f"{path.stem}.sock"
@@ -284,7 +331,7 @@ def write_config(
         f"databases = {json.dumps(list(databases))}\n\n"
         f'[encryption]\nkey_file = "{key_file}"\n\n[repository]\n{repo.toml()}\n'
         f'[control]\nsocket = "{socket_path}"\n\n[drill]\nschedule = ""\n\n'
-        f"[daemon]\nshutdown_grace_seconds = 2\n{daemon_extra}"
+        f"[daemon]\nshutdown_grace_seconds = 2\n{daemon_extra}\n{extra}"
     )
     return path, socket_path
 

@@ -10,8 +10,9 @@ folder, no scratch database, no pg_dump/pg_restore still running — and every b
 
 Windows too narrow to hit by timing are widened from outside, never by changing the agent: the proxy holds
 the request that starts the next stage (and drops it when its client dies, as a killed process's request
-never completes), a folder repository's unlinks are slowed with ``strace --inject``, or the agent is
-frozen with SIGSTOP at the instant the stage's first trace appears and then killed.
+never completes), pg_dump is stopped mid-dump by a lock on the database's large objects, a folder
+repository's unlinks are slowed with ``strace --inject``, or the agent is frozen with SIGSTOP at the instant
+the stage's first trace appears and then killed.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import pytest
 
@@ -48,6 +49,7 @@ from tests.faults.fault_support import (
     folder_repo,
     invalid_backups,
     kill9,
+    large_objects_locked,
     orphaned_tools,
     policy,
     running,
@@ -62,6 +64,11 @@ from tests.faults.fault_support import (
 )
 from tests.faults.report import FaultTally
 from tests.support import MotoServer, database_fingerprint, unique_db
+
+# For the kills mid-upload: compression in the agent's own thread, so what pg_dump has written reaches the
+# upload at once (libzstd's worker would hold a few MiB back, more on a loaded machine) and the first 5 MiB
+# part is sent well before pg_dump stops at the large objects (``large_objects_locked``).
+ONE_THREAD: Final = "[compression]\nthreads = 0\n"
 
 
 @pytest.fixture(scope="module")
@@ -188,20 +195,21 @@ def wait_new_folder(repo: Repo, database: str, known: set[str], proc: subprocess
 
 
 def test_kill9_mid_upload(env: Env, small_db: str, big_db: str) -> None:
-    config = env.config()
+    config = env.config(extra=ONE_THREAD)
     baseline = cli_ok(config, "backup", "--database", small_db)["id"]
     env.hold_parts()
-    proc = start_cli(config, "backup", "--database", big_db)
-    try:
-        wait_for(env.upload_started, 60, "the data upload to start", interval=0.001)
-        # Frozen, the agent stops reading pg_dump's pipe: pg_dump blocks on it, mid-dump, until the kill.
-        os.kill(proc.pid, signal.SIGSTOP)
-        dumps = tool_children(proc.pid, "pg_dump")
-        at_kill = env.repo.leftovers()
-    finally:
-        kill9(proc)
+    # pg_dump streams the tables, then waits at the large objects until after the kill: mid-dump for sure.
+    with large_objects_locked(env.pg, big_db):
+        proc = start_cli(config, "backup", "--database", big_db)
+        try:
+            wait_for(env.upload_started, 60, "the data upload to start", interval=0.001)
+            os.kill(proc.pid, signal.SIGSTOP)
+            dumps = tool_children(proc.pid, "pg_dump")
+            at_kill = env.repo.leftovers()
+        finally:
+            kill9(proc)
     env.settle()
-    assert dumps, "pg_dump must be running when the agent is killed (make the database larger)"
+    assert dumps, "pg_dump must be running when the agent is killed"
     assert any(item.startswith("lease ") for item in at_kill), f"no lease beside the open upload: {at_kill}"
     assert any(item.startswith("unfinished upload ") for item in at_kill), at_kill
     orphans = orphaned_tools(dumps, [big_db])
@@ -406,7 +414,12 @@ def test_kill9_mid_restore(env: Env, big_db: str, big_fingerprint: dict[str, str
         def streaming() -> bool:
             assert proc.poll() is None, proc.communicate()
             restores[:] = tool_children(proc.pid, "pg_restore")
-            return bool(restores) and bytes_read(restores[0]) > 2 << 20
+            if not restores or bytes_read(restores[0]) <= 2 << 20:
+                return False
+            # Frozen at once: a restore left running while the scratch databases are listed could finish,
+            # renaming its scratch database to the target before the kill (it did, on a loaded machine).
+            os.kill(proc.pid, signal.SIGSTOP)
+            return True
 
         wait_for(streaming, 60, "pg_restore to be reading the backup")
         scratch = scratch_databases(env.pg)
@@ -458,21 +471,27 @@ def _one_job(daemon: Daemon, method: str, path: str, body: dict[str, Any]) -> di
 
 def test_sigkill_daemon_mid_backup_then_restart(env: Env, small_db: str, big_db: str) -> None:
     config, socket_path = write_config(
-        env.tmp / "daemon.toml", env.pg, env.repo, key_file=env.keys, databases=[small_db, big_db]
+        env.tmp / "daemon.toml", env.pg, env.repo, key_file=env.keys, databases=[small_db, big_db], extra=ONE_THREAD
     )
     agent = start_agent(config, socket_path, env.tmp)
     try:
         baseline = _one_job(agent, "POST", "/v1/backup?wait=true", {"database": small_db})
         assert baseline["status"] == "succeeded", baseline
         env.hold_parts()
-        _one_job(agent, "POST", "/v1/backup", {"database": big_db})
-        wait_for(env.upload_started, 60, "the daemon's upload to start", interval=0.001)
-        os.kill(agent.process.pid, signal.SIGSTOP)
-        dumps = tool_children(agent.process.pid, "pg_dump")
-        at_kill = env.repo.leftovers()
+        # Without this lock pg_dump could finish the whole dump into the agent's buffers before the SIGSTOP
+        # (it did, on a loaded machine): with it, pg_dump waits at the large objects until after the kill.
+        with large_objects_locked(env.pg, big_db):
+            _one_job(agent, "POST", "/v1/backup", {"database": big_db})
+            wait_for(env.upload_started, 60, "the daemon's upload to start", interval=0.001)
+            os.kill(agent.process.pid, signal.SIGSTOP)
+            dumps = tool_children(agent.process.pid, "pg_dump")
+            at_kill = env.repo.leftovers()
+            agent.process.kill()
+            agent.process.wait(timeout=30)
     finally:
-        agent.process.kill()
-        agent.process.wait(timeout=30)
+        if agent.process.poll() is None:
+            agent.process.kill()
+            agent.process.wait(timeout=30)
     env.settle()
     assert dumps, "pg_dump must be running when the daemon is killed"
     assert any(item.startswith("unfinished upload ") for item in at_kill), at_kill

@@ -25,19 +25,22 @@ from tests.faultproxy import fault
 from tests.faults.s3_helpers import Outcome, Plan, Suite, describe, open_suite, run_backups, run_restores
 from tests.support import MotoServer
 
+# How many runs each plan gets: a plan that picks its requests by position (every n-th, the first) injects
+# the same faults into every run of it, so one run shows what it shows; a plan that picks by chance runs
+# several times. (Each run is a real CLI backup through the proxy: the module's cost is their number.)
 LISTINGS = ("ListObjectsV2", "ListMultipartUploads")
 LOST_ANSWER_KINDS = ("CreateMultipartUpload", "CompleteMultipartUpload", "PutObject", "DeleteObject")
 
 HTTP_ERRORS = [
     Plan(
         "503 SlowDown on UploadPart (p=0.4)",
-        3,
+        2,
         lambda where: [fault("UploadPart", "error", probability=0.4, where=where)],
         attempts=4,
     ),
     Plan(
         "500 InternalError on Create/CompleteMultipartUpload, PutObject, HeadObject (every 2nd)",
-        2,
+        1,
         lambda where: [
             fault(
                 ("CreateMultipartUpload", "CompleteMultipartUpload", "PutObject", "HeadObject"),
@@ -51,7 +54,7 @@ HTTP_ERRORS = [
     ),
     Plan(
         "429 SlowDown on listings, HeadObject, DeleteObject (every 2nd)",
-        2,
+        1,
         lambda where: [fault((*LISTINGS, "HeadObject", "DeleteObject"), "error", every=2, status=429, where=where)],
     ),
 ]
@@ -71,17 +74,17 @@ PERMANENT = [
 RESETS = [
     Plan(
         "reset mid-request on UploadPart (every 2nd)",
-        2,
+        1,
         lambda where: [fault("UploadPart", "reset_request", every=2, where=where)],
     ),
     Plan(
         "reset mid-response on UploadPart (every 2nd)",
-        2,
+        1,
         lambda where: [fault("UploadPart", "reset_response", every=2, where=where)],
     ),
     Plan(
         "reset mid-response on the first Create/CompleteMultipartUpload, PutObject, DeleteObject",
-        2,
+        1,
         lambda where: [fault(kind, "reset_response", every=1, limit=1, where=where) for kind in LOST_ANSWER_KINDS],
     ),
     Plan(
@@ -98,7 +101,7 @@ RESETS = [
 STALLS = [
     Plan(
         "stall (no answer) on UploadPart, CompleteMultipartUpload, PutObject (every 2nd, twice)",
-        2,
+        1,
         lambda where: [
             fault(("UploadPart", "CompleteMultipartUpload", "PutObject"), "stall", every=2, limit=2, where=where)
         ],
@@ -117,7 +120,7 @@ STALLS = [
 RANDOM = [
     Plan(
         "random mix on every request (503, 500, reset either way; p=0.05 each)",
-        5,
+        3,
         lambda where: [
             fault("*", "error", probability=0.05, where=where),
             fault("*", "error", probability=0.05, status=500, code="InternalError", where=where),
@@ -130,7 +133,7 @@ RANDOM = [
 READS = [
     Plan(
         "reset mid-response on GetObject (every 2nd), restore",
-        2,
+        1,
         lambda where: [fault("GetObject", "reset_response", every=2, where=where)],
     ),
     Plan(

@@ -1,5 +1,11 @@
 """Backup → list/show → validate → restore round trips through the real CLI, to a folder and to S3 (moto),
-for every combination of compression and encryption, compared table by table with the source."""
+compared table by table with the source.
+
+Every combination of compression and encryption goes through a folder. The codec path (compress, seal,
+hash; open, decompress) does not depend on the store, so S3 runs two of them — the default (zstd, AES) and
+neither — plus a multipart upload of many parts. Listing, showing and a quick validation read manifests and
+object headers, not the data, so they run for one combination per store rather than for every codec.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +31,8 @@ COMBINATIONS = [
     for compression in ("zstd", "gzip", None)
     for encrypted in (True, False)
 ]
+# The codec is store-independent (covered above through a folder): S3 needs the default and the bare path.
+S3_COMBINATIONS = [param for param in COMBINATIONS if param.id in ("zstd-aes", "plain-clear")]
 
 
 @pytest.fixture(scope="module")
@@ -39,20 +47,24 @@ def source_fingerprint(pg: Cluster, source_db: str) -> dict[str, str]:
     return database_fingerprint(pg, source_db)
 
 
-def _round_trip(pg: Cluster, config: Path, source_db: str, expected: dict[str, str]) -> dict[str, object]:
+def _round_trip(
+    pg: Cluster, config: Path, source_db: str, expected: dict[str, str], *, catalogue: bool
+) -> dict[str, object]:
+    """Back up, validate in full, restore and compare; with ``catalogue``, also list, show and validate quick."""
     made = cli_json(config, "backup", "--database", source_db)
     assert made["database"] == source_db
     assert made["status"] == "completed"
     assert made["stored_bytes"] > 0
 
-    listed = cli_json(config, "list", "--database", source_db)
-    assert [m["id"] for m in listed] == [made["id"]]
-    assert {"id", "database", "status", "finished_at"} <= set(listed[0])
+    if catalogue:
+        listed = cli_json(config, "list", "--database", source_db)
+        assert [m["id"] for m in listed] == [made["id"]]
+        assert {"id", "database", "status", "finished_at"} <= set(listed[0])
 
-    shown = cli_json(config, "show", made["id"])
-    assert shown["sha256"] == made["sha256"]
+        shown = cli_json(config, "show", made["id"])
+        assert shown["sha256"] == made["sha256"]
 
-    for level in ("quick", "full"):
+    for level in ("quick", "full") if catalogue else ("full",):
         check = run_cli(config, "validate", made["id"], "--level", level)
         assert check.returncode == 0, check.stdout + check.stderr
 
@@ -82,7 +94,7 @@ def test_round_trip_folder(
         key_file=key_file if encrypted else None,
         compression=compression,
     )
-    made = _round_trip(pg, config, source_db, source_fingerprint)
+    made = _round_trip(pg, config, source_db, source_fingerprint, catalogue=(compression, encrypted) == ("zstd", True))
     assert made["compression"] == (compression or "none")
     assert made["encryption"]["cipher"] == ("aes-256-gcm" if encrypted else "none")
     stored = repo / made["object_key"]  # type: ignore[operator]
@@ -91,7 +103,7 @@ def test_round_trip_folder(
     assert sorted(p.name for p in stored.parent.iterdir()) == ["data", "globals", "manifest.json"]
 
 
-@pytest.mark.parametrize(("compression", "encrypted"), COMBINATIONS)
+@pytest.mark.parametrize(("compression", "encrypted"), S3_COMBINATIONS)
 def test_round_trip_s3(
     pg: Cluster,
     tmp_path: Path,
@@ -110,7 +122,8 @@ def test_round_trip_s3(
         key_file=key_file if encrypted else None,
         compression=compression,
     )
-    made = _round_trip(pg, config, source_db, source_fingerprint)
+    made = _round_trip(pg, config, source_db, source_fingerprint, catalogue=encrypted)
+    assert made["compression"] == (compression or "none")
     s3 = moto_server.client()
     head = s3.head_object(Bucket=bucket, Key=f"kybdr/{made['object_key']}")
     assert head["ContentLength"] == made["stored_bytes"]
@@ -123,7 +136,7 @@ def test_s3_multipart_with_many_parts_and_when_required_checksums(
 ) -> None:
     """Incompressible data over several 5 MiB parts, uploaded 3 at a time, without additional checksums."""
     name = unique_db("parts")
-    create_incompressible_database(pg, name, megabytes=19)
+    create_incompressible_database(pg, name, megabytes=16)  # stored ~16.2 MiB: four parts
     repo = s3_repository(
         moto_server, bucket, extra='checksums = "when_required"\nupload_concurrency = 3\npart_size_mib = 5\n'
     )

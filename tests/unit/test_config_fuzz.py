@@ -9,10 +9,12 @@ import contextlib
 import json
 import math
 import tempfile
+from collections.abc import Iterator
 from datetime import UTC, date, datetime, time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
@@ -187,34 +189,44 @@ def _use(settings_: AgentSettings) -> None:
         app.connection(settings_)
 
 
-def _load(text: str) -> None:
+@pytest.fixture(scope="module")
+def config_file() -> Iterator[Path]:
+    """One file, rewritten for each example: a fresh temporary directory per example cost more (its rmdir
+    alone) than many a load."""
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "agent.toml"
-        path.write_text(text, encoding="utf-8")
-        try:
-            loaded = load_settings(path)
-        except ConfigError as exc:
-            message = str(exc)
-            assert SECRET not in message, message
-            assert "Traceback" not in message
-            return
+        yield Path(tmp) / "agent.toml"
+
+
+def _load(text: str, path: Path) -> None:
+    path.write_text(text, encoding="utf-8")
+    try:
+        loaded = load_settings(path)
+    except ConfigError as exc:
+        message = str(exc)
+        assert SECRET not in message, message
+        assert "Traceback" not in message
+        return
     _use(loaded)
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# 600 documents of 1-5 replaced fields each: some 1,800 fuzzed values placed across the ~100 fields.
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(documents())
-def test_hostile_values_load_or_fail_as_one_config_error(text: str) -> None:
-    _load(text)
+def test_hostile_values_load_or_fail_as_one_config_error(config_file: Path, text: str) -> None:
+    _load(text, config_file)
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.text(max_size=300))
-def test_arbitrary_text_loads_or_fails_as_one_config_error(text: str) -> None:
-    _load(text)
+def test_arbitrary_text_loads_or_fails_as_one_config_error(config_file: Path, text: str) -> None:
+    _load(text, config_file)
 
 
 @settings(max_examples=50, deadline=None)
 @given(st.integers(min_value=1, max_value=6000), st.sampled_from(["[", "{a = ", "[[", "{x = ["]))
-def test_any_nesting_depth_is_one_config_error_or_loads(depth: int, opener: str) -> None:
+def test_any_nesting_depth_is_one_config_error_or_loads(config_file: Path, depth: int, opener: str) -> None:
     closer = {"[": "]", "{a = ": "}", "[[": "]]", "{x = [": "]}"}[opener]
-    _load("[backup]\nencryption = false\n[drill]\nschedule = " + opener * depth + "1" + closer * depth + "\n")
+    _load(
+        "[backup]\nencryption = false\n[drill]\nschedule = " + opener * depth + "1" + closer * depth + "\n",
+        config_file,
+    )
