@@ -1,6 +1,6 @@
 """The agent's backup against the shell pipelines it replaces, to a folder and to S3, in one session.
 
-    .venv/bin/python benchmarks/backup_bench.py [--scale 100] [--runs 5] [--skip-double] [--out DIR]
+    .venv/bin/python benchmarks/backup_bench.py [--scale 100] [--runs 5] [--skip-double] [--compare REV] [--out DIR]
     .venv/bin/python benchmarks/backup_bench.py --telemetry [--scale 100] [--runs 5]
 
 Builds dataset B (../shared/bench/dataset-b.sh: pgbench rows whose filler compresses ~3×, scale 100 ≈ 1.03 GB
@@ -12,6 +12,12 @@ on a folder repository, one on S3), then runs every variant once per round, in t
     agent → folder         daemon: POST /v1/backup?wait=true; CLI: kybdr-agent --local backup
     shell → S3             pg_dump -Fc -Z0 | zstd -3 -T1 | aws s3 cp - s3://…           (S3 baseline)
     agent → S3             daemon and CLI, as above
+
+``--compare REV`` adds the agent as it was at git revision REV (its package exported to the work directory,
+run through ``PYTHONPATH``) as "(REV)" variants of the same rounds: before and after, under the same load.
+
+The agent's package is byte-compiled first, as pip does on install, so the one-shot CLI starts as an installed
+agent does rather than compiling its modules on every run (``install_bytecode``).
 
 Why it is built this way: the machines are shared and noisy, so absolute seconds drift from one hour to the
 next; variants are interleaved and each agent variant is divided by its own baseline's median from the same
@@ -35,6 +41,7 @@ import secrets
 import shlex
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -54,6 +61,7 @@ from benchmarks.bench_support import (  # noqa: E402
     build_database,
     build_dataset_b,
     dump_size,
+    install_bytecode,
     pg_env,
     run_process,
 )
@@ -96,6 +104,21 @@ class Bench:
         self.daemons: dict[str, AgentDaemon] = {}
         self.sink: OtlpSink | None = None
         self.moto = MotoS3([BUCKET])
+        self.compare: str | None = None  # a git revision whose agent runs beside this one
+        self.compare_env: dict[str, str] = {}
+
+    def export_revision(self, revision: str) -> None:
+        """The agent package as of ``revision``, byte-compiled, to run with ``PYTHONPATH`` (and ``PYTHONSAFEPATH``,
+        so the current directory's package does not shadow it)."""
+        tree = self.workdir / "compare"
+        tree.mkdir()
+        archive = subprocess.run(
+            ["git", "-C", str(ROOT), "archive", revision, "kybdr_agent"], check=True, capture_output=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+        install_bytecode(tree / "kybdr_agent")
+        self.compare = revision
+        self.compare_env = {"PYTHONPATH": str(tree), "PYTHONSAFEPATH": "1"}
 
     def repository(self, target: str, name: str) -> str:
         if target == "s3":
@@ -122,6 +145,13 @@ class Bench:
             name = f"daemon-{target}"
             config = self.config(name, target, daemon=True)
             self.daemons[target] = AgentDaemon(config, self.workdir / f"{name}.sock", self.workdir / name, DUMMY_AWS)
+            if self.compare is not None:
+                name = f"daemon-{target}-compare"
+                config = self.config(name, target, daemon=True)
+                env = {**DUMMY_AWS, **self.compare_env}
+                self.daemons[f"{target}-compare"] = AgentDaemon(
+                    config, self.workdir / f"{name}.sock", self.workdir / name, env
+                )
         if telemetry:
             self.sink = OtlpSink()
             name = "daemon-traced"
@@ -160,20 +190,21 @@ class Bench:
         measured = run_process(f"{PG_DUMP} | zstd -q -3 -T1 | {upload} --only-show-errors", env, shell=True)
         return replace(measured, stored_bytes=self.moto.empty(BUCKET))
 
-    def agent_daemon(self, target: str) -> Callable[[str], Measurement]:
+    def agent_daemon(self, target: str, suffix: str = "") -> Callable[[str], Measurement]:
         def run(database: str) -> Measurement:
-            measured, _ = self.daemons[target].backup(database)
-            return replace(measured, stored_bytes=self.clear(target, f"daemon-{target}"))
+            measured, _ = self.daemons[target + suffix].backup(database)
+            return replace(measured, stored_bytes=self.clear(target, f"daemon-{target}{suffix}"))
 
         return run
 
-    def agent_cli(self, target: str) -> Callable[[str], Measurement]:
-        name = f"cli-{target}"
+    def agent_cli(self, target: str, suffix: str = "") -> Callable[[str], Measurement]:
+        name = f"cli-{target}{suffix}"
         config = self.config(name, target, daemon=False)
         argv = [*AGENT, "--config", str(config), "--local", "backup", "--database"]
+        extra = self.compare_env if suffix else {}
 
         def run(database: str) -> Measurement:
-            env = {**pg_env(self.cluster), **DUMMY_AWS}
+            env = {**pg_env(self.cluster), **DUMMY_AWS, **extra}
             measured = run_process([*argv, database], env, rss=True)
             return replace(measured, stored_bytes=self.clear(target, name))
 
@@ -203,7 +234,7 @@ class Bench:
         zstd = "pg_dump -Fc -Z0 \\| zstd -3 -T1"
         post = "`POST /v1/backup?wait=true` to `kybdr-agent run`"
         cli = "`kybdr-agent --local backup --database …`"
-        return [
+        variants = [
             Variant("floor", "floor", "`pg_dump -Fc -Z0 > /dev/null`", None, self.floor),
             Variant("shell_file", "shell → file", f"`{zstd} > file`", None, self.shell_file),
             Variant("agent_folder_daemon", "agent → folder, daemon", post, "shell_file", self.agent_daemon("folder")),
@@ -212,6 +243,18 @@ class Bench:
             Variant("agent_s3_daemon", "agent → S3, daemon", post, "shell_s3", self.agent_daemon("s3")),
             Variant("agent_s3_cli", "agent → S3, CLI", cli, "shell_s3", self.agent_cli("s3")),
         ]
+        if self.compare is None:
+            return variants
+        # Each one right after its counterpart, so both meet the same moment's load.
+        before: list[Variant] = []
+        for v in variants:
+            before.append(v)
+            if v.key.startswith("agent_"):
+                target, kind = v.key.split("_")[1:]
+                run = self.agent_daemon(target, "-compare") if kind == "daemon" else self.agent_cli(target, "-compare")
+                label = f"{v.label} ({self.compare})"
+                before.append(Variant(f"{v.key}_compare", label, v.command, v.baseline, run))
+        return before
 
 
 # --- rounds and summaries -------------------------------------------------------------------------------
@@ -345,7 +388,13 @@ def main() -> int:
     parser.add_argument("--dataset", choices=("B", "mixed"), default="B", help="B: ../shared/bench/dataset-b.sh")
     parser.add_argument("--skip-double", action="store_true", help="skip the doubled database (RSS flatness)")
     parser.add_argument("--telemetry", action="store_true", help="tracing + scraping on vs off (folder daemons)")
+    parser.add_argument("--compare", metavar="REV", help="also run the agent as of git revision REV, same rounds")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="where the JSON goes")
+    parser.add_argument(
+        "--only",
+        choices=("folder", "s3"),
+        help="only one target's variants (with the floor and its baseline): quicker rounds while iterating",
+    )
     args = parser.parse_args()
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -356,13 +405,19 @@ def main() -> int:
         "kernel": os.uname().release,
         "nproc": os.cpu_count(),
     }
+    install_bytecode()
     cluster = start_cluster()
     bench: Bench | None = None
     try:
         report["dump_bytes"] = build(cluster, args.dataset, "bench", args.scale)
         bench = Bench(cluster, workdir)
+        if args.compare:
+            bench.export_revision(args.compare)
         bench.start_daemons(telemetry=args.telemetry)
         variants = bench.telemetry_variants() if args.telemetry else bench.variants()
+        if args.only:
+            keep = {"floor", "shell_file" if args.only == "folder" else "shell_s3"}
+            variants = [v for v in variants if v.key in keep or v.key.startswith(f"agent_{args.only}_")]
         print(f"dump is {report['dump_bytes'] / 1e9:.2f} GB; {args.runs} interleaved round(s) …", flush=True)
         report["variants"] = summarize(variants, run_rounds(variants, "bench", args.runs))
         table = markdown_table(variants, report["variants"])

@@ -59,7 +59,7 @@ log = get_logger("kybdr_agent.globals")
 
 
 class SealingEncoder(Protocol):
-    """The backup pipeline's compress → seal → hash step (``pipeline._Encoder``)."""
+    """The backup pipeline's compress → seal → hash step (``pump.Encoder``)."""
 
     dump_bytes: int
     compressed_bytes: int

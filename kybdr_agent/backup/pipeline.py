@@ -1,14 +1,5 @@
-"""The backup data path: pg_dump → compress → seal frames → SHA-256 → repository, then the manifest.
-
-Three stages joined by bounded memory streams, so a slow store slows ``pg_dump`` instead of growing memory:
-
-    reader  (event loop)   pg_dump's stdout in 1 MiB chunks
-    encoder (worker thread) compression, frame sealing and both SHA-256s, one call per chunk
-    writer  (event loop)   the store's upload (which itself keeps a bounded number of parts in flight)
-
-The event loop only moves bytes; the CPU work runs in a worker thread, where zstd, zlib and hashlib
-release the GIL, so reading the pipe, compressing and uploading overlap (shared/research/perf-anchors.md:
-compressing in the reading thread costs 1.5× the shell pipeline).
+"""A logical backup: a snapshot, pg_dump through the data path (``pump.py``: compress → seal frames → SHA-256 →
+repository), the server's globals beside it, then the manifest.
 
 A backup exists if and only if its manifest does: the manifest is written after the data object is
 complete and verified, and any failure before that — pg_dump's exit status, a store error, cancellation —
@@ -17,28 +8,25 @@ leaves the upload aborted and no manifest.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import hashlib
 import os
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Final, Protocol
+from typing import Final
 
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from kybdr_agent import __version__
-from kybdr_agent.asyncutil import TailBuffer, task_group
+from kybdr_agent.asyncutil import task_group
 from kybdr_agent.backup import compress, facts, manifest
 from kybdr_agent.backup.globals import dump_globals, globals_header
 from kybdr_agent.backup.keys import KeyRing
 from kybdr_agent.backup.lease import hold_lease
-from kybdr_agent.backup.pgdump import PipeReader, child_process, drain_into, failure_message
+from kybdr_agent.backup.pump import BackupProgress, Encoder, stream_child
 from kybdr_agent.backup.streamfmt import Cipher, Compression, StreamHeader, StreamSealer
-from kybdr_agent.errors import DumpError, KybdrError
+from kybdr_agent.errors import KybdrError
 from kybdr_agent.postgres.connection import (
     CLOSE_DEADLINE,
     DATABASE_ERRORS,
@@ -49,22 +37,11 @@ from kybdr_agent.postgres.connection import (
 )
 from kybdr_agent.storage.base import BlobStore, UploadResult
 from kybdr_agent.telemetry import get_logger
-from kybdr_agent.telemetry.tracing import annotate, stage
+from kybdr_agent.telemetry.tracing import stage
 
-READ_CHUNK: Final = 1 << 20
-# Dump bytes one worker-thread hop reads and encodes: the event loop wakes once per batch, not three times
-# per chunk (read, encode, write hops cost ~1.6 CPU-s per GB of dump on two busy cores).
-BATCH_BYTES: Final = 8 << 20
 log = get_logger("kybdr_agent.pipeline")
-QUEUE_DEPTH: Final = 2  # sealed batches waiting for the store: memory ≈ QUEUE_DEPTH × BATCH_BYTES at most
 NONCE_PREFIX_BYTES: Final = 7
 _NO_KEY_ID: Final = bytes(16)
-
-
-class BackupProgress(Protocol):
-    """Anything with a ``bytes_done`` the pipeline can update (a job's progress record)."""
-
-    bytes_done: int
 
 
 @dataclass(frozen=True)
@@ -84,32 +61,6 @@ class BackupOptions:
     replication: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
 
 
-@dataclass
-class _Encoder:
-    """compress → seal → hash, as one sans-I/O step so a single worker-thread hop does all the CPU work."""
-
-    compressor: compress.Transform
-    sealer: StreamSealer
-    stored_hash: hashlib._Hash = field(default_factory=hashlib.sha256)
-    dump_bytes: int = 0
-    compressed_bytes: int = 0
-
-    def update(self, chunk: bytes) -> bytes:
-        self.dump_bytes += len(chunk)
-        packed = self.compressor.update(chunk)
-        self.compressed_bytes += len(packed)
-        sealed = self.sealer.update(packed) if packed else b""
-        self.stored_hash.update(sealed)
-        return sealed
-
-    def finalize(self) -> bytes:
-        packed = self.compressor.finalize()
-        self.compressed_bytes += len(packed)
-        sealed = self.sealer.update(packed) + self.sealer.finalize()
-        self.stored_hash.update(sealed)
-        return sealed
-
-
 async def run_backup(
     database: str,
     *,
@@ -124,8 +75,8 @@ async def run_backup(
     backup_id = backup_id or manifest.new_backup_id(started_at)
     data_key_path = manifest.data_key_path(database, backup_id)
 
-    header, data_key, encryption = await _seal_plan(options, backup_id)
-    encoder = _Encoder(
+    header, data_key, encryption = await seal_plan(options, backup_id)
+    encoder = Encoder(
         compressor=compress.compressor(options.compression, options.compression_level, options.compression_threads),
         sealer=StreamSealer(header, data_key),
     )
@@ -173,7 +124,7 @@ async def run_backup(
             if options.count_max_total_bytes > 0:
                 tg.start_soon(count_rows)
             # pg_dump goes to the server that exported the snapshot, whichever of several hosts that was.
-            await _stream_dump(argv, connection.child_env(database, conn), encoder, sink.write, options.progress)
+            await stream_child(argv, connection.child_env(database, conn), encoder, sink, options.progress)
         # The server's roles and tablespaces, as a second object sealed like the data (``globals.py``). If
         # that fails, the data object already stored goes too: no manifest, nothing left.
         globals_key = manifest.globals_key_path(database, backup_id)
@@ -188,7 +139,7 @@ async def run_backup(
                     store=store,
                     key=globals_key,
                     header=globals_stream,
-                    encoder=_Encoder(
+                    encoder=Encoder(
                         compressor=compress.compressor(options.compression, options.compression_level, 0),
                         sealer=StreamSealer(globals_stream, data_key),
                     ),
@@ -237,7 +188,7 @@ async def run_backup(
     )
 
 
-async def _seal_plan(options: BackupOptions, backup_id: str) -> tuple[StreamHeader, bytes | None, manifest.Encryption]:
+async def seal_plan(options: BackupOptions, backup_id: str) -> tuple[StreamHeader, bytes | None, manifest.Encryption]:
     prefix = os.urandom(NONCE_PREFIX_BYTES)
     if options.keyring is None:
         header = StreamHeader(options.compression, Cipher.NONE, options.frame_size, _NO_KEY_ID, prefix)
@@ -247,92 +198,6 @@ async def _seal_plan(options: BackupOptions, backup_id: str) -> tuple[StreamHead
     new = await options.keyring.new_data_key(backup_id)
     header = StreamHeader(options.compression, Cipher.AES_256_GCM, options.frame_size, new.key_id, prefix)
     return header, new.plaintext, new.encryption
-
-
-async def _stream_dump(
-    argv: list[str],
-    env: dict[str, str],
-    encoder: _Encoder,
-    write: Callable[[bytes], Awaitable[None]],
-    progress: BackupProgress | None = None,
-) -> None:
-    """Run pg_dump through the encoder into ``write``; raise unless pg_dump exits 0 and every byte is stored."""
-    stderr = TailBuffer()
-    read_fd, write_fd = os.pipe()
-    reader = PipeReader(read_fd)
-    try:
-        async with child_process(argv, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=write_fd) as proc:
-            os.close(write_fd)
-            write_fd = -1
-            out_send, out_recv = anyio.create_memory_object_stream[bytes](QUEUE_DEPTH)
-            async with task_group() as tg:
-                tg.start_soon(drain_into, proc.stderr, stderr)
-                tg.start_soon(_pump_stage, _Pump(reader, encoder), out_send, progress)
-                tg.start_soon(_write_stage, out_recv, write)
-                # The dump stage is pg_dump's life; encode and upload are its siblings, not its children.
-                with stage("dump", pid=proc.pid) as dump_span:
-                    returncode = await proc.wait()
-                    annotate(dump_span, returncode=returncode)
-            if returncode != 0:
-                raise DumpError(failure_message("pg_dump", returncode, stderr))
-    finally:
-        if write_fd >= 0:
-            os.close(write_fd)
-        reader.close()
-
-
-@dataclass
-class _Pump:
-    """read → compress → seal → hash, a batch at a time, all in the worker thread that calls ``next_batch``.
-
-    One hop per ``BATCH_BYTES`` of dump: the thread reads pg_dump's pipe, runs every chunk through the
-    encoder and joins what it sealed, so the event loop only receives whole batches and hands them on."""
-
-    reader: PipeReader
-    encoder: _Encoder
-
-    def next_batch(self) -> tuple[bytes, bool]:
-        """The sealed bytes of the next batch, and whether the stream has ended (then they include the tail)."""
-        sealed: list[bytes] = []
-        taken = 0
-        while taken < BATCH_BYTES:
-            chunk = self.reader.read(READ_CHUNK)
-            if not chunk:
-                sealed.append(self.encoder.finalize())
-                return b"".join(sealed), True
-            taken += len(chunk)
-            if out := self.encoder.update(chunk):
-                sealed.append(out)
-        return b"".join(sealed), False
-
-
-async def _pump_stage(pump: _Pump, send: MemoryObjectSendStream[bytes], progress: BackupProgress | None) -> None:
-    with stage("encode") as span:
-        await _pump(pump, send, progress)
-        annotate(span, dump_bytes=pump.encoder.dump_bytes, compressed_bytes=pump.encoder.compressed_bytes)
-
-
-async def _pump(pump: _Pump, send: MemoryObjectSendStream[bytes], progress: BackupProgress | None) -> None:
-    async with send:
-        ended = False
-        while not ended:
-            # abandon_on_cancel: a cancelled backup must not wait for a read that only pg_dump's death (in
-            # child_process's cleanup, after this task group) can end; the reader closes its own pipe.
-            batch, ended = await anyio.to_thread.run_sync(pump.next_batch, abandon_on_cancel=True)
-            if progress is not None:
-                progress.bytes_done = pump.encoder.dump_bytes
-            if batch:
-                await send.send(batch)
-
-
-async def _write_stage(recv: MemoryObjectReceiveStream[bytes], write: Callable[[bytes], Awaitable[None]]) -> None:
-    with stage("upload") as span:
-        written = 0
-        async with recv:
-            async for data in recv:
-                await write(data)
-                written += len(data)
-        annotate(span, bytes=written)
 
 
 async def _check_stored(store: BlobStore, made: manifest.Manifest) -> None:

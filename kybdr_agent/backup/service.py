@@ -28,7 +28,8 @@ from kybdr_agent.backup.freshness import BackupSeen, DatabaseFreshness, Schedule
 from kybdr_agent.backup.keys import KeyRing
 from kybdr_agent.backup.lease import hold_lease, pid_alive, this_process
 from kybdr_agent.backup.manifest import Manifest, database_key, manifest_key_path
-from kybdr_agent.backup.pipeline import BackupOptions, BackupProgress, backup_and_record
+from kybdr_agent.backup.pipeline import BackupOptions, backup_and_record
+from kybdr_agent.backup.pump import BackupProgress
 from kybdr_agent.backup.regions import (
     NOT_REQUESTED,
     Located,

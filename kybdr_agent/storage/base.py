@@ -35,7 +35,7 @@ class UploadResult:
 
 
 class BlobWriter(Protocol):
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
         """Append bytes; may wait (backpressure) while earlier bytes are still being stored."""
 
 

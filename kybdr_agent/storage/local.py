@@ -59,7 +59,7 @@ class _FileWriter:
         self._result = result
         self._flushed_to = 0
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
         while view:  # an unbuffered write may be partial
             written = self._fh.write(view)
@@ -69,7 +69,7 @@ class _FileWriter:
             _start_writeback(self._fh.fileno(), self._flushed_to, end - self._flushed_to)
             self._flushed_to = end
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
         try:
             await anyio.to_thread.run_sync(self._write, data)
         except OSError as exc:

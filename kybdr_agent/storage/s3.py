@@ -1,7 +1,7 @@
 """An S3 (or S3-compatible) repository on aiobotocore.
 
-Uploads are multipart with bounded concurrency and a bounded buffer, so memory is about
-(concurrency + 2) × part size whatever the dump's size. Each part carries its own SHA-256 where the store
+Uploads are multipart with bounded concurrency from a pool of part buffers, so memory is at most
+(concurrency + 1) × part size whatever the dump's size. Each part carries its own SHA-256 where the store
 supports additional checksums; ``checksums = "when_required"`` sends none beyond what the API demands, for
 compatible stores that reject botocore's default CRCs. Retries, backoff and the stall deadline are ours
 (botocore's own retries are off, so the two never multiply): a request is cut only when no byte moved for
@@ -28,7 +28,6 @@ from typing import Any, Final, Literal
 import aiohttp
 import anyio
 from aiobotocore.config import AioConfig
-from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, ReadTimeoutError
 
 from kybdr_agent.errors import NotFound, StoreError
@@ -36,6 +35,7 @@ from kybdr_agent.storage.base import BlobStore, BlobWriter, IncompleteUpload, Ob
 from kybdr_agent.storage.parts import S3_MAX_PARTS, initial_part_size
 from kybdr_agent.storage.retry import AttemptTimeout, RetryPolicy, call_with_retries
 from kybdr_agent.storage.s3_body import watch_request
+from kybdr_agent.storage.s3_session import drop_documentation, s3_session
 from kybdr_agent.storage.s3_upload import MultipartUpload
 from kybdr_agent.telemetry import get_logger
 
@@ -135,10 +135,12 @@ class S3Store:
             response_checksum_validation="when_required",
             max_pool_connections=max(10, options.upload_concurrency * 2),
         )
-        session = get_session()
         store._client = await store._exit.enter_async_context(
-            session.create_client("s3", region_name=options.region, endpoint_url=options.endpoint_url, config=config)
+            s3_session().create_client(
+                "s3", region_name=options.region, endpoint_url=options.endpoint_url, config=config
+            )
         )
+        drop_documentation(store._client)
         store._client.meta.events.register("before-send.s3", watch_request)
         return store
 
