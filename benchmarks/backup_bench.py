@@ -286,6 +286,13 @@ def summarize(variants: list[Variant], results: dict[str, list[Measurement]]) ->
             "label": v.label,
             "median_seconds": round(median[v.key], 3),
             "vs_baseline": round(median[v.key] / median[v.baseline], 3) if v.baseline in median else None,
+            # Each run over its baseline's run of the same round, then the median: the machine's load drifts
+            # between rounds more than within one, so pairs cancel most of it (the ratio of medians does not).
+            "vs_baseline_paired": (
+                round(statistics.median(m.seconds / b.seconds for m, b in zip(runs, base, strict=True)), 3)
+                if (base := results.get(v.baseline or "")) is not None
+                else None
+            ),
             "vs_floor": round(median[v.key] / median["floor"], 3) if "floor" in median else None,
             "median_cpu_seconds": round(statistics.median(m.cpu_seconds for m in runs), 2),
             "peak_rss_mib": mib(max(rss)) if rss else None,
@@ -306,7 +313,8 @@ def summarize(variants: list[Variant], results: dict[str, list[Measurement]]) ->
 NOTES = (
     "Agent: zstd -3 with one worker thread, AES-256-GCM, SHA-256 and a manifest; the folder repository fsyncs, "
     "`> file` does not. × its baseline: median ÷ the median of shell → file (folder rows) or shell → S3 (S3 rows), "
-    "same rounds. CPU s: user+sys of the whole process tree, pg_dump included. Agent peak RSS: VmHWM of the agent "
+    "same rounds; paired: the median over rounds of each run ÷ its baseline's run in the same round. CPU s: "
+    "user+sys of the whole process tree, pg_dump included. Agent peak RSS: VmHWM of the agent "
     "process alone, pg_dump excluded (CLI: polled every 20 ms until exit; daemon: reset through clear_refs before "
     "each request, read when it answers)."
 )
@@ -318,16 +326,19 @@ def cell(value: float | None, fmt: str = "{:.2f}") -> str:
 
 def markdown_table(variants: list[Variant], summary: dict[str, dict[str, Any]]) -> str:
     lines = [
-        "| variant | command | median s | × its baseline | CPU s | agent peak RSS MiB | stored MB |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| variant | command | median s | × its baseline | × baseline, paired | CPU s | agent peak RSS MiB "
+        "| stored MB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for v in variants:
         s = summary[v.key]
         baseline = v.key in ("shell_file", "shell_s3") or (v.baseline is None and v.key != "floor")
         ratio = "baseline" if baseline else cell(s["vs_baseline"], "{:.3f}")
+        paired = "baseline" if baseline else cell(s["vs_baseline_paired"], "{:.3f}")
         stored = None if s["stored_bytes"] is None else s["stored_bytes"] / 1e6
         lines.append(
-            f"| {v.label} | {v.command} | {cell(s['median_seconds'])} | {ratio} | {cell(s['median_cpu_seconds'])} "
+            f"| {v.label} | {v.command} | {cell(s['median_seconds'])} | {ratio} | {paired} "
+            f"| {cell(s['median_cpu_seconds'])} "
             f"| {cell(s['peak_rss_mib'], '{:.1f}')} | {cell(stored, '{:.1f}')} |"
         )
     return "\n".join(lines)
