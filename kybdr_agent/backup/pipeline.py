@@ -24,6 +24,7 @@ from kybdr_agent.backup import compress, facts, manifest
 from kybdr_agent.backup.globals import dump_globals, globals_header
 from kybdr_agent.backup.keys import KeyRing
 from kybdr_agent.backup.lease import hold_lease
+from kybdr_agent.backup.pgdump import buffered_stdout
 from kybdr_agent.backup.pump import BackupProgress, Encoder, stream_child
 from kybdr_agent.backup.streamfmt import Cipher, Compression, StreamHeader, StreamSealer
 from kybdr_agent.errors import KybdrError
@@ -95,7 +96,7 @@ async def run_backup(
         with database_errors(f"exporting a snapshot of {database!r}"):
             await conn.execute("begin isolation level repeatable read read only")
             snapshot = str(await conn.fetchval("select pg_export_snapshot()"))
-        argv = [pg_dump, "--format=custom", "--compress=0", "--no-password", f"--snapshot={snapshot}"]
+        argv = buffered_stdout([pg_dump, "--format=custom", "--compress=0", "--no-password", f"--snapshot={snapshot}"])
         counts: dict[str, int] = {}
 
         async def count_rows() -> None:
