@@ -1,3 +1,3 @@
-from kybdr_agent.cli import main
+from kybdr_agent.entry import main
 
 raise SystemExit(main())

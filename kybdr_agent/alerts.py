@@ -266,3 +266,38 @@ class AlertBook:
             region=alert.region,
             details=details,
         )
+
+
+WAL_SPOOL_KEY: Final = "wal_spool_full"
+
+
+def wal_spool_alert(
+    *,
+    host: str,
+    spool_dir: str,
+    spool_bytes: int,
+    max_spool_bytes: int,
+    files: int,
+    oldest: str | None,
+    last_error: str | None,
+) -> tuple[bool, Alert]:
+    """The WAL spool against its bound: whether ``wal_spool_full`` holds, and the alert (firing) or the line
+    that says it cleared. Over the bound means WAL is not reaching the repository — the recovery point is
+    falling behind and, in stream mode, the replication slot is holding WAL on the server — so it is
+    critical; the last shipping error says why."""
+    details = {
+        "spool_dir": spool_dir,
+        "spool_bytes": spool_bytes,
+        "max_spool_bytes": max_spool_bytes,
+        "files": files,
+        "oldest": oldest,
+        "last_error": last_error,
+    }
+    if spool_bytes <= max_spool_bytes:
+        summary = f"WAL spool {spool_dir} on {host} is back under its bound ({human_bytes(spool_bytes)})"
+        return False, Alert(WAL_SPOOL_KEY, "info", summary, details=details)
+    summary = (
+        f"WAL is not being archived on {host}: {human_bytes(spool_bytes)} in {files} file(s) waiting in {spool_dir}, "
+        f"over {human_bytes(max_spool_bytes)}" + (f"; last error: {last_error}" if last_error else "")
+    )
+    return True, Alert(WAL_SPOOL_KEY, "critical", summary, details=details)

@@ -56,6 +56,8 @@ def entry_for(event: Event) -> Entry | None:
     if isinstance(event, ControlRequestHandled):
         if not (event.changes or event.refused):
             return None
+        if event.route == "wal_push" and event.status < 400:
+            return None  # one per WAL segment, fsynced, would double a push's cost: the WAL archive records each
         outcome = f"{event.status} refused" if event.refused else str(event.status)
         detail = {"path": event.path, "role": event.role, "seconds": round(event.seconds, 3)}
         return Entry(event.caller, f"{event.method} {event.route}", event.target, outcome, detail, event.at)

@@ -108,6 +108,12 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("backup", help="dump databases into the repository now")
     p.add_argument("--database", action="append", help="database to back up (repeatable; default: database.databases)")
     p.add_argument("--description", help="free text stored in the manifest")
+    p.add_argument(
+        "--physical",
+        action="store_true",
+        help="a base backup of the whole cluster (pg_basebackup), restorable to any point in time from the WAL "
+        "archive ([wal] enabled); takes no --database",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     p = sub.add_parser("list", help="list completed backups")
@@ -120,9 +126,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _add_region(p)
 
-    p = sub.add_parser("restore", help="restore a backup into a new database")
-    p.add_argument("backup_id", metavar="ID")
-    p.add_argument("--target-database", required=True, help="database to create (must not exist or be empty)")
+    p = sub.add_parser(
+        "restore", help="restore a backup into a new database, or (--physical) a cluster to a point in time"
+    )
+    p.add_argument(
+        "backup_id", metavar="ID", nargs="?", help="the backup (with --physical: chosen for the target if omitted)"
+    )
+    p.add_argument(
+        "--target-database", help="database to create (must not exist or be empty); required unless --physical"
+    )
     p.add_argument("--force", action="store_true", help="replace a non-empty target once the restore succeeded")
     p.add_argument("--no-owner", action="store_true", help="do not restore ownership and privileges")
     p.add_argument(
@@ -155,6 +167,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rename-to", metavar="NAME", help="with --into-existing: the added table's name")
     p.add_argument("--json", action="store_true")
     _add_region(p)
+    from kybdr_agent import cli_physical
+
+    cli_physical.add_arguments(p)
 
     p = sub.add_parser("contents", help="what a backup holds: schemas, tables with sizes and rows, other objects")
     p.add_argument("backup_id", metavar="ID")
@@ -207,6 +222,13 @@ def _parser() -> argparse.ArgumentParser:
     config_sub = p.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
     c = config_sub.add_parser("check", help="validate the configuration and print it, secrets masked")
     c.add_argument("--json", action="store_true")
+
+    p = sub.add_parser(
+        "wal-push",
+        help="PostgreSQL's archive_command: hand one WAL file to the running agent "
+        "(archive_command = 'kybdr-agent wal-push %%p'); exits 0 only once the agent holds it durably",
+    )
+    p.add_argument("path", metavar="PATH", help="the WAL file (PostgreSQL's %%p)")
 
     p = sub.add_parser("keygen", help="write a new random master key file (mode 0600)")
     p.add_argument("path", type=Path)
@@ -336,6 +358,11 @@ def _unexpected(exc: BaseException, *, verbose: bool) -> str:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "wal-push":  # kybdr_agent.entry answers it before this module is imported; not here
+        from kybdr_agent.wal.push_client import main as push_main
+
+        config = ["--config", str(args.config)] if args.config else []
+        return push_main([*config, *(["-v"] if args.verbose else []), "wal-push", args.path])
     if args.command == "keygen":
         try:
             key = generate_master_key_file(args.path)
@@ -359,6 +386,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         from kybdr_agent import cli_check
 
         return _run(lambda: cli_check.run(args))
+    if args.command == "restore":
+        from kybdr_agent import cli_physical
+
+        cli_physical.check_usage(args)
+        if args.physical:
+            physical_settings = load_settings(args.config)
+            return _run(lambda: cli_physical.run(physical_settings, args))
     if args.command in ("show", "restore", "validate", "contents"):
         check_backup_id(args.backup_id)
     if args.command == "restore":
@@ -472,7 +506,10 @@ _USES_SECRETS: Final = frozenset({"backup", "restore", "validate", "test", "back
 
 
 async def _backup(ops: Operations, args: argparse.Namespace) -> int:
-    cli_output.print_backups(await ops.backup(args.database, args.description), args)
+    if args.physical and args.database:
+        stderr_line("kybdr-agent: backup: --physical backs up the whole cluster; it takes no --database", ERROR)
+        return EXIT_USAGE
+    cli_output.print_backups(await ops.backup(args.database, args.description, physical=args.physical), args)
     return EXIT_OK
 
 

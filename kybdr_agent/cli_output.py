@@ -160,9 +160,16 @@ def print_backup_list(found: dict[str, Any], args: argparse.Namespace) -> None:
                 WARNING,
             )
     backups = found["backups"]
+    windows = {w["system_identifier"]: w for w in found.get("recovery_windows", [])}
     if args.json:
+        # Still an array of manifests; a physical backup carries its cluster's recoverable window.
+        for m in backups:
+            if m.get("kind") == "physical" and m.get("physical"):
+                m["recovery_window"] = windows.get(m["physical"]["system_identifier"])
         print_json(backups)
         return
+    for window in windows.values():
+        print(_window_line(window))
     if not backups:
         print("no backups")
         return
@@ -189,16 +196,26 @@ def print_manifest(m: dict[str, Any], args: argparse.Namespace) -> None:
         print_json(m)
         return
     ratio = m["dump_bytes"] / m["stored_bytes"] if m["stored_bytes"] else 0
+    physical = m.get("physical")
     rows = [
         ["id", m["id"]],
-        ["database", m["database"]],
+        ["kind", m.get("kind", "logical")],
+        ["cluster" if physical else "database", physical["system_identifier"] if physical else m["database"]],
         ["status", m["status"]],
         ["started", m["started_at"]],
         ["finished", m["finished_at"]],
         ["duration", f"{m['duration_seconds']:.1f} s"],
         ["server", m["server_version"]],
-        ["pg_dump", m["pg_dump_version"]],
-        ["dump size", human_bytes(m["dump_bytes"])],
+        ["pg_basebackup" if physical else "pg_dump", m["pg_dump_version"]],
+        ["tar size" if physical else "dump size", human_bytes(m["dump_bytes"])],
+    ]
+    if physical:
+        rows += [
+            ["timeline", str(physical["timeline"])],
+            ["WAL needed", f"{physical['start_lsn']} to {physical['stop_lsn']}"],
+            ["consistent from", physical["stop_time"]],
+        ]
+    rows += [
         ["stored size", f"{human_bytes(m['stored_bytes'])} ({ratio:.2f}x)"],
         ["compression", m["compression"]],
         ["cipher", m["encryption"]["cipher"]],
@@ -206,9 +223,9 @@ def print_manifest(m: dict[str, Any], args: argparse.Namespace) -> None:
         ["sha256", m["sha256"]],
         ["object", m["object_key"]],
         ["stored in", ", ".join(m.get("locations", [])) or "-"],
-        ["globals", _globals_line(m.get("globals"))],
+        ["globals", "- (the cluster's roles are in the base backup)" if physical else _globals_line(m.get("globals"))],
         ["parts", str(m["part_count"] or "-")],
-        ["tables counted", str(len(m["row_counts"]))],
+        ["tables counted", "-" if physical else str(len(m["row_counts"]))],
         ["labels", ", ".join(m["labels"]) or "-"],
         ["description", m["description"] or "-"],
     ]
@@ -279,6 +296,16 @@ def print_cleanup(result: dict[str, Any], args: argparse.Namespace) -> None:
         f"{verb} {len(gone)} backup(s), kept {len(result['kept'])}, "
         f"{human_bytes(result['freed_bytes'])} {'to free' if args.dry_run else 'freed'}"
     )
+    for system_identifier, wal in (result.get("wal") or {}).items():
+        if wal.get("error"):
+            stderr_line(f"kybdr-agent: warning: {wal['error']}", WARNING)
+            continue
+        count = wal["would_delete_count"] if args.dry_run else wal["deleted"] + wal["orphans_deleted"]
+        more = f", {wal['remaining']} left for the next pass" if wal.get("remaining") else ""
+        print(
+            f"WAL of cluster {system_identifier}: {verb} {count} file(s), kept {wal['kept']}, "
+            f"{human_bytes(wal['bytes_freed'])} {'to free' if args.dry_run else 'freed'}{more}"
+        )
     dr = result.get("dr")
     if dr is not None:
         if dr.get("error"):
@@ -383,6 +410,8 @@ def print_drills(result: dict[str, Any], args: argparse.Namespace) -> None:
         for drill in result["drills"]:
             verdict = "PASS" if drill["passed"] else "FAIL"
             detail = f"restored in {drill.get('restore_seconds', 0):.1f} s, {drill.get('tables_compared', 0)} tables"
+            if drill.get("kind") == "physical" and drill.get("rto_seconds") is not None:
+                detail = f"point-in-time restore answering after {drill['rto_seconds']:.1f} s (RTO)"
             print(f"{verdict}  {drill['database']}  {drill['backup_id']}  {drill.get('error') or detail}")
     failed = [d for d in result["drills"] if not d["passed"]]
     if failed:
@@ -407,3 +436,17 @@ def print_status(status: dict[str, Any], args: argparse.Namespace) -> None:
     rows = [[j["id"], j["kind"], j["status"], j["database"] or "-", j["created_at"][:19]] for j in status["jobs"]]
     if rows:
         print(table(rows, ["JOB", "KIND", "STATUS", "DATABASE", "CREATED"]))
+
+
+def _window_line(window: dict[str, Any]) -> str:
+    """One cluster's recoverable window for people: its newest interval, and why it ends there."""
+    cluster = f"cluster {window['system_identifier']}"
+    if window.get("error"):
+        return f"{cluster}: recoverable window unknown ({window['error']})"
+    if not window.get("latest_recovery_time"):
+        why = f" ({window['problems'][0]})" if window.get("problems") else ""
+        return f"{cluster}: nothing recoverable to a point in time{why}"
+    line = f"{cluster}: recoverable from {window['earliest_recovery_time']} to {window['latest_recovery_time']}"
+    if window.get("gaps"):
+        line += f" (WAL missing at {window['gaps'][0]}: the window ends there)"
+    return line

@@ -66,6 +66,7 @@ from kybdr_agent.config_values import (
     SweepGrace,
     mask_url,
 )
+from kybdr_agent.config_wal import WalSettings
 from kybdr_agent.errors import ConfigError
 from kybdr_agent.postgres.conninfo import mask_dsn
 
@@ -99,6 +100,7 @@ __all__ = [
     "SweepGrace",
     "TelemetrySettings",
     "TokenSettings",
+    "WalSettings",
     "load_settings",
     "mask_url",
 ]
@@ -127,6 +129,7 @@ class AgentSettings(BaseSettings):
     dr: DRSettings = DRSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
     notify: NotifySettings = NotifySettings()
+    wal: WalSettings = WalSettings()
 
     toml_data: ClassVar[dict[str, Any] | None] = None
 
@@ -184,6 +187,10 @@ class AgentSettings(BaseSettings):
     def restore_spool_dir(self) -> Path:
         """Where a parallel restore spools the decoded archive: ``restore.spool_dir``, else backup_dir/spool."""
         return self.restore.spool_dir or self.backup.backup_dir / "spool"
+
+    def wal_spool_dir(self) -> Path:
+        """Where WAL waits to be archived: ``wal.spool_dir``, else backup_dir/wal-spool."""
+        return self.wal.spool_path(self.backup.backup_dir)
 
     @classmethod
     def settings_customise_sources(

@@ -61,11 +61,15 @@ class _Section(BaseModel):
 
 
 class PolicySettings(_Section):
-    """A schedule for some databases and how long what it makes is kept (``[[backup.policies]]``)."""
+    """A schedule for some databases and how long what it makes is kept (``[[backup.policies]]``).
+
+    ``kind = "physical"``: a base backup of the whole cluster ``[database]`` reaches (pg_basebackup), so the
+    policy names no databases; its backups are kept by its rules, per cluster."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    kind: Literal["logical", "physical"] = "logical"
     schedule: str
-    databases: DatabaseNames = Field(min_length=1)
+    databases: DatabaseNames = Field(default_factory=list)
     timezone: str = "UTC"
     jitter_seconds: float = Field(0.0, ge=0, le=86400)
     keep_daily: int = Field(7, ge=0, le=MAX_KEEP)
@@ -84,6 +88,14 @@ class PolicySettings(_Section):
     @classmethod
     def _cron_parses(cls, value: str) -> str:
         return check_cron(value)
+
+    @model_validator(mode="after")
+    def _databases_for_kind(self) -> PolicySettings:
+        if self.kind == "physical" and self.databases:
+            raise ValueError("a physical policy backs up the whole cluster: it lists no databases")
+        if self.kind == "logical" and not self.databases:
+            raise ValueError('databases: list at least one database (or set kind = "physical")')
+        return self
 
     @model_validator(mode="after")
     def _ages_consistent(self) -> PolicySettings:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import pwd
 import signal
 import socket
 import stat
@@ -48,6 +49,9 @@ from kybdr_agent.telemetry import get_logger
 from kybdr_agent.telemetry.metrics import AgentMetrics
 from kybdr_agent.telemetry.routes import metrics_routes
 from kybdr_agent.telemetry.tracing import configure_tracing
+from kybdr_agent.wal.component import WalComponent
+from kybdr_agent.wal.routes import WalPushTarget, wal_routes
+from kybdr_agent.wal.status_routes import wal_status_routes
 
 # A burst of clients larger than aiohttp's default 128 would see EAGAIN on a unix socket (a refused
 # connect, not a wait); the kernel caps this at net.core.somaxconn.
@@ -63,6 +67,18 @@ def _tokens(settings: AgentSettings) -> tuple[dict[str, Role], dict[str, str]]:
     tokens = load_tokens([(t.role, t.token_file) for t in entries], trusted_owners(settings.daemon.service_user))
     # load_tokens keeps the entries' order and refuses duplicates, so the two lists line up.
     return tokens, {token: entry.caller for token, entry in zip(tokens, entries, strict=True)}
+
+
+def _wal_push_uids(settings: AgentSettings) -> frozenset[int]:
+    """PostgreSQL's OS user in archive_command mode (``wal.push_user``): the socket's group lets it connect to
+    hand over WAL, and that is all it may do there. No such user: nobody is limited (it cannot connect)."""
+    if not (settings.wal.enabled and settings.wal.mode == "archive_command"):
+        return frozenset()
+    try:
+        return frozenset({pwd.getpwnam(settings.wal.push_user).pw_uid})
+    except KeyError:
+        log.warning("wal.push_user_unknown", user=settings.wal.push_user)
+        return frozenset()
 
 
 # --- the control socket -------------------------------------------------------------------------
@@ -235,6 +251,9 @@ async def run_daemon(config_path: Path | None, now: Clock = utc_now) -> int:
         telemetry = await app.open_telemetry(settings, stores, metrics=metrics, events=events, clock=now)
         components: list[Component] = [backup] if dr is None else [backup, dr]
         components.append(telemetry)
+        wal = await _open_wal(settings, stores, metrics=metrics, events=events, clock=now)
+        if wal is not None:
+            components.append(wal)
         tokens, token_names = _tokens(settings)
         ctx = ControlContext(
             jobs=jobs,
@@ -243,10 +262,20 @@ async def run_daemon(config_path: Path | None, now: Clock = utc_now) -> int:
             max_body_bytes=settings.control.max_body_bytes,
             events=events,
             clock=now,
+            wal_push_uids=_wal_push_uids(settings),
         )
         agent = Agent(config_path, settings, ctx, components)
         ctx.health = agent.health_fields
-        runner = await start_control(ctx, settings, [backup_routes(backup), dr_routes(dr), metrics_routes(metrics)])
+        tables = [backup_routes(backup), dr_routes(dr), metrics_routes(metrics), wal_status_routes(wal)]
+        if wal is not None and settings.wal.mode == "archive_command":
+            target = WalPushTarget(
+                spool_dir=wal.spool_dir,
+                max_spool_bytes=settings.wal.max_spool_bytes,
+                segment_size=wal.segment_size,
+                on_spooled=wal.wake,
+            )
+            tables.append(wal_routes(target))
+        runner = await start_control(ctx, settings, tables)
         try:
             await _supervise(agent, jobs, now)
         finally:
@@ -256,6 +285,25 @@ async def run_daemon(config_path: Path | None, now: Clock = utc_now) -> int:
                     agent.settings.control.socket.unlink(missing_ok=True)
     log.info("agent.stopped")
     return 0
+
+
+async def _open_wal(
+    settings: AgentSettings, stores: app.Stores, *, metrics: AgentMetrics, events: EventHub, clock: Clock
+) -> WalComponent | None:
+    """The WAL component when ``[wal] enabled``: the repository's store and the backups' key ring, its spool
+    check published on the event hub (the ``wal_spool_full`` alert), its figures read by the metrics."""
+    if not settings.wal.enabled:
+        return None
+    wal = WalComponent(
+        settings,
+        store=await stores.get(settings.repository),
+        keyring=app.keyring(settings, stores),
+        connection=app.connection(settings),
+        clock=clock,
+        publish=events.publish,
+    )
+    metrics.watch_wal(wal.metrics)
+    return wal
 
 
 async def _supervise(agent: Agent, jobs: JobManager, now: Clock) -> None:

@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from kybdr_agent.telemetry import get_logger
+from kybdr_agent.wal.status import WalSpoolChecked
 
 log = get_logger("kybdr_agent.events")
 
@@ -203,6 +204,7 @@ Event = (
     | DRAlert
     | DROperationFinished
     | DRProbed
+    | WalSpoolChecked
 )
 Subscriber = Callable[[Event], None]
 

@@ -27,6 +27,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from kybdr_agent.alerts import (
+    WAL_SPOOL_KEY,
     Alert,
     AlertBook,
     Message,
@@ -36,6 +37,7 @@ from kybdr_agent.alerts import (
     human_duration,
     parse_severity,
     replication_lag,
+    wal_spool_alert,
 )
 from kybdr_agent.clock import Clock
 from kybdr_agent.events import (
@@ -62,6 +64,7 @@ from kybdr_agent.notify_channels import WebhookChannel as WebhookChannel
 from kybdr_agent.notify_channels import build_channels as build_channels
 from kybdr_agent.notify_channels import redact_url as redact_url
 from kybdr_agent.telemetry import get_logger
+from kybdr_agent.wal.status import WalSpoolChecked
 
 if TYPE_CHECKING:
     from kybdr_agent.config_sections import NotifySettings
@@ -153,6 +156,7 @@ class Notifier:
             DROperationFinished: self._dr_operation,
             DRAlert: self._dr_alert,
             DRProbed: self._dr_probed,
+            WalSpoolChecked: self._wal_spool,
         }
 
     # --- the subscriber -------------------------------------------------------------------------------
@@ -335,6 +339,20 @@ class Notifier:
             return self.book.clear("dr_lag", at, summary=summary, details=details)
         summary = f"DR replication lag to the {region} region is {human_bytes(lag_bytes)}, over {human_bytes(bound)}"
         return self.book.firing("dr_lag", Alert("dr_lag", "warning", summary, region=region, details=details), at)
+
+    def _wal_spool(self, e: WalSpoolChecked) -> tuple[Message, ...]:
+        over, alert = wal_spool_alert(
+            host=self.config.host,
+            spool_dir=e.spool_dir,
+            spool_bytes=e.spool_bytes,
+            max_spool_bytes=e.max_spool_bytes,
+            files=e.files,
+            oldest=e.oldest,
+            last_error=e.last_error,
+        )
+        if not over:
+            return self.book.clear(WAL_SPOOL_KEY, e.at, summary=alert.summary, details=alert.details)
+        return self.book.firing(WAL_SPOOL_KEY, alert, e.at)
 
     # --- the dispatcher ---------------------------------------------------------------------------------
 

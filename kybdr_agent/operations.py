@@ -32,7 +32,9 @@ from kybdr_agent.telemetry.logs import WARNING, stderr_line
 class Operations(Protocol):
     async def __aenter__(self) -> Operations: ...
     async def __aexit__(self, *exc: object) -> None: ...
-    async def backup(self, databases: list[str] | None, description: str | None) -> list[dict[str, Any]]: ...
+    async def backup(
+        self, databases: list[str] | None, description: str | None, physical: bool = False
+    ) -> list[dict[str, Any]]: ...
     async def list(self, database: str | None, region: Region | None = None) -> dict[str, Any]: ...
     async def show(self, backup_id: str, region: Region | None = None) -> dict[str, Any]: ...
     async def restore(
@@ -113,9 +115,17 @@ class LocalOperations:
             raise KybdrError(f"{job.kind} {job.id} {job.status}: {job.error}")
         return [job.to_json() for job in jobs]
 
-    async def backup(self, databases: list[str] | None, description: str | None) -> list[dict[str, Any]]:
+    async def backup(
+        self, databases: list[str] | None, description: str | None, physical: bool = False
+    ) -> list[dict[str, Any]]:
+        """``physical``: one base backup of the whole cluster (``databases`` is then None)."""
         await self._sweep_first()
         service = self.local.service
+        if physical:
+            overrides = BackupOverrides(description=description, labels=("manual",))
+            asked: dict[str, Any] = {"physical": True, **({"description": description} if description else {})}
+            job = verbs.submit_physical_backup(self.local.jobs, service, overrides, params=asked, bounded=False)
+            return [done["result"] for done in await self._finish([job])]
         chosen = databases or service.covered_databases()
         if not chosen:
             raise ConfigError("no database to back up: pass --database NAME or set database.databases")
@@ -251,7 +261,12 @@ class RemoteOperations:
                 return job
             await anyio.sleep(0.5)
 
-    async def backup(self, databases: list[str] | None, description: str | None) -> list[dict[str, Any]]:
+    async def backup(
+        self, databases: list[str] | None, description: str | None, physical: bool = False
+    ) -> list[dict[str, Any]]:
+        if physical:
+            asked: dict[str, Any] = {"physical": True, **({"description": description} if description else {})}
+            return [job["result"] for job in await self._jobs("/v1/backup", asked)]
         results: list[dict[str, Any]] = []
         for database in databases or [None]:  # type: ignore[list-item]
             body: dict[str, Any] = {"description": description} if description else {}

@@ -121,6 +121,13 @@ def backup_schemas() -> dict[str, Any]:
                     },
                 },
                 "notices": {"type": "array", "items": {"type": "string"}},
+                "recovery_windows": {
+                    "type": "array",
+                    "description": "per cluster with a physical backup: earliest_recovery_time, latest_recovery_time, "
+                    "intervals, gaps, problems (wal.window_report.window_document); error when its archive "
+                    "could not be read",
+                    "items": {"type": "object"},
+                },
             },
             "required": ["backups", "unreadable", "regions", "notices"],
         },

@@ -2,6 +2,13 @@
 
 PURE. A backup exists if and only if its manifest does, so everything a restore, a validation or a
 retention decision needs is here, and nothing here depends on reading the data object.
+
+Two kinds share the document: a ``logical`` backup (pg_dump's custom archive of one database) and a
+``physical`` one (pg_basebackup's tar of the whole cluster, ``PhysicalInfo``). A physical backup belongs to
+a cluster, not a database: its ``database`` is ``@cluster-<system identifier>`` (``cluster_database``), so
+listing, retention, leases and the sweep group it per cluster with the code they already have. The ``@``
+is percent-encoded in keys like any other character (``backups/%40cluster-7…/<id>/``), and a logical
+backup of a database really named like that is refused (``service.py``), so the two never share a group.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from urllib.parse import quote
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kybdr_agent.storage.parts import PartRun
+from kybdr_agent.wal.names import WalError, check_segment_size, check_timeline, parse_lsn
 
 MANIFEST_FORMAT: Final = 1
 MANIFEST_NAME: Final = "manifest.json"
@@ -26,6 +34,8 @@ BACKUP_ID_PATTERN: Final = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}$")
 # Object-key form of a database name: everything but [A-Za-z0-9_-] percent-encoded, so "." and ".." and
 # "/" can never become path components.
 _KEY_SAFE: Final = "_-"
+CLUSTER_PREFIX: Final = "@cluster-"
+_SYSTEM_IDENTIFIER: Final = re.compile(r"[1-9][0-9]{0,19}")
 
 
 class InvalidBackupId(ValueError):
@@ -42,6 +52,18 @@ def check_backup_id(value: str) -> str:
     if not BACKUP_ID_PATTERN.fullmatch(value):
         raise InvalidBackupId(f"{value!r} is not a backup id (expected the form 20261124T215226Z-3f9a1c2b)")
     return value
+
+
+def cluster_database(system_identifier: str) -> str:
+    """The ``database`` of a physical backup: its cluster, by system identifier (``pg_control_system()``)."""
+    if not _SYSTEM_IDENTIFIER.fullmatch(system_identifier) or int(system_identifier) >= 1 << 64:
+        raise ValueError(f"{system_identifier!r} is not a system identifier")
+    return CLUSTER_PREFIX + system_identifier
+
+
+def is_cluster_database(database: str) -> bool:
+    """Whether ``database`` is the reserved spelling physical backups use (never a logical backup's)."""
+    return database.startswith(CLUSTER_PREFIX)
 
 
 def database_key(database: str) -> str:
@@ -95,8 +117,43 @@ class GlobalsObject(BaseModel):
     pg_dumpall_version: str
 
 
+class PhysicalInfo(BaseModel):
+    """What a physical base backup needs to become a running cluster: the WAL from ``start_lsn`` to
+    ``stop_lsn`` on ``timeline``, replayed, makes the tar consistent (``wal.window``). Read from the tar itself
+    (``backup_label``, ``backup_manifest``, ``global/pg_control``: ``basetar.py``), not from pg_basebackup's
+    messages, so they describe exactly what was stored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    system_identifier: str = Field(description="pg_control's system identifier, in decimal")
+    timeline: int = Field(description="the timeline the backup started and ended on")
+    start_lsn: str = Field(description="where replay starts (backup_label's START WAL LOCATION)")
+    stop_lsn: str = Field(description="the end of the backup-end record: replay must reach it to be consistent")
+    wal_segment_size: int
+    stop_time: datetime = Field(description="the server's clock after the backup ended: no earlier recovery target")
+    server_version_num: int
+    tar_bytes: int = Field(description="bytes of the tar pg_basebackup wrote")
+
+    @model_validator(mode="after")
+    def _holds_together(self) -> PhysicalInfo:
+        cluster_database(self.system_identifier)
+        try:
+            check_timeline(self.timeline)
+            check_segment_size(self.wal_segment_size)
+            start, stop = parse_lsn(self.start_lsn), parse_lsn(self.stop_lsn)
+        except WalError as exc:
+            raise ValueError(str(exc)) from None
+        if stop <= start:
+            raise ValueError("the stop LSN is not after the start LSN")
+        if self.stop_time.tzinfo is None or self.stop_time.utcoffset() is None:
+            raise ValueError("stop_time must carry a time zone")
+        return self
+
+
 class Manifest(BaseModel):
-    """One completed backup. Unknown fields are kept out (extra='forbid') so a tampered manifest fails."""
+    """One completed backup. Unknown fields are kept out (extra='forbid') so a tampered manifest fails.
+
+    For a physical backup ``pg_dump_version`` is pg_basebackup's version and ``dump_bytes`` the tar's size."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -133,6 +190,10 @@ class Manifest(BaseModel):
     globals: GlobalsObject | None = Field(
         None, description="the server's globals taken with this backup; absent in backups made before they were"
     )
+    kind: Literal["logical", "physical"] = Field(
+        "logical", description="logical: pg_dump of one database; physical: pg_basebackup of the cluster"
+    )
+    physical: PhysicalInfo | None = Field(None, description="a physical backup's WAL position and cluster")
 
     @model_validator(mode="after")
     def _globals_beside_the_data(self) -> Manifest:
@@ -140,6 +201,23 @@ class Manifest(BaseModel):
         # another backup's globals (the catalog checks the data object's key the same way).
         if self.globals is not None and self.globals.object_key != globals_key_path(self.database, self.id):
             raise ValueError("the globals object is not in the backup's own folder")
+        return self
+
+    @model_validator(mode="after")
+    def _kind_holds_together(self) -> Manifest:
+        # Edited into the other kind, a manifest must not parse: a logical restore would feed a tar to
+        # pg_restore, a physical one a custom archive to tar.
+        if self.kind == "physical":
+            if self.physical is None:
+                raise ValueError("a physical backup needs its physical fields")
+            if self.database != cluster_database(self.physical.system_identifier):
+                raise ValueError("a physical backup's database must name its cluster")
+            if self.globals is not None or self.snapshot is not None or self.row_counts:
+                raise ValueError("a physical backup has no globals object, snapshot or row counts")
+            if self.physical.tar_bytes != self.dump_bytes:
+                raise ValueError("a physical backup's tar size and dump size differ")
+        elif self.physical is not None or is_cluster_database(self.database):
+            raise ValueError("a logical backup has no physical fields and names a database, not a cluster")
         return self
 
     def to_json(self) -> bytes:

@@ -147,7 +147,7 @@ async def run_backup(
                     encrypted=data_key is not None,
                 )
         except BaseException:
-            await _delete_quietly(store, [data_key_path])
+            await delete_quietly(store, [data_key_path])
             raise
         # pg_dump exited 0 and every byte is stored: the dump is complete and consistent, because pg_dump
         # imported the snapshot into its own transaction when it started. Ending ours is a courtesy that a
@@ -201,7 +201,7 @@ async def seal_plan(options: BackupOptions, backup_id: str) -> tuple[StreamHeade
     return header, new.plaintext, new.encryption
 
 
-async def _check_stored(store: BlobStore, made: manifest.Manifest) -> None:
+async def check_stored(store: BlobStore, made: manifest.Manifest) -> None:
     info = await store.stat(made.object_key)
     if info is None or info.size != made.stored_bytes:
         raise KybdrError(
@@ -210,7 +210,7 @@ async def _check_stored(store: BlobStore, made: manifest.Manifest) -> None:
         )
 
 
-async def _delete_quietly(store: BlobStore, keys: list[str]) -> None:
+async def delete_quietly(store: BlobStore, keys: list[str]) -> None:
     """Best-effort removal of what a failed backup wrote; the sweep retries whatever this cannot delete."""
     with anyio.move_on_after(60, shield=True):
         for key in keys:
@@ -251,19 +251,17 @@ async def backup_and_record(
             # A completing request whose answer was lost can leave the data object stored although the
             # upload "failed" (S3 answers the retries NoSuchUpload, moto 500): it is this backup's own key,
             # under its lease, so remove it now rather than leave it to the next sweep.
-            await _delete_quietly(
+            await delete_quietly(
                 store, [manifest.data_key_path(database, backup_id), manifest.globals_key_path(database, backup_id)]
             )
             raise
         try:
             with stage("manifest", backup_id=made.id, stored_bytes=made.stored_bytes):
-                await _check_stored(store, made)
+                await check_stored(store, made)
                 await store.put_bytes(manifest.manifest_key_path(database, made.id), made.to_json())
         except BaseException:
             # No manifest means no backup: do not leave its data behind to look like one.
             globals_keys = [made.globals.object_key] if made.globals is not None else []
-            await _delete_quietly(
-                store, [manifest.manifest_key_path(database, made.id), made.object_key, *globals_keys]
-            )
+            await delete_quietly(store, [manifest.manifest_key_path(database, made.id), made.object_key, *globals_keys])
             raise
     return made

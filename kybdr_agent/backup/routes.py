@@ -92,6 +92,11 @@ class BackupBody(Body):
     cross_region: bool | None = None
     description: str | None = Field(None, max_length=1000, pattern=TEXT_CHARS)
     database: DatabaseName | None = None
+    physical: bool | None = Field(
+        None,
+        description="a physical base backup of the whole cluster (pg_basebackup), restorable to a point in time "
+        "with the WAL archive; names no database",
+    )
 
 
 class RestoreBody(Body):
@@ -154,9 +159,16 @@ def backup_routes(component: BackupComponent) -> RouteTable:
         config = service.config
         if body.encryption is False and config.backup.encryption:
             authorise(call.request, "admin")  # an unencrypted copy of an encrypted-by-policy database: admin's call
+        if body.physical and body.database:
+            raise Problem(
+                422,
+                "physical-names-no-database",
+                "a physical backup is of the whole cluster",
+                'omit "database" with "physical": true',
+            )
         covered = service.covered_databases()
         databases = [body.database] if body.database else covered
-        if not databases:
+        if not databases and not body.physical:
             raise Problem(
                 422,
                 "no-database",
@@ -179,6 +191,10 @@ def backup_routes(component: BackupComponent) -> RouteTable:
             description=body.description,
             labels=("manual",),
         )
+        if body.physical:
+            params = body.model_dump(exclude_none=True)
+            job = verbs.submit_physical_backup(call.ctx.jobs, service, overrides, params=params, bounded=False)
+            return await answer_jobs(call, [job])
         # Backups of configured databases are bounded by the configuration (one job per database); only names
         # from outside can grow the queue, so only those are refused beyond the backup queue's bound.
         jobs = verbs.submit_backups(

@@ -1,6 +1,7 @@
 """The scheduler loop: every tick, fire the slots ``slots.decide_tick`` says are due, as jobs.
 
-The last run of each slot is kept in ``scheduler.json`` beside the journal, so a slot missed while the
+A physical policy's slot submits a base backup of the cluster (``verbs.submit_physical_backup``). The last
+run of each slot is kept in ``scheduler.json`` beside the journal, so a slot missed while the
 agent was down runs once at start. A slot whose database already has a job is skipped (the next slot will
 run). The heartbeat the watchdog reads is stamped only after a tick succeeded: a tick that fails every
 time (a bug, a full disk under the state file) must starve the watchdog, not feed it.
@@ -14,13 +15,13 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import anyio
 
 from kybdr_agent.backup.service import BackupOverrides, BackupService
 from kybdr_agent.backup.slots import Slot, decide_tick
-from kybdr_agent.backup.verbs import submit_backups, submit_drill
+from kybdr_agent.backup.verbs import submit_backups, submit_drill, submit_physical_backup
 from kybdr_agent.clock import Clock
 from kybdr_agent.jobs import Busy, JobManager
 from kybdr_agent.telemetry import get_logger
@@ -81,8 +82,12 @@ class Scheduler:
             if slot.kind == "backup":
                 assert slot.database is not None
                 overrides = BackupOverrides(labels=(slot.policy or "scheduled",))
-                params = {"policy": slot.policy, "slot": due.isoformat()}
+                params: dict[str, Any] = {"policy": slot.policy, "slot": due.isoformat()}
                 job = submit_backups(self._jobs, service, [slot.database], overrides, params=params, bounded=False)[0]
+            elif slot.kind == "physical":
+                overrides = BackupOverrides(labels=(slot.policy or "scheduled",))
+                params = {"policy": slot.policy, "slot": due.isoformat(), "physical": True}
+                job = submit_physical_backup(self._jobs, service, overrides, params=params, bounded=False)
             else:
                 job = submit_drill(self._jobs, service, None, params={"slot": due.isoformat()}, bounded=False)
             log.info("schedule.fired", slot=slot.key, due=due.isoformat(), job=job.id)

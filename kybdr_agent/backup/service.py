@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -27,7 +28,10 @@ from kybdr_agent.backup.drill import drill_one
 from kybdr_agent.backup.freshness import BackupSeen, DatabaseFreshness, ScheduleWindow, assess
 from kybdr_agent.backup.keys import KeyRing
 from kybdr_agent.backup.lease import hold_lease, pid_alive, this_process
-from kybdr_agent.backup.manifest import Manifest, database_key, manifest_key_path
+from kybdr_agent.backup.manifest import CLUSTER_PREFIX, Manifest, database_key, is_cluster_database, manifest_key_path
+from kybdr_agent.backup.physical import PHYSICAL_JOB_DATABASE, WAL_WAIT_SECONDS, physical_backup_and_record
+from kybdr_agent.backup.physical_manifest import physical_info
+from kybdr_agent.backup.physical_retention import merged, physical_retention_plan
 from kybdr_agent.backup.pipeline import BackupOptions, backup_and_record
 from kybdr_agent.backup.pump import BackupProgress
 from kybdr_agent.backup.regions import (
@@ -66,6 +70,10 @@ from kybdr_agent.journal import Journal
 from kybdr_agent.postgres.connection import Connection, database_errors
 from kybdr_agent.storage.base import BlobStore, ReplicaStore
 from kybdr_agent.telemetry.tracing import stage
+from kybdr_agent.wal.archive import WalArchive
+from kybdr_agent.wal.pitr_drill import DrillOptions, pitr_drill
+from kybdr_agent.wal.retention_run import apply_wal_retention_all
+from kybdr_agent.wal.window_report import cluster_windows
 
 BACKFILL_LIMIT: Final = 20  # backups copied per pass: a pass after a long outage still ends
 
@@ -134,13 +142,11 @@ class BackupService:
     async def backup(
         self, database: str, overrides: BackupOverrides = BackupOverrides(), progress: BackupProgress | None = None
     ) -> Manifest:
-        options = self.backup_options(overrides, progress)
-        wanted = self.config.backup.cross_region
-        cross_region = wanted if overrides.cross_region is None else overrides.cross_region
-        if cross_region and (not wanted or self.replica is None):
-            raise ConfigError("a cross-region copy was requested but backup.cross_region is not enabled")
-        if wanted and not cross_region:  # asked not to be copied: a backfill pass must respect that
-            options = dataclasses.replace(options, replication=(("cross_region", (("status", NOT_REQUESTED),)),))
+        if is_cluster_database(database):
+            raise ConfigError(
+                f"database names starting with {CLUSTER_PREFIX!r} are reserved for physical backups' clusters"
+            )
+        options, cross_region = self._copy_choice(self.backup_options(overrides, progress), overrides)
         started = time.monotonic()
         try:
             made = await backup_and_record(
@@ -152,6 +158,46 @@ class BackupService:
         except Exception as exc:
             self.events.publish(BackupFailed(database, str(exc), time.monotonic() - started, self._now()))
             raise
+        self._completed(made, started)
+        return made
+
+    async def backup_physical(
+        self, overrides: BackupOverrides = BackupOverrides(), progress: BackupProgress | None = None
+    ) -> Manifest:
+        """A base backup of the whole cluster the DSN reaches (``physical.py``), recorded once its WAL is archived."""
+        options, cross_region = self._copy_choice(self.backup_options(overrides, progress), overrides)
+        started = time.monotonic()
+        try:
+            made = await physical_backup_and_record(
+                connection=self.connection,
+                maintenance_database=self.config.maintenance_database,
+                store=self.store,
+                options=options,
+                archive_for=self.wal_archive,
+                wal_enabled=self.config.wal_enabled,
+                wal_wait=WAL_WAIT_SECONDS,
+                now=self._now,
+            )
+            if cross_region:
+                assert self.replica is not None
+                made = await self._copy_to_dr(self.replica, made)
+        except Exception as exc:
+            self.events.publish(BackupFailed(PHYSICAL_JOB_DATABASE, str(exc), time.monotonic() - started, self._now()))
+            raise
+        self._completed(made, started)
+        return made
+
+    def _copy_choice(self, options: BackupOptions, overrides: BackupOverrides) -> tuple[BackupOptions, bool]:
+        """Whether this backup is copied to the DR region; one asked not to be is marked so a backfill skips it."""
+        wanted = self.config.backup.cross_region
+        cross_region = wanted if overrides.cross_region is None else overrides.cross_region
+        if cross_region and (not wanted or self.replica is None):
+            raise ConfigError("a cross-region copy was requested but backup.cross_region is not enabled")
+        if wanted and not cross_region:  # asked not to be copied: a backfill pass must respect that
+            options = dataclasses.replace(options, replication=(("cross_region", (("status", NOT_REQUESTED),)),))
+        return options, cross_region
+
+    def _completed(self, made: Manifest, started: float) -> None:
         self.events.publish(
             BackupCompleted(
                 database=made.database,
@@ -163,7 +209,30 @@ class BackupService:
                 labels=tuple(made.labels),
             )
         )
-        return made
+
+    def wal_archive(self, system_identifier: str, segment_size: int) -> WalArchive:
+        """The WAL archive of a cluster in this service's repository, sealed as configured."""
+        return self._archive_on(self.store, system_identifier, segment_size)
+
+    def _archives_on(self, store: BlobStore) -> Callable[[Manifest], WalArchive]:
+        """A physical backup's WAL archive, in the same region's repository as the backup."""
+
+        def archive(m: Manifest) -> WalArchive:
+            info = physical_info(m)
+            return self._archive_on(store, info.system_identifier, info.wal_segment_size)
+
+        return archive
+
+    def _archive_on(self, store: BlobStore, system_identifier: str, segment_size: int) -> WalArchive:
+        return WalArchive(
+            store,
+            system_identifier=system_identifier,
+            segment_size=segment_size,
+            keyring=self.keyring,
+            compression=Compression[self.config.compression.algorithm.upper()],
+            compression_level=self.config.compression.level,
+            frame_size=self.config.frame_size,
+        )
 
     async def _copy_to_dr(self, replica: ReplicaStore, made: Manifest) -> Manifest:
         try:
@@ -189,8 +258,20 @@ class BackupService:
         return await region_listing.show_backup(self.regions, backup_id, region)
 
     async def list_backups(self, database: str | None = None, region: Region | None = None) -> dict[str, Any]:
-        """The backups (of ``database``) with where each lives (``region_listing.list_backups``)."""
-        return await region_listing.list_backups(self.regions, database, region)
+        """The backups (of ``database``) with where each lives (``region_listing.list_backups``), and for each
+        cluster with a physical backup its recoverable window (``wal.window_report``), read from the region
+        listed (the primary unless ``region`` is dr)."""
+        listed = await region_listing.list_backups(self.regions, database, region)
+        store = self.regions.store(region or "primary")
+        physical = [
+            Manifest.model_validate({k: v for k, v in b.items() if k not in ("part_count", "locations")})
+            for b in listed["backups"]
+            if b.get("kind") == "physical"
+        ]
+        listed["recovery_windows"] = await cluster_windows(
+            physical, lambda system_identifier, size: self._archive_on(store, system_identifier, size)
+        )
+        return listed
 
     # --- restore and validation ---------------------------------------------------------------
 
@@ -228,6 +309,7 @@ class BackupService:
         )
         located = await self.locate(backup_id, region)
         found = located.manifest
+        _logical_only(found, "restored into a database")
         tell = notice or (lambda _message: None)
         if located.note:
             tell(located.note)
@@ -271,6 +353,7 @@ class BackupService:
         streamed and verified to the end; ``.as_dict()`` is the API document."""
         located = await self.locate(backup_id, region)
         found = located.manifest
+        _logical_only(found, "listed table by table")
         with stage("contents", backup_id=found.id, database=found.database, region=located.region):
             return await backup_contents(found, located.store, self.keyring)
 
@@ -279,20 +362,29 @@ class BackupService:
         found = located.manifest
         with stage("validate", backup_id=found.id, database=found.database, level=level, region=located.region) as span:
             result = await validate_backup(
-                found, store=located.store, keyring=self.keyring, connection=self.connection, level=level
+                found,
+                store=located.store,
+                keyring=self.keyring,
+                connection=self.connection,
+                level=level,
+                # WAL is archived to the primary repository only: a DR copy is validated without it.
+                wal_archive=self._archives_on(located.store) if located.region == "primary" else None,
             )
             span.set_attribute("kybdr.ok", result.ok)
-        result = dataclasses.replace(result, region=located.region, notices=[located.note] if located.note else [])
+        notices = [located.note, *result.notices] if located.note else result.notices
+        result = dataclasses.replace(result, region=located.region, notices=notices)
         self.events.publish(ValidationVerdict(found.id, found.database, level, result.ok, result.corrupt, result.error))
         return result
 
     # --- restore drills -----------------------------------------------------------------------
 
     async def drill(self, database: str | None = None) -> list[dict[str, Any]]:
-        """Restore the newest backup of each database into a scratch database, compare, drop it."""
+        """Restore the newest backup of each database into a scratch database, compare, drop it; a cluster's
+        newest physical backup is drilled by a point-in-time restore into a scratch data directory
+        (``wal/pitr_drill.py``), with its RTO measured."""
         found = await catalog.read_catalog(self.store, database)
         newest: dict[str, Manifest] = {}
-        for m in found.backups:
+        for m in found.backups:  # oldest first: the last one of each database (or cluster) is its newest
             newest[m.database] = m
         if database is not None and database not in newest:
             raise KybdrError(f"no backup of database {database!r} to drill")
@@ -301,9 +393,14 @@ class BackupService:
         results: list[dict[str, Any]] = []
         for m in newest.values():
             with stage("drill", backup_id=m.id, database=m.database) as span:
-                result = await drill_one(
-                    self.store, self.drill_connection, self.config.maintenance_database, self.keyring, m
-                )
+                if m.kind == "physical":
+                    result = await pitr_drill(
+                        self.store, found.backups, self.keyring, self.wal_archive, m, self._pitr_drill_options()
+                    )
+                else:
+                    result = await drill_one(
+                        self.store, self.drill_connection, self.config.maintenance_database, self.keyring, m
+                    )
                 span.set_attribute("kybdr.passed", bool(result.get("passed")))
             self.events.publish(
                 DrillResult(
@@ -316,6 +413,16 @@ class BackupService:
             )
             results.append(result)
         return results
+
+    def _pitr_drill_options(self) -> DrillOptions:
+        """A physical drill's scratch directory under backup_dir; the check connects as the agent's role (over
+        the drill's own socket, trust: a copy of the cluster has that role), else as ``postgres``."""
+        return DrillOptions(
+            scratch_root=self.config.backup.backup_dir / "drills",
+            user=self.connection.params.get("user") or "postgres",
+            database=self.config.maintenance_database,
+            pg_bin_dir=self.connection.bin_dir,
+        )
 
     # --- retention ----------------------------------------------------------------------------
 
@@ -339,7 +446,13 @@ class BackupService:
         return {backup_id for backup_id, bad in corrupt.items() if bad}
 
     def retention_plan(self, backups: list[Manifest], invalid: set[str] | None = None) -> RetentionPlan:
-        return retention_plan(self.config, backups, self._now(), self._invalid_ids() if invalid is None else invalid)
+        """Logical backups by the policies that list their database, physical ones by the physical policies, per
+        cluster (``physical_retention``)."""
+        invalid = self._invalid_ids() if invalid is None else invalid
+        now = self._now()
+        logical = retention_plan(self.config, [m for m in backups if m.kind == "logical"], now, invalid)
+        default_max = timedelta(days=self.config.backup.retention_days)
+        return merged(logical, physical_retention_plan(self.config.policies, backups, now, invalid, default_max))
 
     async def cleanup(self, *, dry_run: bool) -> dict[str, Any]:
         """Apply the retention policies to the primary repository and, when copies are made, to the DR bucket.
@@ -375,6 +488,14 @@ class BackupService:
                 deleted.append(backup_id)
                 if store is self.store:
                     self.events.publish(RetentionDeleted(m.database, m.id, m.stored_bytes))
+        # Then the WAL only the dropped base backups needed (after them: a kept backup never lacks its WAL).
+        wal = await apply_wal_retention_all(
+            found.backups,
+            plan.keep,
+            lambda system_identifier, size: self._archive_on(store, system_identifier, size),
+            dry_run=dry_run,
+            unreadable_manifests=[key for key, _why in found.unreadable],
+        )
         return {
             "dry_run": dry_run,
             "kept": sorted(plan.keep),
@@ -382,6 +503,7 @@ class BackupService:
             "would_delete": sorted(plan.delete) if dry_run else [],
             "reasons": {backup_id: plan.reasons.get(backup_id, "") for backup_id in sorted(plan.keep | plan.delete)},
             "freed_bytes": sum(by_id[i].stored_bytes for i in plan.delete),
+            "wal": wal,
         }
 
     # --- cross-region backfill ----------------------------------------------------------------
@@ -399,7 +521,12 @@ class BackupService:
         async with self._backfilling:  # housekeeping's pass and a requested one never copy the same backup
             primary = await catalog.read_catalog(self.store)
             in_dr = await manifest_ids(self.replica)
-            backups = [m for m in primary.backups if m.database not in skip_databases]
+            physical_busy = PHYSICAL_JOB_DATABASE in skip_databases  # it copies itself once recorded
+            backups = [
+                m
+                for m in primary.backups
+                if m.database not in skip_databases and not (physical_busy and m.kind == "physical")
+            ]
             return await self._backfill(self.replica, backfill_candidates(backups, in_dr, len(backups)), limit)
 
     async def _backfill(self, replica: ReplicaStore, missing: list[Manifest], limit: int) -> dict[str, Any]:
@@ -426,7 +553,11 @@ class BackupService:
         grace for leftovers that carry no lease at all. ``busy_databases`` (this agent's running backups)
         are skipped outright, as a second line of defence.
         """
-        busy_prefixes = tuple(f"backups/{database_key(db)}/" for db in busy_databases)
+        # A running physical backup's job names no cluster: every cluster's folder is left to its lease.
+        busy_prefixes = tuple(
+            f"backups/{database_key(CLUSTER_PREFIX)}" if db == PHYSICAL_JOB_DATABASE else f"backups/{database_key(db)}/"
+            for db in busy_databases
+        )
         report = await sweep_repository(
             self.store,
             now=self._now(),
@@ -537,3 +668,11 @@ class BackupService:
         found = await self.catalog()
         tally = await anyio.to_thread.run_sync(OutcomeTally.from_journal, self.journal)  # off the loop
         return render_stats(found, tally, self._now())
+
+
+def _logical_only(found: Manifest, what: str) -> None:
+    if found.kind == "physical":
+        raise KybdrError(
+            f"backup {found.id} is a physical base backup of the whole cluster; it cannot be {what}: "
+            "restore it with kybdr-agent restore --physical"
+        )

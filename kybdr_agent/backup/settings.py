@@ -29,6 +29,7 @@ class BackupConfig:
     sweep_older_than: timedelta
     housekeeping_interval: timedelta
     spool_dir: Path  # restore.spool_dir, resolved (default backup.backup_dir/spool)
+    wal_enabled: bool = False  # [wal] enabled: a physical backup is refused without WAL archiving
 
     @classmethod
     def from_settings(cls, settings: AgentSettings) -> BackupConfig:
@@ -44,6 +45,7 @@ class BackupConfig:
             sweep_older_than=settings.daemon.sweep_older_than,
             housekeeping_interval=settings.daemon.housekeeping_interval,
             spool_dir=settings.restore_spool_dir(),
+            wal_enabled=settings.wal.enabled,
         )
 
     def slots(self) -> list[Slot]:

@@ -1,6 +1,7 @@
 """Which scheduled runs exist, and which of them is due: the scheduler's decisions, apart from its loop.
 
-PURE. A slot is one (policy, database) backup schedule, or the restore drill's; whether it is due depends
+PURE. A slot is one (policy, database) backup schedule, a physical policy's (one per policy: it backs up the
+cluster, not a database), or the restore drill's; whether it is due depends
 only on the slot, the last run recorded for it and ``now``. The loop (``scheduler.py``) owns the clock, the
 state file and the jobs; everything it decides is decided here, and tested without waiting for a clock.
 """
@@ -22,6 +23,8 @@ class PolicyLike(Protocol):
     @property
     def name(self) -> str: ...
     @property
+    def kind(self) -> str: ...
+    @property
     def schedule(self) -> str: ...
     @property
     def databases(self) -> list[str]: ...
@@ -41,7 +44,7 @@ class DrillLike(Protocol):
 @dataclass(frozen=True)
 class Slot:
     key: str
-    kind: str  # "backup" or "test"
+    kind: str  # "backup", "physical" or "test"
     spec: CronSpec
     tz: ZoneInfo
     jitter_seconds: float
@@ -50,11 +53,22 @@ class Slot:
 
 
 def planned_slots(enabled: bool, policies: Sequence[PolicyLike], drill: DrillLike) -> list[Slot]:
-    """Every slot the configuration asks for: one per (policy, database) while backups are enabled, and the
-    restore drill's when it has a schedule."""
+    """Every slot the configuration asks for: one per (policy, database) and one per physical policy while backups
+    are enabled, and the restore drill's when it has a schedule."""
     slots: list[Slot] = []
     if enabled:
         for policy in policies:
+            if policy.kind == "physical":
+                slots.append(
+                    Slot(
+                        key=f"physical:{policy.name}",
+                        kind="physical",
+                        spec=CronSpec.parse(policy.schedule),
+                        tz=ZoneInfo(policy.timezone),
+                        jitter_seconds=policy.jitter_seconds,
+                        policy=policy.name,
+                    )
+                )
             for database in policy.databases:
                 slots.append(
                     Slot(

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kybdr_agent.backup.catalog import manifest_document
+from kybdr_agent.backup.physical import PHYSICAL_JOB_DATABASE
 from kybdr_agent.backup.regions import Region
 from kybdr_agent.backup.selection import Selection
 from kybdr_agent.backup.service import BackupOverrides, BackupService
@@ -41,6 +42,18 @@ def submit_backups(
 
     items = [Submission(work_for(database), params, database) for database in databases]
     return jobs.submit_all("backup", items, bounded=bounded)
+
+
+def submit_physical_backup(
+    jobs: JobManager, service: BackupService, overrides: BackupOverrides, *, params: dict[str, Any], bounded: bool
+) -> Job:
+    """A physical base backup of the cluster the DSN reaches; one at a time (its job's database is the cluster)."""
+
+    async def work(job: Job) -> Any:
+        made = await service.backup_physical(overrides, progress=job.progress)
+        return manifest_document(made)
+
+    return jobs.submit("backup", work, params=params, database=PHYSICAL_JOB_DATABASE, bounded=bounded)
 
 
 def submit_restore(

@@ -6,15 +6,17 @@
            archive's table of
            contents. The plaintext only ever flows through memory and a pipe; nothing is written to disk.
 The globals object (``globals.py``), when a backup has one, gets the same checks at each level, and at
-``full`` is read as a restore would read it.
+``full`` is read as a restore would read it. A physical base backup gets the same object checks, then its
+own (``physical_verify``): its tar read whole instead of ``pg_restore --list``, and the WAL it needs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from kybdr_agent.asyncutil import TailBuffer, task_group
 from kybdr_agent.backup.decode import data_key_for, stream_backup
@@ -22,10 +24,12 @@ from kybdr_agent.backup.globals import check_globals_object, verify_globals
 from kybdr_agent.backup.keys import KeyRing
 from kybdr_agent.backup.manifest import Manifest
 from kybdr_agent.backup.pgdump import child_process, drain_into, failure_message
+from kybdr_agent.backup.physical_verify import WalNotHere, validate_physical
 from kybdr_agent.backup.streamfmt import HEADER_SIZE
 from kybdr_agent.errors import DumpError, IntegrityError, KeyUnavailable
 from kybdr_agent.postgres.connection import Connection
 from kybdr_agent.storage.base import BlobStore
+from kybdr_agent.wal.archive import WalArchive
 
 Level = Literal["quick", "full"]
 
@@ -42,6 +46,7 @@ class ValidationResult:
     corrupt: bool = False  # True only when the backup itself failed a check (not a missing key or tool)
     region: str = "primary"  # the repository it was read from (backup.regions)
     notices: list[str] = field(default_factory=list)  # e.g. that the primary could not be read
+    wal: dict[str, Any] | None = None  # a physical backup's WAL at full level: how far recovery reaches
 
 
 async def validate_backup(
@@ -51,24 +56,48 @@ async def validate_backup(
     keyring: KeyRing | None,
     connection: Connection,
     level: Level,
+    wal_archive: Callable[[Manifest], WalArchive] | None = None,
 ) -> ValidationResult:
-    """Never raises for a backup that fails validation: the failure is the result. Store errors do raise."""
+    """Never raises for a backup that fails validation: the failure is the result. Store errors do raise.
+
+    ``wal_archive`` gives a physical backup's cluster's WAL archive; None where the repository holds none (the
+    DR region's): its tar is checked, and the validation fails without a verdict on the backup."""
     started = time.monotonic()
     result = ValidationResult(backup_id=backup.id, level=level, ok=False)
     try:
         await _quick(backup, store, result)
-        if level == "full":
+        if backup.kind == "physical":
+            await _physical(backup, store, keyring, wal_archive, result)
+        elif level == "full":
             await _full(backup, store, keyring, connection, result)
         result.ok = True
     except IntegrityError as exc:
         result.error = str(exc)
         result.corrupt = True
-    except (KeyUnavailable, DumpError) as exc:
+    except (KeyUnavailable, DumpError, WalNotHere) as exc:
         # The check could not be done (no key, no usable pg_restore): a failure, but no verdict on the
         # backup, so retention must not treat it as invalid.
         result.error = str(exc)
     result.seconds = round(time.monotonic() - started, 3)
     return result
+
+
+async def _physical(
+    backup: Manifest,
+    store: BlobStore,
+    keyring: KeyRing | None,
+    wal_archive: Callable[[Manifest], WalArchive] | None,
+    result: ValidationResult,
+) -> None:
+    result.wal = await validate_physical(
+        backup,
+        store=store,
+        keyring=keyring,
+        archive=wal_archive(backup) if wal_archive is not None else None,
+        full=result.level == "full",
+        checks=result.checks,
+        notices=result.notices,
+    )
 
 
 async def _quick(backup: Manifest, store: BlobStore, result: ValidationResult) -> None:

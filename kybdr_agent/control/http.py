@@ -13,6 +13,7 @@ brings its routes as a ``RouteTable`` (``control.routes``); the composition root
 from __future__ import annotations
 
 import hmac
+import os
 import socket
 import struct
 import time
@@ -56,6 +57,9 @@ class ControlContext:
     # Every answered request is published here (``ControlRequestHandled``): metrics and the audit trail.
     events: EventHub | None = None
     clock: Clock = utc_now
+    # Unix-socket peers running as these OS users (PostgreSQL's, in archive_command mode) may only hand over
+    # WAL: the socket's group lets them connect, and connecting must not make them the agent's admin.
+    wal_push_uids: frozenset[int] = frozenset()
 
 
 CONTEXT: Final = web.AppKey("context", ControlContext)
@@ -84,6 +88,9 @@ class RouteSpec:
     media_type: str = "application/json"  # of the 200 answer; any other type is documented as text
     repository: bool = False  # reads the repository: 502 when it cannot, 422 when the configuration forbids
     problems: tuple[tuple[str, str], ...] = ()  # further refusals the route answers: (status, description)
+    # A media type: the handler streams the body itself (``request.content``) under its own bounds; the guard
+    # neither reads it nor applies ``max_body_bytes`` (a WAL segment is 16 MiB or more).
+    raw_body: str = ""
 
 
 @dataclass
@@ -139,19 +146,28 @@ def caller_of(request: web.Request) -> str:
     return f"uid:{uid}" if uid is not None else "anonymous"
 
 
-def authorise(request: web.Request, needed: Role) -> Role:
-    """Unix-socket peers are admins; TCP needs exactly ``Authorization: Bearer <token>``.
+WAL_PUSH_ROUTES: Final = frozenset({"wal_push"})
+
+
+def authorise(request: web.Request, needed: Role, route: str | None = None) -> Role:
+    """Unix-socket peers are admins — but for PostgreSQL's OS user (``ControlContext.wal_push_uids``), who may
+    only call ``WAL_PUSH_ROUTES``; TCP needs exactly ``Authorization: Bearer <token>``.
 
     The scheme is case-insensitive (RFC 6750 / RFC 9110), followed by exactly one space and the token, with
     nothing around it: a header that only almost matches is refused, never repaired.
     """
+    ctx = request.app[CONTEXT]
     if _peer_is_unix(request):
-        request[ROLE] = "admin"
         uid = peer_uid(request)  # now: a refusal that closes the connection leaves no transport to ask later
         if uid is not None:
             request[CALLER] = f"uid:{uid}"
+        if uid is not None and uid in ctx.wal_push_uids and uid not in (0, os.geteuid()):
+            request[ROLE] = "operator"
+            if route not in WAL_PUSH_ROUTES:
+                raise Problem(403, "forbidden", "this caller may only hand over WAL (kybdr-agent wal-push)")
+            return "operator"
+        request[ROLE] = "admin"
         return "admin"
-    ctx = request.app[CONTEXT]
     header = request.headers.get("Authorization", "")
     scheme, space, presented = header.partition(" ")
     if scheme.lower() != "bearer" or space != " " or not presented or presented != presented.strip(" \t"):
@@ -179,10 +195,10 @@ def guard(spec: RouteSpec, handler: Handler) -> RawHandler:
 
     async def guarded(request: web.Request) -> web.StreamResponse:
         ctx = request.app[CONTEXT]
-        role = authorise(request, spec.role)
+        role = authorise(request, spec.role, spec.name)
         path = check_path_params(request, spec.path_params)
         query = parse_query(request, spec.query)
-        body = await read_body(request, spec.body, ctx.max_body_bytes)
+        body = None if spec.raw_body else await read_body(request, spec.body, ctx.max_body_bytes)
         target = _target(path, body)
         if target is not None:
             request[TARGET] = target

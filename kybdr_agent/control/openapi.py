@@ -176,6 +176,12 @@ def _operation(spec: RouteSpec, schemas: dict[str, Any]) -> dict[str, Any]:
         responses["413"] = _problem("body too large")
         responses["415"] = _problem("the body is not JSON (Content-Type)")
         responses["422"] = _problem("the body does not validate (the problem names the field)")
+    if spec.raw_body:
+        op["requestBody"] = {
+            "required": True,
+            "description": "the raw bytes, streamed (not limited by control.max_body_bytes)",
+            "content": {spec.raw_body: {"schema": {"type": "string", "format": "binary"}}},
+        }
     if spec.repository:
         responses["422"] = _problem("the body does not validate, or the configuration does not allow this")
         responses["502"] = _problem("the repository could not be read")

@@ -97,8 +97,13 @@ class Cluster:
         self.stop()
 
 
-def start_cluster(*, password: str | None = None, log_to: Path | None = None) -> Cluster:
-    """initdb + start; local (socket) connections trust, TCP connections need a SCRAM password."""
+def start_cluster(
+    *, password: str | None = None, log_to: Path | None = None, wal_segsize_mb: int | None = None, extra_conf: str = ""
+) -> Cluster:
+    """initdb + start; local (socket) connections trust, TCP connections need a SCRAM password.
+
+    ``wal_segsize_mb`` (a power of two, 1–1024) makes segments small, so WAL tests switch and ship 1 MiB
+    files instead of 16 MiB; ``extra_conf`` is appended to postgresql.conf (archive settings and the like)."""
     if not (PG_BIN / "initdb").exists():
         raise RuntimeError(f"PostgreSQL server binaries not found in {PG_BIN} (install postgresql-15)")
     password = password or secrets.token_urlsafe(16)
@@ -127,6 +132,7 @@ def start_cluster(*, password: str | None = None, log_to: Path | None = None) ->
                 "-E",
                 "UTF8",
                 "--locale=C",
+                *([f"--wal-segsize={wal_segsize_mb}"] if wal_segsize_mb else []),
             ],
             check=True,
             capture_output=True,
@@ -137,7 +143,7 @@ def start_cluster(*, password: str | None = None, log_to: Path | None = None) ->
             conf.write(
                 "\nfsync = off\nfull_page_writes = off\nsynchronous_commit = off\n"
                 "wal_level = replica\nmax_wal_senders = 5\nwal_keep_size = 64MB\nhot_standby = on\n"
-                "max_connections = 50\nshared_buffers = 128MB\n"
+                "max_connections = 50\nshared_buffers = 128MB\n" + extra_conf + "\n"
             )
         port = free_port()
         logfile = open(log_to or base / "postgres.log", "ab")  # noqa: SIM115 - handed to the child

@@ -26,7 +26,7 @@ from datetime import datetime
 from typing import Any, Final, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
@@ -60,6 +60,13 @@ DR_GAUGES: Final = {
     "kybdr_dr_last_wal_receipt_age_seconds": "Seconds since the standby last heard from the writer",
 }
 
+WAL_GAUGES: Final = {
+    "kybdr_wal_spool_bytes": "Unarchived WAL in the agent's spool (bytes)",
+    "kybdr_wal_last_shipped_timestamp": "When the last complete WAL file was archived (Unix time)",
+    "kybdr_wal_slot_retained_bytes": "WAL the agent's replication slot holds on the server (stream mode)",
+}
+WAL_COUNTERS: Final = {"kybdr_wal_files_shipped": "Complete WAL files archived since the agent started"}
+
 # Prometheus' *_created series double every counter's output for a value no alert uses.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
@@ -83,6 +90,7 @@ class _Live(Collector):
         self.jobs: Callable[[], Mapping[str, int]] | None = None
         self.dr_phase: Callable[[], str] | None = None
         self.dr_values: dict[str, float] = {}  # the last probe round's measurements, by metric name
+        self.wal: Callable[[], Mapping[str, float]] | None = None
 
     def collect(self) -> Iterator[Metric]:
         if self.jobs is not None:
@@ -101,6 +109,15 @@ class _Live(Collector):
             for name, help_text in DR_GAUGES.items():
                 if name in self.dr_values:
                     yield GaugeMetricFamily(name, help_text, value=self.dr_values[name])
+        if self.wal is not None:
+            # Only what was measured: no slot gauge in archive_command mode, no "last shipped" before the first.
+            values = self.wal()
+            for name, help_text in WAL_GAUGES.items():
+                if name in values:
+                    yield GaugeMetricFamily(name, help_text, value=values[name])
+            for name, help_text in WAL_COUNTERS.items():
+                if name in values:
+                    yield CounterMetricFamily(name, help_text, value=values[name])
 
 
 class AgentMetrics:
@@ -185,6 +202,10 @@ class AgentMetrics:
 
     def watch_dr(self, phase: Callable[[], str]) -> None:
         self._live.dr_phase = phase
+
+    def watch_wal(self, values: Callable[[], Mapping[str, float]]) -> None:
+        """The WAL component's gauges and counters by metric name, read at scrape time (``WAL_GAUGES``)."""
+        self._live.wal = values
 
     def storage_retry(self, operation: str) -> None:
         self.storage_retries.labels(operation).inc()

@@ -293,7 +293,7 @@ def check_components(project: Project) -> list[Violation]:
         component = next((prefix for prefix in COMPONENTS if within(module.name, prefix)), None)
         if component is None:
             continue
-        is_routes = module.name == f"{component}.routes"
+        is_routes = module.name in (f"{component}.routes", f"{component}.status_routes")
         for imp in module.imports:
             public = is_routes and any(within(imp.target, allowed) for allowed in CONTROL_PUBLIC)
             to_control = within(imp.target, CONTROL) and not public
