@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Final
 
-from kybdr_agent import app
 from kybdr_agent.asyncutil import primary_error
 from kybdr_agent.backup.freshness import DatabaseFreshness
 from kybdr_agent.backup.manifest import BACKUPS_PREFIX, database_key
@@ -92,6 +91,9 @@ async def run(args: argparse.Namespace) -> int:
 
 
 async def probe(args: argparse.Namespace) -> Verdict:
+    # Imported here, not at the top: the CLI builds this command's parser on every start (``add_parser``).
+    from kybdr_agent import app
+
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:

@@ -17,17 +17,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from kybdr_agent import app
 from kybdr_agent.backup.keys import KeyRing
 from kybdr_agent.backup.rotate import RotationReport, StatusReport, key_status, rotate
 from kybdr_agent.cli_output import table
 from kybdr_agent.config import AgentSettings
 from kybdr_agent.errors import ConfigError
 from kybdr_agent.storage.base import BlobStore
+
+if TYPE_CHECKING:
+    # The composition root is imported by the commands that run: the CLI builds this parser on every start.
+    from kybdr_agent import app
 
 
 def add_parser(sub: Any) -> None:
@@ -61,6 +64,8 @@ async def _locations(settings: AgentSettings, stores: app.Stores) -> list[tuple[
 
 
 async def _rotate(settings: AgentSettings, args: argparse.Namespace) -> int:
+    from kybdr_agent import app
+
     async with app.open_stores() as stores:
         ring = app.keyring(settings, stores)
         if ring is None:
@@ -80,6 +85,8 @@ async def _rotate(settings: AgentSettings, args: argparse.Namespace) -> int:
 
 
 async def _status(settings: AgentSettings, args: argparse.Namespace) -> int:
+    from kybdr_agent import app
+
     async with app.open_stores() as stores:
         ring: KeyRing | None = app.keyring(settings, stores)
         reports = [

@@ -17,19 +17,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Final, NoReturn
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
-from kybdr_agent import app
-from kybdr_agent.backup.catalog import read_catalog
 from kybdr_agent.backup.manifest import check_backup_id
-from kybdr_agent.backup.streamfmt import Compression
-from kybdr_agent.config import AgentSettings
 from kybdr_agent.errors import ConfigError
-from kybdr_agent.storage.base import BlobStore
 from kybdr_agent.telemetry.logs import ERROR, stderr_line
-from kybdr_agent.wal.archive import WalArchive
 from kybdr_agent.wal.names import WalError
-from kybdr_agent.wal.restore_physical import PhysicalRestoreRequest, PhysicalRestoreResult, restore_physical
 from kybdr_agent.wal.targets import (
     LatestTarget,
     RecoveryTarget,
@@ -37,6 +30,15 @@ from kybdr_agent.wal.targets import (
     parse_target_name,
     parse_target_time,
 )
+
+if TYPE_CHECKING:
+    # The restore's machinery is imported by ``run`` only: the restore parser and its usage checks are built on
+    # every CLI start, and a refused command line must stay cheap.
+    from kybdr_agent import app
+    from kybdr_agent.config import AgentSettings
+    from kybdr_agent.storage.base import BlobStore
+    from kybdr_agent.wal.archive import WalArchive
+    from kybdr_agent.wal.restore_physical import PhysicalRestoreResult
 
 EXIT_USAGE: Final = 2
 _LOGICAL_ONLY: Final = (
@@ -168,6 +170,12 @@ async def _repository(settings: AgentSettings, stores: app.Stores, region: str |
 
 
 async def run(settings: AgentSettings, args: argparse.Namespace) -> int:
+    from kybdr_agent import app
+    from kybdr_agent.backup.catalog import read_catalog
+    from kybdr_agent.backup.streamfmt import Compression
+    from kybdr_agent.wal.archive import WalArchive
+    from kybdr_agent.wal.restore_physical import PhysicalRestoreRequest, restore_physical
+
     request = PhysicalRestoreRequest(
         pgdata=args.pgdata,
         target=getattr(args, "recovery_target", None) or parse_target(args),
