@@ -320,6 +320,13 @@ def _report(args: argparse.Namespace, exc: BaseException) -> int:
             stderr_line(
                 "kybdr-agent: interrupted; the job keeps running in the agent (see `kybdr-agent status`)", WARNING
             )
+        elif getattr(args, "physical", False) and args.command == "restore":
+            # restore --physical keeps a directory whose server already ran (it was stopped, and the WAL not yet
+            # fetched is marked failed, so a later start stops rather than promotes a shorter database).
+            stderr_line(
+                "kybdr-agent: interrupted; the restore was cancelled: nothing is kept unless the server had "
+                "started, whose stopped directory is kept for inspection and will not promote if started"
+            )
         else:
             stderr_line("kybdr-agent: interrupted; the operation was cancelled and nothing half-done was kept")
         return EXIT_INTERRUPTED
