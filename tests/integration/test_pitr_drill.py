@@ -32,9 +32,6 @@ import pytest
 from kybdr_agent import app
 from kybdr_agent.backup.catalog import read_catalog
 from kybdr_agent.backup.manifest import Manifest
-from kybdr_agent.backup.physical import physical_backup_and_record
-from kybdr_agent.backup.pipeline import BackupOptions
-from kybdr_agent.backup.streamfmt import Compression
 from kybdr_agent.config import AgentSettings, load_settings
 from kybdr_agent.postgres.cluster import Cluster, start_cluster
 from kybdr_agent.storage.local import LocalStore
@@ -51,6 +48,8 @@ from tests.integration.test_pitr_restore import (
     _postgres,
     _shared_dir,
     archive_for,
+    physical_backup,
+    start_archiving,
 )
 
 
@@ -75,33 +74,9 @@ def source() -> Iterator[Source]:
     feed: WalFeed | None = None
     try:
         cluster = start_cluster(wal_segsize_mb=1)
-        config = _config(base, repo, key, dsn=f"host={cluster.socket_dir} port={cluster.port} user=postgres")
-        settings = load_settings(config)
-        store = LocalStore(repo)
-        system_identifier = cluster.psql("postgres", "select system_identifier from pg_control_system()").strip()
-        recv = base / "recv"
-        recv.mkdir()
-        os.chown(recv, *_postgres())
-        feed = WalFeed(
-            cluster.port, cluster.socket_dir, recv, archive_for(store, settings)(system_identifier, SEGMENT_SIZE)
-        )
-        feed.start()
+        config, settings, feed = start_archiving(cluster, base, repo, key)
         cluster.psql("postgres", "create table t (id int primary key); insert into t select generate_series(1, 10)")
-
-        async def backup() -> Manifest:
-            assert feed is not None
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(feed.ship_forever)
-                made = await physical_backup_and_record(
-                    connection=app.connection(settings),
-                    maintenance_database="postgres", store=store,
-                    options=BackupOptions(keyring=app.keyring(settings), compression=Compression.ZSTD),
-                    archive_for=archive_for(store, settings), wal_enabled=True,
-                )  # fmt: skip
-                tg.cancel_scope.cancel()
-            return made
-
-        manifest = anyio.run(backup)
+        manifest = physical_backup(feed, repo, settings)
         cluster.psql("postgres", "insert into t select generate_series(11, 20)")
         switched = cluster.psql("postgres", "select pg_walfile_name(pg_switch_wal())").strip()
         anyio.run(lambda: feed.ship_until(switched))

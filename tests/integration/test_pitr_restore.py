@@ -242,6 +242,39 @@ def _config(base: Path, repo: Path | str, key: Path, name: str = "agent.toml", d
     return path
 
 
+def start_archiving(cluster: Cluster, base: Path, repo: Path, key: Path) -> tuple[Path, AgentSettings, WalFeed]:
+    """The agent's configuration for ``cluster`` and a running pg_receivewal feed into its archive."""
+    config = _config(base, repo, key, dsn=f"host={cluster.socket_dir} port={cluster.port} user=postgres")
+    settings = load_settings(config)
+    system_identifier = cluster.psql("postgres", "select system_identifier from pg_control_system()").strip()
+    recv = base / "recv"
+    recv.mkdir()
+    os.chown(recv, *_postgres())
+    archive = archive_for(LocalStore(repo), settings)(system_identifier, SEGMENT_SIZE)
+    feed = WalFeed(cluster.port, cluster.socket_dir, recv, archive)
+    feed.start()
+    return config, settings, feed
+
+
+def physical_backup(feed: WalFeed, repo: Path, settings: AgentSettings) -> Manifest:
+    """A base backup made by the agent while the feed ships the WAL the backup waits for."""
+    store = LocalStore(repo)
+
+    async def backup() -> Manifest:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(feed.ship_forever)
+            made = await physical_backup_and_record(
+                connection=app.connection(settings),
+                maintenance_database="postgres", store=store,
+                options=BackupOptions(keyring=app.keyring(settings), compression=Compression.ZSTD),
+                archive_for=archive_for(store, settings), wal_enabled=True,
+            )  # fmt: skip
+            tg.cancel_scope.cancel()
+        return made
+
+    return anyio.run(backup)
+
+
 @pytest.fixture(scope="module")
 def source() -> Iterator[Source]:
     base = _shared_dir("kybdr-pitr-")
@@ -255,32 +288,9 @@ def source() -> Iterator[Source]:
     feed: WalFeed | None = None
     try:
         cluster = start_cluster(wal_segsize_mb=1)
-        config = _config(base, repo, key, dsn=f"host={cluster.socket_dir} port={cluster.port} user=postgres")
-        settings = load_settings(config)
-        store = LocalStore(repo)
-        system_identifier = cluster.psql("postgres", "select system_identifier from pg_control_system()").strip()
-        recv = base / "recv"
-        recv.mkdir()
-        os.chown(recv, *_postgres())
-        feed = WalFeed(
-            cluster.port, cluster.socket_dir, recv, archive_for(store, settings)(system_identifier, SEGMENT_SIZE)
-        )
-        feed.start()
+        config, settings, feed = start_archiving(cluster, base, repo, key)
         cluster.psql("postgres", "create table t (id int primary key)")
-
-        async def backup() -> Manifest:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(feed.ship_forever)
-                made = await physical_backup_and_record(
-                    connection=app.connection(settings),
-                    maintenance_database="postgres", store=store,
-                    options=BackupOptions(keyring=app.keyring(settings), compression=Compression.ZSTD),
-                    archive_for=archive_for(store, settings), wal_enabled=True,
-                )  # fmt: skip
-                tg.cancel_scope.cancel()
-            return made
-
-        manifest = anyio.run(backup)
+        manifest = physical_backup(feed, repo, settings)
         cluster.psql("postgres", "insert into t select g from generate_series(1, 10) g")
         cluster.psql("postgres", "select pg_create_restore_point('after-ten')")
         target_lsn = cluster.psql("postgres", "select pg_current_wal_insert_lsn()").strip()
@@ -304,6 +314,8 @@ def source() -> Iterator[Source]:
         cluster.process.wait(timeout=30)
         feed.stop()
         _chown_tree(repo)  # the repository as an agent running as postgres keeps it
+        assert manifest.physical is not None
+        system_identifier = manifest.physical.system_identifier
         yield Source(base, repo, config, settings, manifest, target_time, target_lsn, system_identifier)
     finally:
         if feed is not None:
