@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import re
 import secrets
 import shlex
 import shutil
@@ -55,7 +54,8 @@ from kybdr_agent.postgres.cluster import free_port
 from kybdr_agent.storage.base import BlobStore
 from kybdr_agent.telemetry import get_logger
 from kybdr_agent.wal.names import WalError
-from kybdr_agent.wal.restore_physical import PhysicalRestoreRequest, ServerRun, restore_physical
+from kybdr_agent.wal.restore_physical import PhysicalRestoreRequest, restore_physical
+from kybdr_agent.wal.restore_server import C_LOCALE, LAST_TRANSACTION, LOG_TAIL_LINES, NEW_TIMELINE, ServerRun
 from kybdr_agent.wal.targets import LatestTarget, RecoveryTarget
 from kybdr_agent.wal.window_report import ArchiveFor, describe_target
 
@@ -67,10 +67,6 @@ RECOVERY_TIMEOUT: Final = 900.0
 STOP_TIMEOUT: Final = 60
 _POLL_SECONDS: Final = 0.2
 _CONNECT_SECONDS: Final = 5.0
-_LOG_TAIL_LINES: Final = 15
-_C_LOCALE: Final = {"LC_ALL": "C", "LANG": "C"}
-_LAST_TRANSACTION: Final = re.compile(r"last completed transaction was at log time (.+)$")
-_NEW_TIMELINE: Final = re.compile(r"selected new timeline ID: (\d+)")
 # Errors that waiting does not cure: the role or database the check connects with does not exist.
 _FATAL_CONNECT: Final = (asyncpg.InvalidAuthorizationSpecificationError, asyncpg.InvalidCatalogNameError)
 
@@ -123,7 +119,7 @@ def _run(argv: list[str], owner: tuple[int, int] | None, cwd: Path, timeout: flo
         proc = subprocess.run(
             argv,
             capture_output=True,
-            env={**os.environ, **_C_LOCALE},
+            env={**os.environ, **C_LOCALE},
             cwd=cwd,
             timeout=timeout,
             check=False,
@@ -202,7 +198,7 @@ def _log_text(scratch: _Scratch) -> str:
 
 
 def _log_tail(scratch: _Scratch) -> str:
-    return "\n".join(_log_text(scratch).rstrip().splitlines()[-_LOG_TAIL_LINES:])
+    return "\n".join(_log_text(scratch).rstrip().splitlines()[-LOG_TAIL_LINES:])
 
 
 def _server_alive(scratch: _Scratch) -> bool:
@@ -258,9 +254,9 @@ async def _first_answer(scratch: _Scratch, port: int, options: DrillOptions, beg
 
 def _read_log(scratch: _Scratch, result: dict[str, Any]) -> None:
     for line in _log_text(scratch).splitlines():
-        if found := _LAST_TRANSACTION.search(line):
+        if found := LAST_TRANSACTION.search(line):
             result["last_transaction_time"] = found.group(1).strip()
-        if found := _NEW_TIMELINE.search(line):
+        if found := NEW_TIMELINE.search(line):
             result["timeline"] = int(found.group(1))  # the one the promoted copy opened
 
 
